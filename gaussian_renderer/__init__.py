@@ -1,0 +1,142 @@
+"""Differentiable Gaussian-splatting renderer: ``render(gaussians, cameras, background)``.
+
+Two backends produce the same outputs: gsplat (CUDA kernels) and a pure-PyTorch reference
+(any device, used by the CPU tests). Both composite colour, accumulated depth and alpha; the
+depth is then turned into the official normalised disparity (``depth.normalized_disparity``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from gaussian_renderer.depth import normalized_disparity
+from gaussian_renderer.gsplat_backend import gsplat_available, rasterize_gsplat
+from gaussian_renderer.torch_backend import rasterize_torch
+from gaussian_renderer.types import GaussianTensors, RenderOutput
+from scene.cameras import Cameras
+
+__all__ = ["render", "resolve_backend", "GaussianTensors", "RenderOutput", "normalized_disparity"]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "gsplat")
+EPS2D = 0.3
+_warned_no_gsplat = False
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps "auto" to "gsplat" on CUDA when gsplat imports, else "torch"; validates the name."""
+    global _warned_no_gsplat
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if gsplat_available():
+            return "gsplat"
+        if not _warned_no_gsplat:
+            logger.warning("gsplat is not importable; rendering on CUDA with the slow PyTorch backend")
+            _warned_no_gsplat = True
+        return "torch"
+    if backend == "gsplat":
+        if device.type != "cuda":
+            raise ValueError(f"backend 'gsplat' needs CUDA tensors, got device {device}")
+        if not gsplat_available():
+            raise ValueError("backend 'gsplat' requested but gsplat is not importable (pip install gsplat)")
+    return backend
+
+
+def _check_inputs(gaussians: GaussianTensors, cameras: Cameras, background: Tensor) -> tuple[int, Tensor]:
+    means = gaussians.means
+    if means.dim() != 2 or means.shape[1] != 3:
+        raise ValueError(f"gaussians.means must be [N, 3], got {tuple(means.shape)}")
+    n = means.shape[0]
+    expected = {
+        "quats": (n, 4),
+        "scales": (n, 3),
+        "opacities": (n,),
+    }
+    for name, shape in expected.items():
+        value = getattr(gaussians, name)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"gaussians.{name} must be {list(shape)} (N={n}), got {tuple(value.shape)}")
+    sh = gaussians.sh_coeffs
+    if sh.dim() != 3 or sh.shape[0] != n or sh.shape[2] != 3:
+        raise ValueError(f"gaussians.sh_coeffs must be [N={n}, K, 3], got {tuple(sh.shape)}")
+    degree = gaussians.sh_degree
+    if not isinstance(degree, int) or not 0 <= degree <= 3:
+        raise ValueError(f"gaussians.sh_degree must be an int in 0..3, got {degree!r}")
+    if (degree + 1) ** 2 > sh.shape[1]:
+        raise ValueError(
+            f"gaussians.sh_degree={degree} needs K >= {(degree + 1) ** 2} SH coefficients, "
+            f"got sh_coeffs {tuple(sh.shape)}"
+        )
+    for name in ("means", "quats", "scales", "opacities", "sh_coeffs"):
+        value = getattr(gaussians, name)
+        if not value.is_floating_point():
+            raise ValueError(f"gaussians.{name} must be floating point, got {value.dtype}")
+        if value.device != cameras.device:
+            raise ValueError(
+                f"gaussians.{name} is on {value.device} but cameras are on {cameras.device}"
+            )
+    b = len(cameras)
+    if background.device != cameras.device:
+        raise ValueError(f"background is on {background.device} but cameras are on {cameras.device}")
+    if background.shape == (3,):
+        background = background[None].expand(b, 3)
+    elif background.shape != (b, 3):
+        raise ValueError(f"background must be [3] or [B={b}, 3], got {tuple(background.shape)}")
+    return n, background
+
+
+def render(
+    gaussians: GaussianTensors,
+    cameras: Cameras,
+    background: Tensor,
+    backend: str = "auto",
+) -> RenderOutput:
+    """Renders the Gaussians into every camera of the batch.
+
+    Args:
+        gaussians: activated parameters (N Gaussians) on the cameras' device.
+        cameras: B cameras, all of one image size.
+        background: [3] or [B, 3] background colour(s).
+        backend: "auto" (gsplat on CUDA when it imports, else "torch"), "torch" or "gsplat".
+
+    Returns:
+        RenderOutput with rgb [B, 3, H, W], normalised disparity [B, 1, H, W], alpha
+        [B, 1, H, W], means2d [B, N, 2] (holds .grad after backward) and radii [B, N].
+    """
+    _, background = _check_inputs(gaussians, cameras, background)
+    name = resolve_backend(backend, cameras.device)
+    dtype = gaussians.means.dtype
+    viewmats = cameras.world_to_camera.to(dtype)  # [B, 4, 4]
+    Ks = cameras.intrinsics().to(dtype)  # [B, 3, 3]
+    rasterize = rasterize_gsplat if name == "gsplat" else rasterize_torch
+    rgb, accum_depth, alpha, means2d, radii = rasterize(
+        gaussians.means,
+        gaussians.quats,
+        gaussians.scales,
+        gaussians.opacities,
+        gaussians.sh_coeffs,
+        gaussians.sh_degree,
+        viewmats,
+        Ks,
+        background.to(dtype),
+        cameras.width,
+        cameras.height,
+        near=cameras.near,
+        far=cameras.far,
+        eps2d=EPS2D,
+    )  # [B, H, W, 3], [B, H, W, 1], [B, H, W, 1], [B, N, 2], [B, N]
+    accum_depth = accum_depth.permute(0, 3, 1, 2)
+    alpha = alpha.permute(0, 3, 1, 2)
+    return RenderOutput(
+        rgb=rgb.permute(0, 3, 1, 2),
+        depth=normalized_disparity(accum_depth, alpha, cameras.fov_x),
+        alpha=alpha,
+        means2d=means2d,
+        radii=radii,
+    )

@@ -1,0 +1,49 @@
+"""CDS: Consistency Distillation Sampling (Consistent3D, CVPR 2024), ported to the 3DGS trainer.
+
+    g = lambda_g * clamp(eps_hat(x_t, t) - eps_hat(x_s, s), +-c(k)),  x_s = Phi(x_t, t -> s; eps_hat(x_t, t))
+
+with one fixed noise map shared by the whole batch, s annealed with a square root from
+cds_t_start to cds_t_end over cds_anneal_iters, t = s + U[cds_gap) per sample, uniform
+weighting and the element-wise clamp c(k) rising 2 -> 8 over the annealing (official coarse
+stage; reference baseline_losses.md section 4). Official CDS has no Perp-Neg; here the guided
+prediction uses Perp-Neg when it is on (our extension).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from guidance.losses.base import DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
+from guidance.losses.registry import register
+from guidance.prior import Conditioning
+from guidance.timesteps import cds_timesteps
+
+
+@register
+class CDSLoss(DistillationLoss):
+    name = "cds"
+
+    def make_noise_source(self) -> NoiseSource:
+        return NoiseSource(fixed=True, offset=0.1, seed=self.cfg.noise_seed, shared=True)
+
+    def clamp_value(self, step: int) -> float:
+        frac = min(step / self.cfg.cds_anneal_iters, 1.0) if self.cfg.cds_anneal_iters > 0 else 1.0
+        return 2.0 + 6.0 * frac
+
+    def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
+        b = z0.shape[0]
+        s_val, t_cpu = cds_timesteps(
+            info.step, b, self.cfg.cds_t_start, self.cfg.cds_t_end, self.cfg.cds_anneal_iters,
+            tuple(self.cfg.cds_gap), self.generator,
+        )
+        t, s = self.timesteps(t_cpu, b), self.timesteps(s_val, b)
+        with torch.no_grad():
+            z0 = z0.float()
+            x_t = self.schedule.add_noise(z0, self.noise(z0), t)
+            eps_t, _, _ = self.guided_noise(x_t, t, cond)
+            x_s = self.schedule.step(x_t, eps_t, t, s)
+            eps_s, _, _ = self.guided_noise(x_s, s, cond)
+            limit = self.clamp_value(info.step)
+            grad = torch.nan_to_num(self.lambda_guidance * (eps_t - eps_s).clamp(-limit, limit))
+        scalars = {"t": t_cpu.float().mean(), "s": float(s_val), "grad_norm": per_sample_norm(grad)}
+        return LossOutput(latent_grad=grad, scalars=scalars)

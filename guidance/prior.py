@@ -1,0 +1,93 @@
+"""The prior interface: what a distillation loss may ask of a 2D diffusion model.
+
+A prior maps rendered images to its working space (`encode`), builds per-view
+conditioning from the cameras (`condition`), and predicts the noise epsilon of
+noisy working-space samples for any set of conditioning branches in one batched
+call (`predict_noise`). Losses never see which prior they talk to.
+
+Branch names:
+    "null"   the empty prompt, used on every unconditional ODE step (inversion, consistency targets)
+    "neg"    the negative prompt: the unconditional side of classifier-free guidance
+    "pos"    the view-dependent positive prompt
+    "perp1", "perp2"  the two Perp-Neg view components (only when Perp-Neg is on)
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from scene.cameras import Cameras
+
+BRANCHES = ("null", "neg", "pos", "perp1", "perp2")
+PERP_NEG_BRANCHES = ("perp1", "perp2")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Per-view conditioning for one batch of B views."""
+
+    branches: dict[str, Tensor]  # branch name -> [B, ...] (text embeddings, or target images)
+    perp_neg_weights: Tensor | None = None  # [B, 2] weights of "perp1", "perp2"; None = plain CFG
+    spatial: bool = False  # True when the branch tensors are images that must flip with the render
+
+    def __post_init__(self) -> None:
+        unknown = set(self.branches) - set(BRANCHES)
+        if unknown:
+            raise ValueError(f"unknown conditioning branches {sorted(unknown)}; valid: {BRANCHES}")
+        sizes = {name: value.shape[0] for name, value in self.branches.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"conditioning branches disagree on the batch size: {sizes}")
+        if self.perp_neg_weights is not None:
+            missing = [b for b in PERP_NEG_BRANCHES if b not in self.branches]
+            if missing:
+                raise ValueError(f"Perp-Neg weights given but branches {missing} are missing")
+
+    def __len__(self) -> int:
+        return next(iter(self.branches.values())).shape[0]
+
+    @property
+    def perp_neg(self) -> bool:
+        return self.perp_neg_weights is not None
+
+    def hflip(self) -> "Conditioning":
+        """The conditioning of horizontally flipped views (a no-op for text embeddings)."""
+        if not self.spatial:
+            return self
+        return replace(self, branches={k: v.flip(-1) for k, v in self.branches.items()})
+
+
+class DiffusionPrior(ABC):
+    """A 2D diffusion model seen as a prior over rendered views."""
+
+    alphas_cumprod: Tensor  # [T] float32, on the prior's device; index = timestep (0-based)
+    device: torch.device
+
+    @abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] images in [0, 1] -> [B, C, h, w] working-space samples z0 (differentiable)."""
+
+    @abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B, 3, H, W] images in [0, 1] (no gradient needed)."""
+
+    @abstractmethod
+    def condition(self, cameras: Cameras, background: Tensor | None = None) -> Conditioning:
+        """Conditioning for the views of `cameras`; `background` [B, 3] is the render's background."""
+
+    @abstractmethod
+    def predict_noise(
+        self, z_t: Tensor, t: Tensor, cond: Conditioning, branches: Sequence[str]
+    ) -> Tensor:
+        """Epsilon for every branch from one batched evaluation.
+
+        z_t: [B, C, h, w] noisy samples; t: [B] integer timesteps (0-based, indexes alphas_cumprod).
+        Returns [len(branches), B, C, h, w], always epsilon whatever the model predicts.
+        """
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]

@@ -1,0 +1,411 @@
+"""Stable Diffusion (diffusers) as a `DiffusionPrior`.
+
+One config key, `GuidanceParams.model_key`, names the model:
+    (a) a local diffusers folder (model_index.json and/or unet/ vae/ text_encoder/ tokenizer/ scheduler/),
+    (b) a Hugging Face Hub id `org/name`, read through the local cache and honouring `HF_HUB_OFFLINE`,
+    (c) a single original-format checkpoint (`.safetensors` / `.ckpt`, or `is_safe_tensor: true`),
+        loaded with `StableDiffusionPipeline.from_single_file(path, config=base_model_key)`.
+A model that cannot be found raises `ModelNotFoundError` before any weight is read; its message
+says what was tried and how to point the key at a local copy (the official SD 2.1 repositories
+are gone from the Hub).
+
+Everything is frozen. The text embeddings (reference section 4) are computed once at
+construction; `condition` only mixes them per view. `encode` and `predict_noise` return float32
+whatever the model dtype: the prior casts to its own dtype on entry.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import TextualInversionLoaderMixin
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from guidance.diffusion import eps_from_v
+from guidance.prior import Conditioning, DiffusionPrior
+from guidance.view_prompts import perp_neg_weights, view_embeddings
+from scene.cameras import Cameras
+
+logger = logging.getLogger(__name__)
+
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+VIEW_SUFFIXES = {"front": ", front view", "side": ", side view", "back": ", back view"}
+_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NOT_FOUND_ERRORS = (OSError, HFValidationError, EntryNotFoundError)
+
+_LAYOUT = """Expected a diffusers Stable Diffusion folder:
+  <folder>/model_index.json
+  <folder>/unet/config.json            + diffusion_pytorch_model.safetensors (or .bin)
+  <folder>/vae/config.json             + diffusion_pytorch_model.safetensors (or .bin)
+  <folder>/text_encoder/config.json    + model.safetensors (or pytorch_model.bin)
+  <folder>/tokenizer/                  vocab.json, merges.txt, tokenizer_config.json (or tokenizer.json)
+  <folder>/scheduler/scheduler_config.json"""
+
+_REMEDY = """The official stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-2-1-base
+repositories were removed from the Hugging Face Hub in November 2025, so they can no longer be
+downloaded by id. Put a local copy of the model in the layout above (for example one saved with
+StableDiffusionPipeline.save_pretrained, or copied from an existing Hugging Face cache) and point the
+key at it, on the command line:
+  GuidanceParams.model_key=/path/to/stable-diffusion-2-1-base
+or in the YAML config:
+  GuidanceParams:
+    model_key: /path/to/stable-diffusion-2-1-base
+A single-file checkpoint (.safetensors / .ckpt) also works: set GuidanceParams.model_key to the file
+and GuidanceParams.base_model_key to a diffusers folder (or cached hub id) that supplies the
+component configs, e.g. the Stable Diffusion 1.5 / 2.1 folder the checkpoint was fine-tuned from."""
+
+
+class ModelNotFoundError(RuntimeError):
+    """The Stable Diffusion weights named by the config cannot be found locally or on the Hub."""
+
+
+class SDComponents(NamedTuple):
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+
+
+def _not_found(key_name: str, key: Any, tried: Sequence[str]) -> ModelNotFoundError:
+    lines = [f"Stable Diffusion model not found: GuidanceParams.{key_name} = {key!r}.", "Tried:"]
+    lines += [f"  - {attempt}" for attempt in tried]
+    return ModelNotFoundError("\n".join(lines + [_LAYOUT, _REMEDY]))
+
+
+def resolve_dtype(precision: str | torch.dtype, fp16: bool, device: torch.device) -> torch.dtype:
+    """'auto' | 'fp16' | 'bf16' | 'fp32' (or a dtype) -> dtype; fp16 on CPU falls back to fp32."""
+    if isinstance(precision, torch.dtype):
+        dtype = precision
+    elif precision == "auto":
+        dtype = torch.float16 if fp16 else torch.float32
+    elif precision in _PRECISIONS:
+        dtype = _PRECISIONS[precision]
+    else:
+        raise ValueError(f"GuidanceParams.precision must be one of auto, fp16, bf16, fp32; got {precision!r}")
+    if dtype == torch.float16 and device.type == "cpu":
+        logger.warning("fp16 is not usable on the CPU: running Stable Diffusion in fp32")
+        return torch.float32
+    return dtype
+
+
+def hub_offline() -> bool:
+    """Offline mode, read from the environment now (huggingface_hub reads it once at import)."""
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return hf_constants.HF_HUB_OFFLINE or any(
+        (f or "").strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags
+    )
+
+
+def hub_cache_dir() -> str:
+    """The hub cache folder, read from the environment now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return hf_constants.HF_HUB_CACHE
+
+
+def _is_hub_id(key: str) -> bool:
+    return not os.path.exists(key) and _HUB_ID.match(key) is not None
+
+
+def _check_hub_model(key_name: str, repo_id: str, cache_dir: str, offline: bool) -> None:
+    """Fetch (or find in the cache) only model_index.json; raise ModelNotFoundError if absent."""
+    if offline:
+        cached = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir)
+        if not isinstance(cached, str):
+            raise _not_found(key_name, repo_id, [
+                f"Hugging Face Hub id {repo_id!r} in the local cache {cache_dir}: not cached",
+                "downloading: not attempted, offline mode is on (HF_HUB_OFFLINE)",
+            ])
+        return
+    try:
+        hf_hub_download(repo_id, "model_index.json", cache_dir=cache_dir)
+    except _NOT_FOUND_ERRORS as err:
+        raise _not_found(key_name, repo_id, [
+            f"Hugging Face Hub id {repo_id!r} (cache {cache_dir}, then the Hub): "
+            f"{type(err).__name__}: {err}",
+            "(set HF_HUB_OFFLINE=1 to skip the network look-up when working from a local cache)",
+        ]) from err
+
+
+def _check_folder(key_name: str, folder: str) -> None:
+    missing = [name for name in SUBFOLDERS if not os.path.isdir(os.path.join(folder, name))]
+    if missing:
+        raise _not_found(key_name, folder, [
+            f"local folder {folder!r}: exists, but lacks the subfolders {missing}",
+        ])
+
+
+def _locate(key_name: str, key: str | None) -> tuple[str, bool]:
+    """-> (folder or hub id, is_hub) after checking that the model is there."""
+    if not key:
+        raise _not_found(key_name, key, ["nothing: the key is empty"])
+    key = os.path.expanduser(str(key))
+    if os.path.isdir(key):
+        _check_folder(key_name, key)
+        return key, False
+    if _is_hub_id(key):
+        _check_hub_model(key_name, key, hub_cache_dir(), hub_offline())
+        return key, True
+    raise _not_found(key_name, key, [f"local path {os.path.abspath(key)!r}: does not exist"])
+
+
+def _load_diffusers(key: str, is_hub: bool, dtype: torch.dtype) -> SDComponents:
+    hub = {"cache_dir": hub_cache_dir(), "local_files_only": hub_offline()} if is_hub else {}
+    logger.info("loading Stable Diffusion components from %s %s", "hub id" if is_hub else "folder", key)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(key, subfolder="unet", torch_dtype=dtype, **hub)
+        vae = AutoencoderKL.from_pretrained(key, subfolder="vae", torch_dtype=dtype, **hub)
+        text_encoder = CLIPTextModel.from_pretrained(key, subfolder="text_encoder", **hub).to(dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(key, subfolder="tokenizer", **hub)
+        scheduler = DDIMScheduler.from_pretrained(key, subfolder="scheduler", **hub)
+    except _NOT_FOUND_ERRORS as err:
+        where = "Hugging Face Hub id" if is_hub else "local folder"
+        raise _not_found("model_key", key, [f"{where} {key!r}: {type(err).__name__}: {err}"]) from err
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def _load_single_file(path: str, base_model_key: str | None, dtype: torch.dtype) -> SDComponents:
+    path = os.path.expanduser(str(path))
+    if not (path.startswith(("http://", "https://")) or os.path.isfile(path)):
+        raise _not_found("model_key", path, [
+            f"single-file checkpoint {os.path.abspath(path)!r} (is_safe_tensor or a "
+            f"{'/'.join(SINGLE_FILE_SUFFIXES)} suffix): no such file",
+        ])
+    config, _ = _locate("base_model_key", base_model_key)
+    kwargs = {"local_files_only": True} if hub_offline() else {}
+    logger.info("loading single-file Stable Diffusion %s with component configs from %s", path, config)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(path, config=config, torch_dtype=dtype, **kwargs)
+    except _NOT_FOUND_ERRORS as err:
+        raise _not_found("model_key", path, [
+            f"single-file checkpoint {path!r} with config {config!r}: {type(err).__name__}: {err}",
+        ]) from err
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler)
+
+
+def load_components(
+    model_key: str | None,
+    is_safe_tensor: bool = False,
+    base_model_key: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SDComponents:
+    """(unet, vae, text_encoder, tokenizer, DDIM scheduler) on the CPU; see the module docstring."""
+    single_file = bool(is_safe_tensor) or str(model_key or "").lower().endswith(SINGLE_FILE_SUFFIXES)
+    if model_key and single_file:
+        return _load_single_file(model_key, base_model_key, dtype)
+    key, is_hub = _locate("model_key", model_key)
+    return _load_diffusers(key, is_hub, dtype)
+
+
+def check_adapter_support(lora_path: str | None) -> None:
+    """Fail before loading anything when a LoRA is requested without the peft backend."""
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if lora_path and not USE_PEFT_BACKEND:
+        raise RuntimeError(
+            f"GuidanceParams.LoRA_path = {lora_path!r} needs diffusers' PEFT backend: pip install peft"
+        )
+
+
+def apply_adapters(
+    components: SDComponents,
+    textual_inversion_path: str | None = None,
+    lora_path: str | None = None,
+) -> SDComponents:
+    """Load textual inversion tokens and/or a LoRA (fused) through diffusers' pipeline loaders."""
+    if not textual_inversion_path and not lora_path:
+        return components
+    pipe = StableDiffusionPipeline(
+        **components._asdict(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    if textual_inversion_path:
+        logger.info("loading textual inversion %s", textual_inversion_path)
+        pipe.load_textual_inversion(textual_inversion_path)
+    if lora_path:
+        check_adapter_support(lora_path)
+        logger.info("loading and fusing LoRA %s", lora_path)
+        pipe.load_lora_weights(lora_path)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, components.scheduler)
+
+
+@torch.no_grad()
+def encode_prompt(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str, clip_skip: int = 1
+) -> Tensor:
+    """Prompt -> [1, L, D] text embeddings (L = tokenizer.model_max_length, padded/truncated).
+
+    clip_skip follows the official / A1111 convention: 1 = last layer (the usual last hidden state),
+    2 = penultimate layer passed through the final layer norm, which equals the official reload of
+    the text encoder with one layer fewer. (diffusers' pipelines count one less: their clip_skip=1
+    is this clip_skip=2.)
+    """
+    prompt = TextualInversionLoaderMixin().maybe_convert_prompt(prompt, tokenizer)
+    max_length = tokenizer.model_max_length
+    n_tokens = len(tokenizer(prompt).input_ids)
+    if n_tokens > max_length:
+        logger.warning("prompt %r has %d tokens: truncated to %d", prompt, n_tokens, max_length)
+    else:
+        logger.info("prompt %r: %d tokens (max %d)", prompt, n_tokens, max_length)
+    ids = tokenizer(
+        prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(text_encoder.device)  # [1, L]
+    clip_skip = max(int(clip_skip or 1), 1)
+    if clip_skip == 1:
+        return text_encoder(ids)[0]
+    n_layers = text_encoder.config.num_hidden_layers
+    if clip_skip > n_layers:
+        raise ValueError(f"GuidanceParams.clip_skip = {clip_skip} exceeds the {n_layers} text-encoder layers")
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]  # [1, L, D]
+    transformer = getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests it
+    return transformer.final_layer_norm(hidden)
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    module.to(device=device, dtype=dtype)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+class StableDiffusionPrior(DiffusionPrior):
+    """A frozen Stable Diffusion model (epsilon or v prediction) seen as a prior over rendered views."""
+
+    def __init__(
+        self,
+        components: SDComponents,
+        *,
+        text: str,
+        negative: str = "",
+        inverse_text: str = "",
+        perpneg: bool = False,
+        negative_w: float = -2.0,
+        front_decay: float = 2.0,
+        side_decay: float = 10.0,
+        clip_skip: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.unet = _freeze(components.unet, self.device, dtype)
+        self.vae = _freeze(components.vae, self.device, dtype)
+        self.text_encoder = _freeze(components.text_encoder, self.device, dtype)
+        self.tokenizer = components.tokenizer
+        self.scheduler = components.scheduler
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unsupported scheduler prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
+            )
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)  # [T]
+        self._alpha = self.alphas_cumprod.sqrt()  # [T]
+        self._sigma = (1.0 - self.alphas_cumprod).sqrt()  # [T]
+        self.perpneg = bool(perpneg)
+        self.negative_w, self.front_decay, self.side_decay = negative_w, front_decay, side_decay
+        self.sample_posterior = True
+        self.embeddings = self._compute_embeddings(text, negative, inverse_text, clip_skip)
+        self._views = torch.cat([self.embeddings[k] for k in VIEW_SUFFIXES])  # [3, L, D] front, side, back
+
+    @classmethod
+    def from_config(
+        cls, guidance_cfg: Any, device: torch.device | str, dtype: torch.dtype | None = None
+    ) -> "StableDiffusionPrior":
+        """Build from the GuidanceParams config section (attributes read duck-typed)."""
+        device = torch.device(device)
+        cfg = guidance_cfg
+        precision = dtype if dtype is not None else getattr(cfg, "precision", "auto")
+        dtype = resolve_dtype(precision, getattr(cfg, "fp16", True), device)
+        lora_path = getattr(cfg, "LoRA_path", None)
+        check_adapter_support(lora_path)
+        components = load_components(
+            getattr(cfg, "model_key", None),
+            getattr(cfg, "is_safe_tensor", False),
+            getattr(cfg, "base_model_key", None),
+            dtype,
+        )
+        components = apply_adapters(components, getattr(cfg, "textual_inversion_path", None), lora_path)
+        return cls(
+            components,
+            text=cfg.text,
+            negative=getattr(cfg, "negative", "") or "",
+            inverse_text=getattr(cfg, "inverse_text", "") or "",
+            perpneg=getattr(cfg, "perpneg", False),
+            negative_w=getattr(cfg, "negative_w", -2.0),
+            front_decay=getattr(cfg, "front_decay_factor", 2.0),
+            side_decay=getattr(cfg, "side_decay_factor", 10.0),
+            clip_skip=getattr(cfg, "clip_skip", 1),
+            device=device,
+            dtype=dtype,
+        )
+
+    def _compute_embeddings(self, text: str, negative: str, inverse_text: str, clip_skip: int) -> dict[str, Tensor]:
+        prompts = {view: f"{text}{suffix}" for view, suffix in VIEW_SUFFIXES.items()}
+        prompts.update(neg=negative, null=inverse_text)
+        return {
+            name: encode_prompt(self.tokenizer, self.text_encoder, prompt, clip_skip)  # [1, L, D]
+            for name, prompt in prompts.items()
+        }
+
+    def condition(self, cameras: Cameras, background: Tensor | None = None) -> Conditioning:
+        """null/neg [B, L, D] repeated, pos interpolated per azimuth; perp1/perp2 and weights with Perp-Neg."""
+        azimuth = cameras.azimuth_deg.to(self.device)  # [B]
+        b = azimuth.shape[0]
+        branches = {
+            "null": self.embeddings["null"].expand(b, -1, -1),
+            "neg": self.embeddings["neg"].expand(b, -1, -1),
+            "pos": view_embeddings(*self._views.split(1), azimuth),
+        }
+        if not self.perpneg:
+            return Conditioning(branches)
+        ids, weights = perp_neg_weights(azimuth, self.negative_w, self.front_decay, self.side_decay)  # [B, 2]
+        branches["perp1"] = self._views[ids[:, 0]]  # [B, L, D]
+        branches["perp2"] = self._views[ids[:, 1]]
+        return Conditioning(branches, perp_neg_weights=weights)
+
+    def encode(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample, differentiable)."""
+        x = (images * 2.0 - 1.0).to(self.vae.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        latents = posterior.sample() if self.sample_posterior else posterior.mean
+        return (latents * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """[B, 4, h, w] -> [B, 3, 8h, 8w] float32 images in [0, 1]."""
+        x = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        images = self.vae.decode(x).sample
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0).float()
+
+    @torch.no_grad()
+    def predict_noise(self, z_t: Tensor, t: Tensor, cond: Conditioning, branches: Sequence[str]) -> Tensor:
+        """One UNet call over all branches -> epsilon [len(branches), B, C, h, w] in float32."""
+        missing = [name for name in branches if name not in cond.branches]
+        if not branches or missing:
+            raise KeyError(f"branches {list(branches)} not all in the conditioning {sorted(cond.branches)}")
+        n, b = len(branches), z_t.shape[0]
+        t = t.to(self.device)
+        latents = z_t.to(self.dtype).repeat(n, 1, 1, 1)  # [nB, C, h, w], branch-major
+        context = torch.cat([cond.branches[name] for name in branches]).to(self.dtype)  # [nB, L, D]
+        out = self.unet(latents, t.repeat(n), encoder_hidden_states=context).sample.float()
+        out = out.view(n, b, *out.shape[1:])  # [n, B, C, h, w]
+        if self.prediction_type == "v_prediction":
+            alpha = self._alpha[t].view(1, b, 1, 1, 1)
+            sigma = self._sigma[t].view(1, b, 1, 1, 1)
+            out = eps_from_v(out, z_t.float().unsqueeze(0), alpha, sigma)
+        return out

@@ -1,0 +1,619 @@
+"""The trainable 3D Gaussian model: parameters, optimizer, densification, PLY and checkpoints.
+
+Follows the official SegmentDreamer / LucidDreamer `GaussianModel` (itself the 3DGS one), see
+`reference/segmentdreamer_official_code.md` sections 2, 5 (items 10-12), 7.5 and 11. Differences:
+
+- densification statistics come from every camera of a batch, not only the last one;
+- stored parameters are plain leaf tensors (no `nn.Module`), one Adam group per tensor;
+- the screen-size pruning rule is off by default, as it is in effect in the official code
+  (see `GaussianModel.densify_and_prune`).
+
+Stored (raw) parameters and their activations:
+
+    _means         [N, 3]       identity
+    _features_dc   [N, 1, 3]    SH degree-0 coefficients
+    _features_rest [N, K-1, 3]  higher SH coefficients, K = (max_sh_degree + 1) ** 2
+    _opacity       [N, 1]       logit  -> sigmoid
+    _scaling       [N, 3]       log    -> exp
+    _rotation      [N, 4]       raw quaternion (w, x, y, z) -> normalize
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from plyfile import PlyData, PlyElement
+from scipy.spatial import cKDTree
+from torch import Tensor
+
+from gaussian_renderer.types import GaussianTensors
+
+logger = logging.getLogger(__name__)
+
+SH_C0 = 0.28209479177387814
+# Official scale augmentation: s <- clamp(s + N(0, 1) * sqrt(0.2) * s / 4, min=0).
+SCALE_NOISE_STD = math.sqrt(0.2) / 4.0
+# Adam group names, in the official order, and the attribute each one optimises.
+PARAM_NAMES: dict[str, str] = {
+    "xyz": "_means",
+    "f_dc": "_features_dc",
+    "f_rest": "_features_rest",
+    "opacity": "_opacity",
+    "scaling": "_scaling",
+    "rotation": "_rotation",
+}
+SCHEDULED_GROUPS = ("xyz", "f_dc", "scaling", "rotation")
+CHECKPOINT_VERSION = 1
+
+
+def rgb_to_sh(rgb: Tensor) -> Tensor:
+    """Colour in [0, 1] -> degree-0 SH coefficient."""
+    return (rgb - 0.5) / SH_C0
+
+
+def sh_to_rgb(sh: Tensor) -> Tensor:
+    """Degree-0 SH coefficient -> colour (0.5 + C0 * sh)."""
+    return sh * SH_C0 + 0.5
+
+
+def num_sh_coeffs(sh_degree: int) -> int:
+    return (sh_degree + 1) ** 2
+
+
+def exponential_lr(step: int, lr_init: float, lr_final: float, max_steps: int) -> float:
+    """Log-linear interpolation from lr_init (step 0) to lr_final (step >= max_steps).
+
+    The official `get_expon_lr_func` with lr_delay_steps = 0. Negative steps give 0.
+    """
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    if step < 0 or (lr_init == 0.0 and lr_final == 0.0):
+        return 0.0
+    if lr_init <= 0.0 or lr_final <= 0.0:
+        raise ValueError(f"learning rates must both be positive (or both 0), got {lr_init} -> {lr_final}")
+    t = min(max(step / max_steps, 0.0), 1.0)
+    return math.exp(math.log(lr_init) * (1.0 - t) + math.log(lr_final) * t)
+
+
+def quat_to_rotmat(quats: Tensor) -> Tensor:
+    """Quaternions (w, x, y, z), normalised here, -> rotation matrices.
+
+    quats [N, 4] -> [N, 3, 3]
+    """
+    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
+    rows = (
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    )
+    return torch.stack(rows, dim=-1).reshape(quats.shape[:-1] + (3, 3))
+
+
+def knn_mean_sq_dist(points: np.ndarray, k: int = 3) -> np.ndarray:
+    """Mean squared distance of each point to its k nearest other points (simple_knn's distCUDA2).
+
+    points [N, 3] -> [N] float64
+    """
+    n = points.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 points to estimate initial scales, got {n}")
+    k = min(k, n - 1)
+    dist, _ = cKDTree(points).query(points, k=k + 1)
+    return np.mean(dist[:, 1:] ** 2, axis=1)
+
+
+def _adam_fused(device: torch.device) -> bool | None:
+    """Fused Adam where torch has the kernel (CUDA); the default implementation elsewhere."""
+    return True if device.type == "cuda" else None
+
+
+def _as_float_tensor(value: Tensor | np.ndarray, name: str, device: torch.device) -> Tensor:
+    tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
+    if tensor.ndim != 2 or tensor.shape[1] != 3:
+        raise ValueError(f"{name} must be [N, 3], got {tuple(tensor.shape)}")
+    return tensor.to(device=device, dtype=torch.float32)
+
+
+class GaussianModel:
+    """3D Gaussians with their Adam optimizer and densification statistics."""
+
+    def __init__(self, max_sh_degree: int, device: str | torch.device = "cpu") -> None:
+        if not 0 <= max_sh_degree <= 3:
+            raise ValueError(f"max_sh_degree must be in [0, 3], got {max_sh_degree}")
+        self.max_sh_degree = max_sh_degree
+        self.active_sh_degree = 0
+        self.device = torch.device(device)
+        self.spatial_lr_scale = 0.0
+        self.percent_dense = 0.0
+        self.optimizer: torch.optim.Adam | None = None
+        self._lr_schedule: dict[str, Any] | None = None
+        self._set_params(self._empty_params(0))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_points(
+        cls,
+        xyz: Tensor | np.ndarray,
+        rgb: Tensor | np.ndarray,
+        max_sh_degree: int,
+        opacity: float = 0.1,
+        device: str | torch.device = "cpu",
+    ) -> GaussianModel:
+        """Official `create_from_pcd`: isotropic kNN scales, identity rotations, constant opacity.
+
+        xyz [N, 3], rgb [N, 3] in [0, 1]
+        """
+        model = cls(max_sh_degree, device)
+        means = _as_float_tensor(xyz, "xyz", model.device)
+        colors = _as_float_tensor(rgb, "rgb", model.device)
+        if colors.shape[0] != means.shape[0]:
+            raise ValueError(f"xyz and rgb differ in length: {means.shape[0]} vs {colors.shape[0]}")
+        if not 0.0 < opacity < 1.0:
+            raise ValueError(f"opacity must be in (0, 1), got {opacity}")
+        n = means.shape[0]
+        dist2 = np.maximum(knn_mean_sq_dist(means.detach().cpu().double().numpy()), 1e-7)
+        log_scale = torch.from_numpy(np.log(np.sqrt(dist2))).to(model.device, torch.float32)
+        params = model._empty_params(n)
+        params["xyz"] = means.clone()
+        params["f_dc"] = rgb_to_sh(colors)[:, None, :]
+        params["opacity"] = torch.full((n, 1), math.log(opacity / (1.0 - opacity)), device=model.device)
+        params["scaling"] = log_scale[:, None].repeat(1, 3)
+        params["rotation"][:, 0] = 1.0
+        model._set_params(params)
+        logger.info("Initialised %d Gaussians (SH degree %d)", n, max_sh_degree)
+        return model
+
+    def _empty_params(self, n: int) -> dict[str, Tensor]:
+        k = num_sh_coeffs(self.max_sh_degree)
+        shapes = {
+            "xyz": (n, 3), "f_dc": (n, 1, 3), "f_rest": (n, k - 1, 3),
+            "opacity": (n, 1), "scaling": (n, 3), "rotation": (n, 4),
+        }
+        return {name: torch.zeros(shape, device=self.device) for name, shape in shapes.items()}
+
+    def _set_params(self, params: dict[str, Tensor]) -> None:
+        """Install new leaf tensors (no optimizer bookkeeping) and fresh statistics."""
+        for name, attr in PARAM_NAMES.items():
+            setattr(self, attr, params[name].detach().to(self.device, torch.float32).requires_grad_(True))
+        self.reset_densification_stats()
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def num_points(self) -> int:
+        return self._means.shape[0]
+
+    def params(self) -> dict[str, Tensor]:
+        """The optimised leaf tensors by group name (xyz, f_dc, f_rest, opacity, scaling, rotation)."""
+        return {name: getattr(self, attr) for name, attr in PARAM_NAMES.items()}
+
+    @property
+    def means(self) -> Tensor:
+        return self._means  # [N, 3]
+
+    @property
+    def scales(self) -> Tensor:
+        return torch.exp(self._scaling)  # [N, 3]
+
+    @property
+    def opacities(self) -> Tensor:
+        return torch.sigmoid(self._opacity).squeeze(-1)  # [N]
+
+    @property
+    def quats(self) -> Tensor:
+        return F.normalize(self._rotation, dim=-1)  # [N, 4]
+
+    @property
+    def features(self) -> Tensor:
+        return torch.cat([self._features_dc, self._features_rest], dim=1)  # [N, K, 3]
+
+    def one_up_sh_degree(self) -> None:
+        """Official `oneupSHdegree` (called every 500 iterations); saturates at max_sh_degree."""
+        self.active_sh_degree = min(self.active_sh_degree + 1, self.max_sh_degree)
+
+    def gaussian_tensors(self, sh_degree: int | None = None, scale_noise: Tensor | None = None) -> GaussianTensors:
+        """Activated parameters for the renderer.
+
+        sh_degree: degree to render with (default: active_sh_degree); the coefficients are cut to
+            (sh_degree + 1) ** 2.
+        scale_noise: standard-normal noise [N, 3] for the official scale augmentation,
+            scales <- clamp(s + noise * sqrt(0.2) * s / 4, min=0).
+        """
+        degree = self.active_sh_degree if sh_degree is None else sh_degree
+        if not 0 <= degree <= self.max_sh_degree:
+            raise ValueError(f"sh_degree must be in [0, {self.max_sh_degree}], got {degree}")
+        scales = self.scales
+        if scale_noise is not None:
+            if scale_noise.shape != scales.shape:
+                raise ValueError(f"scale_noise must be [N, 3] = {tuple(scales.shape)}, got {tuple(scale_noise.shape)}")
+            scales = torch.clamp_min(scales + scale_noise * (SCALE_NOISE_STD * scales), 0.0)
+        return GaussianTensors(
+            means=self._means,
+            quats=self.quats,
+            scales=scales,
+            opacities=self.opacities,
+            sh_coeffs=self.features[:, : num_sh_coeffs(degree)],
+            sh_degree=degree,
+        )
+
+    # ------------------------------------------------------------------ optimizer
+
+    def setup_optimizer(self, optim: Any, spatial_lr_scale: float) -> None:
+        """Official `training_setup`: one Adam group per tensor (eps 1e-15) and the lr schedules.
+
+        optim: the OptimizationParams config section (duck-typed).
+        spatial_lr_scale: scene extent; multiplies the xyz learning rates.
+        """
+        if spatial_lr_scale <= 0:
+            raise ValueError(f"spatial_lr_scale must be positive, got {spatial_lr_scale}")
+        if optim.iterations <= 0:
+            raise ValueError(f"OptimizationParams.iterations must be positive, got {optim.iterations}")
+        self.spatial_lr_scale = float(spatial_lr_scale)
+        self.percent_dense = float(optim.percent_dense)
+        self._lr_schedule = {
+            "max_steps": int(optim.iterations),
+            "xyz": (optim.position_lr_init * spatial_lr_scale, optim.position_lr_final * spatial_lr_scale),
+            "f_dc": (optim.feature_lr, optim.feature_lr_final),
+            "f_rest": (optim.feature_lr / 20.0, None),
+            "opacity": (optim.opacity_lr, None),
+            "scaling": (optim.scaling_lr, optim.scaling_lr_final),
+            "rotation": (optim.rotation_lr, optim.rotation_lr_final),
+        }
+        self._build_optimizer()
+        self.reset_densification_stats()
+
+    def _build_optimizer(self) -> None:
+        if self._lr_schedule is None:
+            raise RuntimeError("no learning-rate settings: call setup_optimizer first")
+        groups = [
+            {"params": [tensor], "lr": float(self._lr_schedule[name][0]), "name": name}
+            for name, tensor in self.params().items()
+        ]
+        self.optimizer = torch.optim.Adam(
+            groups, lr=0.0, betas=(0.9, 0.999), eps=1e-15, fused=_adam_fused(self.device)
+        )
+
+    def update_learning_rate(self, step: int) -> dict[str, float]:
+        """Set the scheduled lrs (xyz, f_dc, scaling, rotation) for `step`; return every group's lr."""
+        optimizer, schedule = self._require_optimizer()
+        lrs = {}
+        for group in optimizer.param_groups:
+            name = group["name"]
+            if name in SCHEDULED_GROUPS:
+                lr_init, lr_final = schedule[name]
+                group["lr"] = exponential_lr(step, lr_init, lr_final, schedule["max_steps"])
+            lrs[name] = float(group["lr"])
+        return lrs
+
+    def _require_optimizer(self) -> tuple[torch.optim.Adam, dict[str, Any]]:
+        if self.optimizer is None or self._lr_schedule is None:
+            raise RuntimeError("call setup_optimizer (or load_state_dict of a checkpoint) first")
+        return self.optimizer, self._lr_schedule
+
+    def _param_state(self, name: str) -> tuple[dict | None, dict[str, Any] | None]:
+        """(optimizer group, Adam state of its tensor) for a group name; (None, None) without optimizer."""
+        if self.optimizer is None:
+            return None, None
+        group = next(g for g in self.optimizer.param_groups if g["name"] == name)
+        return group, self.optimizer.state.get(group["params"][0])
+
+    def _update_param(self, name: str, new: Tensor, state_fn) -> None:
+        """Swap in a new leaf tensor for group `name`, mapping each per-element Adam state tensor
+        through state_fn(old_state_tensor) (scalar entries such as `step` are kept)."""
+        old = getattr(self, PARAM_NAMES[name])
+        leaf = new.detach().requires_grad_(True)
+        setattr(self, PARAM_NAMES[name], leaf)
+        group, state = self._param_state(name)
+        if group is None:
+            return
+        group["params"][0] = leaf
+        if state is None:
+            return
+        del self.optimizer.state[old]
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == old.shape:
+                state[key] = state_fn(value)
+        self.optimizer.state[leaf] = state
+
+    def _replace_params(self, new: dict[str, Tensor]) -> None:
+        """Replace whole tensors (same shape) and zero their Adam moments."""
+        for name, tensor in new.items():
+            self._update_param(name, tensor, torch.zeros_like)
+
+    def _cat_params(self, extension: dict[str, Tensor]) -> None:
+        """Append Gaussians; their Adam moments start at zero."""
+        for name, ext in extension.items():
+            old = getattr(self, PARAM_NAMES[name])
+            self._update_param(
+                name,
+                torch.cat([old.detach(), ext]),
+                lambda value, ext=ext: torch.cat([value, value.new_zeros(ext.shape)]),
+            )
+
+    def _prune_params(self, keep: Tensor) -> None:
+        """Keep the Gaussians where keep [N] is True, with their Adam moments."""
+        for name in PARAM_NAMES:
+            old = getattr(self, PARAM_NAMES[name])
+            self._update_param(name, old.detach()[keep], lambda value: value[keep])
+
+    # ------------------------------------------------------------------ gradient edits
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """Official per-tensor clipping: clip_grad_norm_ on each parameter tensor separately."""
+        foreach = True if self.device.type == "cuda" else None
+        for tensor in self.params().values():
+            if tensor.grad is not None:
+                torch.nn.utils.clip_grad_norm_(tensor, max_norm, error_if_nonfinite=False, foreach=foreach)
+
+    @torch.no_grad()
+    def reset_opacity(self, max_opacity: float = 0.01) -> None:
+        """Official opacity reset: opacity <- min(opacity, 0.01), Adam moments zeroed."""
+        cap = math.log(max_opacity / (1.0 - max_opacity))
+        self._replace_params({"opacity": torch.clamp_max(self._opacity, cap)})
+
+    @torch.no_grad()
+    def scale_colors(self, factor: float) -> None:
+        """BEG brightness reset: every SH coefficient times `factor`, Adam moments zeroed."""
+        self._replace_params({"f_dc": self._features_dc * factor, "f_rest": self._features_rest * factor})
+
+    # ------------------------------------------------------------------ densification
+
+    def reset_densification_stats(self) -> None:
+        n = self.num_points
+        self.xyz_gradient_accum = torch.zeros(n, device=self.device)  # [N]
+        self.denom = torch.zeros(n, device=self.device)  # [N]
+        self.max_radii2D = torch.zeros(n, device=self.device)  # [N]
+
+    @torch.no_grad()
+    def add_densification_stats(self, means2d_grad: Tensor, radii: Tensor, width: int, height: int) -> None:
+        """Accumulate screen-space gradient norms from every camera of a batch.
+
+        means2d_grad [B, N, 2]: d loss / d projected centre, pixel units. It is converted to the
+            NDC units of the original 3DGS rasterizer (x * W/2, y * H/2), the units of the
+            official threshold 0.00075.
+        radii [B, N]: screen radius in pixels, 0 where not visible.
+        """
+        n = self.num_points
+        if means2d_grad.ndim != 3 or means2d_grad.shape[1:] != (n, 2):
+            raise ValueError(f"means2d_grad must be [B, N={n}, 2], got {tuple(means2d_grad.shape)}")
+        if radii.shape != means2d_grad.shape[:2]:
+            raise ValueError(f"radii must be [B, N] = {tuple(means2d_grad.shape[:2])}, got {tuple(radii.shape)}")
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        norms = torch.hypot(means2d_grad[..., 0] * (width / 2.0), means2d_grad[..., 1] * (height / 2.0))  # [B, N]
+        visible = radii > 0  # [B, N]
+        self.xyz_gradient_accum += torch.where(visible, norms, 0.0).sum(0).float()
+        self.denom += visible.sum(0).float()
+        self.max_radii2D = torch.maximum(self.max_radii2D, radii.amax(0).float())
+
+    @torch.no_grad()
+    def densify_and_prune(
+        self,
+        grad_threshold: float,
+        min_opacity: float,
+        extent: float,
+        max_screen_size: int | None,
+        *,
+        screen_size_prune: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, int]:
+        """Official clone / split / prune, then reset the statistics.
+
+        Clone where avg grad >= threshold and max scale <= percent_dense * extent; split (2
+        children sampled in the parent's Gaussian, scale / 1.6, parent removed) where avg grad >=
+        threshold and max scale is larger; prune opacity < min_opacity and, when max_screen_size
+        is set, max world scale > 0.1 * extent.
+
+        The official code also tests max_radii2D > max_screen_size, but its densification resets
+        max_radii2D to zero just before that test, so the rule never fires. screen_size_prune=True
+        applies it with the radii seen since the last densification (new Gaussians exempt).
+
+        Returns the counts {cloned, split, pruned} (split = number of parents split).
+        """
+        if self.optimizer is None:
+            raise RuntimeError("call setup_optimizer before densify_and_prune")
+        n = self.num_points
+        avg_grad = torch.where(self.denom > 0, self.xyz_gradient_accum / self.denom, 0.0)
+        large_grad = avg_grad >= grad_threshold
+        small = self.scales.amax(dim=1) <= self.percent_dense * extent
+        clone_mask = large_grad & small
+        split_mask = large_grad & ~small
+        radii = self.max_radii2D
+        self._cat_params(self._densified(clone_mask, split_mask, generator))
+
+        removed = torch.zeros(self.num_points, dtype=torch.bool, device=self.device)
+        removed[:n] = split_mask
+        prune = self.opacities < min_opacity
+        if max_screen_size:
+            prune |= self.scales.amax(dim=1) > 0.1 * extent
+            if screen_size_prune:
+                prune[:n] |= radii > max_screen_size
+        prune &= ~removed
+        counts = torch.stack([clone_mask.sum(), split_mask.sum(), prune.sum()]).tolist()
+        self._prune_params(~(removed | prune))
+        self.reset_densification_stats()
+        result = dict(zip(("cloned", "split", "pruned"), counts))
+        logger.debug("densify_and_prune: %s -> %d Gaussians", result, self.num_points)
+        return result
+
+    def _densified(
+        self, clone_mask: Tensor, split_mask: Tensor, generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
+        """Raw parameters of the clones followed by the split children (official order)."""
+        params = {name: tensor.detach() for name, tensor in self.params().items()}
+        clones = {name: tensor[clone_mask] for name, tensor in params.items()}
+        children = {name: tensor[split_mask].repeat((2,) + (1,) * (tensor.ndim - 1)) for name, tensor in params.items()}
+        stds = torch.exp(children["scaling"])  # [2S, 3]
+        samples = torch.normal(torch.zeros_like(stds), stds, generator=generator)  # [2S, 3]
+        rotmats = quat_to_rotmat(children["rotation"])  # [2S, 3, 3]
+        children["xyz"] = children["xyz"] + (rotmats @ samples[..., None]).squeeze(-1)
+        children["scaling"] = torch.log(stds / (0.8 * 2))
+        return {name: torch.cat([clones[name], children[name]]) for name in params}
+
+    # ------------------------------------------------------------------ PLY
+
+    def save_ply(self, path: str | os.PathLike, pad_sh_degree: int | None = None) -> None:
+        """Write the standard 3DGS PLY (binary little-endian float32), atomically.
+
+        pad_sh_degree: write zero f_rest columns up to this degree (3 for viewers that expect it).
+        """
+        degree = self.max_sh_degree if pad_sh_degree is None else pad_sh_degree
+        if not self.max_sh_degree <= degree <= 3:
+            raise ValueError(f"pad_sh_degree must be in [{self.max_sh_degree}, 3], got {pad_sh_degree}")
+        n = self.num_points
+        rest = torch.zeros(n, 3, num_sh_coeffs(degree) - 1)
+        rest[:, :, : self._features_rest.shape[1]] = self._features_rest.detach().cpu().transpose(1, 2)
+        columns = {
+            "xyz": self._means.detach().cpu(),
+            "normals": torch.zeros(n, 3),
+            "f_dc": self._features_dc.detach().cpu().reshape(n, 3),
+            "f_rest": rest.reshape(n, -1),
+            "opacity": self._opacity.detach().cpu(),
+            "scaling": self._scaling.detach().cpu(),
+            "rotation": self._rotation.detach().cpu(),
+        }
+        values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")
+        names = ply_attribute_names(degree)
+        vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
+        for i, name in enumerate(names):
+            vertices[name] = values[:, i]
+        _atomic_write_ply(PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<"), Path(path))
+
+    @classmethod
+    def load_ply(
+        cls, path: str | os.PathLike, max_sh_degree: int | None = None, device: str | torch.device = "cpu"
+    ) -> GaussianModel:
+        """Read a standard 3DGS PLY. The SH degree is inferred from the f_rest columns unless given;
+        extra (e.g. padded) coefficients above max_sh_degree are dropped, missing ones are zero."""
+        vertex = _read_vertex(path)
+        file_degree = _ply_sh_degree(vertex, path)
+        degree = file_degree if max_sh_degree is None else max_sh_degree
+        n = vertex.count
+        model = cls(degree, device)
+        rest = torch.from_numpy(_columns(vertex, _indexed("f_rest", 3 * (num_sh_coeffs(file_degree) - 1))))
+        rest = rest.reshape(n, 3, -1).transpose(1, 2)  # [N, K_file-1, 3]
+        keep = num_sh_coeffs(degree) - 1
+        if rest.shape[1] > keep and bool(rest[:, keep:].any()):
+            logger.warning("%s: dropping non-zero SH coefficients above degree %d", path, degree)
+        params = model._empty_params(n)
+        params["f_rest"][:, : min(keep, rest.shape[1])] = rest[:, :keep]
+        params["xyz"] = torch.from_numpy(_columns(vertex, ["x", "y", "z"]))
+        params["f_dc"] = torch.from_numpy(_columns(vertex, _indexed("f_dc", 3)))[:, None, :]
+        params["opacity"] = torch.from_numpy(_columns(vertex, ["opacity"]))
+        params["scaling"] = torch.from_numpy(_columns(vertex, _indexed("scale", 3)))
+        params["rotation"] = torch.from_numpy(_columns(vertex, _indexed("rot", 4)))
+        model._set_params(params)
+        model.active_sh_degree = degree
+        return model
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume training bit-exactly (a snapshot: tensors are copied)."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "max_sh_degree": self.max_sh_degree,
+            "active_sh_degree": self.active_sh_degree,
+            "spatial_lr_scale": self.spatial_lr_scale,
+            "percent_dense": self.percent_dense,
+            "lr_schedule": copy.deepcopy(self._lr_schedule),
+            "params": {name: tensor.detach().clone() for name, tensor in self.params().items()},
+            "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
+            "xyz_gradient_accum": self.xyz_gradient_accum.clone(),
+            "denom": self.denom.clone(),
+            "max_radii2D": self.max_radii2D.clone(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a `state_dict()`; rebuilds the optimizer, so setup_optimizer is not needed."""
+        if sd.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"unsupported GaussianModel checkpoint version {sd.get('version')!r}")
+        if sd["max_sh_degree"] != self.max_sh_degree:
+            raise ValueError(f"checkpoint has max_sh_degree {sd['max_sh_degree']}, model has {self.max_sh_degree}")
+        self._set_params(sd["params"])
+        self.active_sh_degree = int(sd["active_sh_degree"])
+        self.spatial_lr_scale = float(sd["spatial_lr_scale"])
+        self.percent_dense = float(sd["percent_dense"])
+        self._lr_schedule = copy.deepcopy(sd["lr_schedule"])
+        for name in ("xyz_gradient_accum", "denom", "max_radii2D"):
+            setattr(self, name, sd[name].to(self.device, torch.float32).clone())
+        self.optimizer = None
+        if sd["optimizer"] is not None:
+            self._build_optimizer()
+            self.optimizer.load_state_dict(self._adapt_optimizer_state(sd["optimizer"]))
+
+    def _adapt_optimizer_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Use this device's implementation flags (fused, foreach, ...) for a saved optimizer state."""
+        saved = copy.copy(saved)
+        saved["param_groups"] = [
+            {**group, **{k: v for k, v in current.items() if k in ("fused", "foreach", "capturable")}}
+            for group, current in zip(saved["param_groups"], self.optimizer.param_groups)
+        ]
+        return saved
+
+
+# ---------------------------------------------------------------------- PLY helpers
+
+
+def ply_attribute_names(sh_degree: int) -> list[str]:
+    """Column names of the standard 3DGS PLY for a given SH degree."""
+    return [
+        "x", "y", "z", "nx", "ny", "nz",
+        *_indexed("f_dc", 3),
+        *_indexed("f_rest", 3 * (num_sh_coeffs(sh_degree) - 1)),
+        "opacity",
+        *_indexed("scale", 3),
+        *_indexed("rot", 4),
+    ]
+
+
+def _indexed(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}_{i}" for i in range(count)]
+
+
+def _read_vertex(path: str | os.PathLike):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no PLY file at {path}")
+    ply = PlyData.read(str(path))
+    if "vertex" not in [element.name for element in ply.elements]:
+        raise ValueError(f"{path}: no 'vertex' element")
+    return ply["vertex"]
+
+
+def _ply_sh_degree(vertex, path: str | os.PathLike) -> int:
+    names = {prop.name for prop in vertex.properties}
+    n_rest = sum(1 for name in names if name.startswith("f_rest_"))
+    degrees = [d for d in range(4) if 3 * (num_sh_coeffs(d) - 1) == n_rest]
+    if not degrees:
+        raise ValueError(f"{path}: {n_rest} f_rest columns match no SH degree (expected 0, 9, 24 or 45)")
+    optional = {"nx", "ny", "nz"}
+    missing = [name for name in ply_attribute_names(degrees[0]) if name not in names and name not in optional]
+    if missing:
+        raise ValueError(f"{path}: not a 3DGS PLY, missing properties {missing}")
+    return degrees[0]
+
+
+def _columns(vertex, names: list[str]) -> np.ndarray:
+    """[N, len(names)] float32 array of the named vertex properties."""
+    return np.stack([np.asarray(vertex[name], dtype=np.float32) for name in names], axis=1)
+
+
+def _atomic_write_ply(ply: PlyData, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            ply.write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

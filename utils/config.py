@@ -1,0 +1,845 @@
+"""Typed configuration schema, strict YAML loading and the command line.
+
+One dataclass per YAML section, using the official SegmentDreamer/LucidDreamer
+section names (``ModelParams``, ``PipelineParams``, ``GuidanceParams``,
+``GenerateCamParams``, ``OptimizationParams``) plus a few top-level keys. Class
+defaults follow the official ``arguments/__init__.py``; the YAML files in
+``config/`` set the rest.
+
+Every field carries ``metadata["help"]`` (a one-line meaning) and optional
+rules: ``choices``, ``min``/``max`` (inclusive), ``gt`` (exclusive lower
+bound), ``length`` (fixed list length), ``pair`` (a ``[low, high]`` list with
+``low <= high``) and ``no_effect`` (why the key is accepted but ignored).
+
+Loading is strict and pure: an unknown key, a wrong type, a value outside its
+range or an inconsistent combination raises :class:`ConfigError` naming the
+full key (``Section.key``) before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import functools
+import logging
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ConfigError",
+    "ModelParams",
+    "PipelineParams",
+    "GuidanceParams",
+    "GenerateCamParams",
+    "OptimizationParams",
+    "Config",
+    "param",
+    "load_config",
+    "validate_config",
+    "config_to_dict",
+    "save_config",
+    "no_effect_keys",
+    "build_arg_parser",
+    "cli_overrides",
+    "parse_cli",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or combination is invalid."""
+
+
+def param(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None,
+          min: Optional[float] = None, max: Optional[float] = None,
+          gt: Optional[float] = None, length: Optional[int] = None,
+          pair: bool = False, no_effect: Optional[str] = None) -> Any:
+    """Declare a config field with its one-line meaning and validation rules.
+
+    ``min``/``max``/``gt`` apply to every element of a list field.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None,
+            "min": min, "max": max, "gt": gt, "length": length, "pair": pair,
+            "no_effect": no_effect}
+    if isinstance(default, list):
+        return field(default_factory=functools.partial(list, default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type, name: str) -> Any:
+    return field(default_factory=cls, metadata={"section": name, "help": cls.__doc__})
+
+
+_LR = "learning rate"
+_UNUSED_OFFICIAL = "unused by the official SegmentDreamer training loop as well"
+_NO_DATASET = "text-to-3D has no input dataset"
+
+
+@dataclass
+class ModelParams:
+    """Scene/model options (official ``ModelParams``)."""
+
+    sh_degree: int = param(0, "maximum spherical-harmonics degree of the Gaussian colours", min=0, max=3)
+    source_path: str = param("", "dataset folder (YAML also accepts '_source_path')", no_effect=_NO_DATASET)
+    model_path: str = param("", "official run folder (YAML also accepts '_model_path')",
+                            no_effect="the run folder is derived from output_dir and workspace")
+    pretrained_model_path: Optional[str] = param(None, "official pretrained Gaussians to start from",
+                                                 no_effect="use GenerateCamParams.init_shape: ply with init_path")
+    images: str = param("images", "dataset image folder (YAML also accepts '_images')", no_effect=_NO_DATASET)
+    workspace: str = param("debug", "run-group name: runs go to <output_dir>/<workspace>/<run name>")
+    batch: int = param(10, "number of cameras per pre-generated camera stack", min=1)
+    resolution: int = param(-1, "dataset downscale factor (YAML also accepts '_resolution')", no_effect=_NO_DATASET)
+    white_background: bool = param(True, "white (true) or black background for evaluation renders "
+                                         "(YAML also accepts '_white_background')")
+    data_device: str = param("cuda", "device holding dataset images", no_effect=_NO_DATASET)
+    eval: bool = param(False, "hold out dataset test views", no_effect=_NO_DATASET)
+    opt_path: Optional[str] = param(None, "path of the options file in the official code",
+                                    no_effect="use --opt on the command line")
+    sh_deg_aug_ratio: float = param(0.1, "probability of rendering a camera with SH degree 0 (augmentation)",
+                                    min=0.0, max=1.0)
+    bg_aug_ratio: float = param(0.5, "probability of a random background colour per camera (augmentation)",
+                                min=0.0, max=1.0)
+    shs_aug_ratio: float = param(0.0, "probability of rendering with random SH colours (augmentation)",
+                                 min=0.0, max=1.0)
+    scale_aug_ratio: float = param(1.0, "probability of the scale augmentation per camera", min=0.0, max=1.0)
+
+
+@dataclass
+class PipelineParams:
+    """Rendering pipeline options (official ``PipelineParams``)."""
+
+    convert_SHs_python: bool = param(False, "evaluate SH colours in Python instead of the rasterizer",
+                                     no_effect="the renderer backend decides where SH colours are evaluated")
+    compute_cov3D_python: bool = param(False, "build 3D covariances in Python instead of the rasterizer",
+                                       no_effect="the renderer backend decides where covariances are built")
+    debug: bool = param(False, "rasterizer debug mode of the official CUDA extension",
+                        no_effect="the official CUDA rasterizer is not used")
+    renderer: str = param("auto", "rasterizer backend: auto (gsplat on CUDA, else torch), gsplat or torch",
+                          choices=("auto", "gsplat", "torch"))
+    device: str = param("auto", "compute device: auto (cuda if available), cpu or cuda",
+                        choices=("auto", "cpu", "cuda"))
+
+
+_T_CHOICES = ("uniform", "mono")
+
+
+@dataclass
+class GuidanceParams:
+    """2D diffusion prior and distillation loss (official ``GuidanceParams`` plus our switches)."""
+
+    guidance: str = param("SD", "official guidance family name",
+                          no_effect="the prior is chosen by GuidanceParams.prior")
+    g_device: str = param("cuda", "device of the official guidance model",
+                          no_effect="the prior runs on PipelineParams.device")
+    model_key: Optional[str] = param(None, "Stable Diffusion weights: local folder, hub id or .safetensors file")
+    is_safe_tensor: bool = param(False, "model_key is a single .safetensors checkpoint (e.g. DreamShaper-8)")
+    base_model_key: Optional[str] = param(None, "diffusers folder providing configs/tokenizer for a "
+                                                ".safetensors model_key")
+    controlnet_model_key: Optional[str] = param(None, "ControlNet weights", no_effect="ControlNet is not supported")
+    perpneg: bool = param(True, "use Perp-Neg view-dependent negative prompts")
+    negative_w: float = param(-2.0, "Perp-Neg weight of the negative view prompts")
+    front_decay_factor: float = param(2.0, "Perp-Neg decay of the front-view weight", min=0.0)
+    side_decay_factor: float = param(10.0, "Perp-Neg decay of the side-view weight", min=0.0)
+    vram_O: bool = param(False, "official memory-saving switch",
+                         no_effect="superseded by the low-VRAM config overlay")
+    fp16: bool = param(True, "run the prior in half precision (used when precision is 'auto')")
+    hf_key: Optional[str] = param(None, "official Hugging Face key alias", no_effect="use model_key")
+    t_range: list[float] = param([0.02, 0.5], "initial [low, high] timestep range as a fraction of 1000",
+                                 length=2, min=0.0, max=1.0, pair=True)
+    max_t_range: float = param(0.98, "upper timestep fraction reached after warm-up", min=0.0, max=1.0)
+    scheduler_type: str = param("DDIM", "official scheduler name",
+                                no_effect="a first-order DDIM-equivalent solver is always used")
+    num_train_timesteps: Optional[int] = param(None, "override of the prior's training timesteps",
+                                               no_effect="the prior's own schedule is always used")
+    sds: bool = param(False, "official SDS switch", no_effect="use guidance_type: sds")
+    fix_noise: bool = param(False, "reuse one fixed noise tensor across iterations")
+    noise_seed: int = param(0, "seed of the fixed noise tensor", min=0)
+    ddim_inv: bool = param(False, "official DDIM-inversion switch",
+                           no_effect="inversion is part of the chosen guidance_type")
+    delta_t: int = param(80, "timestep gap of the consistency/inversion step", min=1, max=999)
+    delta_t_start: int = param(100, "initial interval for ISM annealed intervals", min=1, max=999)
+    annealing_intervals: bool = param(True, "ISM: anneal the inversion interval")
+    text: str = param("", "prompt")
+    inverse_text: str = param("", "prompt used during DDIM inversion (ISM)")
+    textual_inversion_path: Optional[str] = param(None, "textual-inversion embedding file to load into the prior")
+    LoRA_path: Optional[str] = param(None, "LoRA weights to load into the prior")
+    controlnet_ratio: float = param(0.5, "ControlNet conditioning ratio", no_effect="ControlNet is not supported")
+    negative: str = param("", "negative prompt")
+    guidance_scale: float = param(7.5, "classifier-free guidance scale", min=0.0)
+    denoise_guidance_scale: float = param(1.0, "guidance scale of the ISM denoising step", min=0.0)
+    lambda_guidance: float = param(1.0, "weight of the distillation loss", min=0.0)
+    xs_delta_t: int = param(200, "ISM: timestep gap of the x_s inversion", min=1, max=999)
+    xs_inv_steps: int = param(5, "ISM: number of x_s inversion steps", min=1)
+    xs_eta: float = param(0.0, "ISM: DDIM eta of the x_s inversion", min=0.0, max=1.0)
+    C_batch_size: int = param(1, "cameras rendered and distilled per iteration", min=1)
+    vis_interval: int = param(100, "iterations between guidance visualisations (0 = off)", min=0)
+    t_mode: str = param("uniform", "timestep sampling: uniform or mono (monotonically increasing)",
+                        choices=_T_CHOICES)
+    t_threshold: int = param(150, "SCTD: timesteps below this use the self-consistency branch", min=0, max=999)
+    w_cp: float = param(0.0, "weight of the conditional-prediction term", min=0.0)
+    BEG: bool = param(False, "Brightness-Equalized Generation (periodic brightness reset)")
+    rgb_scale: float = param(1.0, "scale of the RGB loss term", min=0.0)
+    clip_skip: int = param(1, "CLIP text-encoder layers to skip (as in the official DreamShaper configs)", min=0)
+    interval_ratio: Optional[float] = param(None, "official SegmentDreamer key", no_effect=_UNUSED_OFFICIAL)
+    guidance_type: str = param("sctd", "distillation loss", choices=("sctd", "ism", "sds", "cds", "gcs"))
+    phase_num: int = param(4, "number of trajectory segments N_s (README/paper use 5)", min=1)
+    num_ddim_timesteps: int = param(50, "accepted for compatibility with the published command", min=1,
+                                    no_effect=_UNUSED_OFFICIAL)
+    prior: str = param("stable_diffusion", "2D prior: stable_diffusion or analytic (offline, closed form)",
+                       choices=("stable_diffusion", "analytic"))
+    precision: str = param("auto", "prior precision; auto = fp16 if fp16 else fp32",
+                           choices=("auto", "fp16", "bf16", "fp32"))
+    sctd_cross_prediction: str = param("cfg", "SCTD cross term: cfg (official CFG noise) or cond "
+                                              "(paper's pure conditional)", choices=("cfg", "cond"))
+    sctd_approximate_null: bool = param(True, "approximate G(z_t, t, empty) by z_sm (paper Sec. 4.4)")
+    sctd_generative_prior: bool = param(False, "add the generative-prior term of Eq. 9")
+    sctd_weighting: str = param("official", "SCTD loss weighting: official code or paper",
+                                choices=("official", "paper"))
+    w_cc: float = param(1.0, "GCS: weight of the cross-consistency term", min=0.0)
+    w_gc: float = param(0.5, "GCS: weight of the generative-consistency term", min=0.0)
+    cds_t_start: int = param(700, "CDS: timestep at the start of annealing", min=0, max=999)
+    cds_t_end: int = param(100, "CDS: timestep at the end of annealing", min=0, max=999)
+    cds_anneal_iters: int = param(3000, "CDS: iterations to anneal from cds_t_start to cds_t_end", min=0)
+    cds_gap: list[int] = param([100, 300], "CDS: [low, high] gap between the two timesteps",
+                               length=2, min=0, max=999, pair=True)
+    analytic_scene: str = param("blobs", "analytic prior: procedural scene name or a .ply path")
+    analytic_std: float = param(0.05, "analytic prior: pixel std of the mixture components", gt=0.0)
+    analytic_distractors: int = param(2, "analytic prior: distractor components in the unconditional mixture",
+                                      min=0)
+    analytic_seed: int = param(0, "analytic prior: seed of the hidden scene and distractors", min=0)
+
+
+_INIT_SHAPES = ("sphere", "box", "rectangle_x", "rectangle_z", "scene", "ply", "pointe", "shapee")
+_PI = math.pi
+
+
+@dataclass
+class GenerateCamParams:
+    """Initial point cloud and camera sampling (official ``GenerateCamParams``)."""
+
+    init_shape: str = param("sphere", "initial point cloud", choices=_INIT_SHAPES)
+    init_prompt: str = param("", "prompt of the Point-E/Shap-E initialisation")
+    use_pointe_rgb: bool = param(False, "keep the colours of the Point-E initialisation")
+    init_path: Optional[str] = param(None, "ply file used when init_shape is 'ply'")
+    radius_range: list[float] = param([5.2, 5.5], "initial [low, high] camera distance", length=2, gt=0.0, pair=True)
+    max_radius_range: list[float] = param([3.5, 5.0], "final [low, high] camera distance after expansion",
+                                          length=2, gt=0.0, pair=True)
+    default_radius: float = param(3.5, "camera distance of the evaluation cameras", gt=0.0)
+    theta_range: list[float] = param([45.0, 105.0], "initial [low, high] polar angle in degrees",
+                                     length=2, min=0.0, max=180.0, pair=True)
+    max_theta_range: list[float] = param([45.0, 105.0], "final [low, high] polar angle in degrees",
+                                         length=2, min=0.0, max=180.0, pair=True)
+    phi_range: list[float] = param([-180.0, 180.0], "initial [low, high] azimuth in degrees",
+                                   length=2, min=-360.0, max=360.0, pair=True)
+    max_phi_range: list[float] = param([-180.0, 180.0], "final [low, high] azimuth in degrees",
+                                       length=2, min=-360.0, max=360.0, pair=True)
+    fovy_range: list[float] = param([0.32, 0.60], "initial [low, high] vertical field of view in radians",
+                                    length=2, gt=0.0, max=_PI, pair=True)
+    max_fovy_range: list[float] = param([0.16, 0.60], "final [low, high] vertical field of view in radians",
+                                        length=2, gt=0.0, max=_PI, pair=True)
+    rand_cam_gamma: float = param(1.0, "exponent biasing the sampled polar angle", gt=0.0)
+    angle_overhead: float = param(30.0, "overhead-view angle of the official view prompts",
+                                  no_effect="view prompts use the fixed Perp-Neg/azimuth rules")
+    angle_front: float = param(60.0, "front-view angle of the official view prompts",
+                               no_effect="view prompts use the fixed Perp-Neg/azimuth rules")
+    render_45: bool = param(True, "sample the polar angle in the 45-degree band")
+    uniform_sphere_rate: float = param(0.0, "probability of sampling uniformly on the sphere",
+                                       min=0.0, max=1.0, no_effect=_UNUSED_OFFICIAL)
+    image_w: int = param(512, "render width in pixels", min=8)
+    image_h: int = param(512, "render height in pixels", min=8)
+    SSAA: int = param(1, "supersampling factor", min=1, no_effect=_UNUSED_OFFICIAL)
+    init_num_pts: int = param(100000, "number of points of the initial point cloud", min=1)
+    default_polar: float = param(90.0, "polar angle of the evaluation cameras in degrees", min=0.0, max=180.0)
+    default_azimuth: float = param(0.0, "starting azimuth of the evaluation cameras in degrees")
+    default_fovy: float = param(0.55, "vertical field of view of the evaluation cameras in radians",
+                                gt=0.0, max=_PI)
+    jitter_pose: bool = param(True, "jitter the training camera poses")
+    jitter_center: float = param(0.05, "std of the camera-centre jitter", min=0.0)
+    jitter_target: float = param(0.05, "std of the look-at target jitter", min=0.0)
+    jitter_up: float = param(0.01, "std of the up-vector jitter", min=0.0)
+    device: str = param("cuda", "device of the official camera generator",
+                        no_effect="cameras follow PipelineParams.device")
+
+
+_NOT_LOGGED = "process frames are not recorded (turntable videos cover this)"
+
+
+@dataclass
+class OptimizationParams:
+    """Optimiser, schedules and densification (official ``OptimizationParams``)."""
+
+    iterations: int = param(5000, "number of training iterations", min=1)
+    position_lr_init: float = param(0.00016, "initial position " + _LR + " (times the scene extent)", min=0.0)
+    position_lr_final: float = param(0.0000016, "final position " + _LR + " (times the scene extent)", min=0.0)
+    position_lr_delay_mult: float = param(0.01, "official position lr delay multiplier", min=0.0,
+                                          no_effect="the position lr decays exponentially without delay")
+    position_lr_max_steps: int = param(30000, "official position lr decay length", min=1,
+                                       no_effect="the position lr decays over 'iterations'")
+    feature_lr: float = param(0.005, "initial colour-feature " + _LR, min=0.0)
+    feature_lr_final: float = param(0.003, "final colour-feature " + _LR, min=0.0)
+    opacity_lr: float = param(0.05, "opacity " + _LR, min=0.0)
+    scaling_lr: float = param(0.005, "initial scaling " + _LR, min=0.0)
+    rotation_lr: float = param(0.001, "initial rotation " + _LR, min=0.0)
+    geo_iter: int = param(0, "iterations of geometry-only warm-up", min=0)
+    as_latent_ratio: float = param(0.2, "probability of distilling with the latent render as input",
+                                   min=0.0, max=1.0)
+    resnet_lr: float = param(1e-4, "official ResNet " + _LR, min=0.0, no_effect=_UNUSED_OFFICIAL)
+    resnet_lr_init: float = param(2e-3, "official initial ResNet " + _LR, min=0.0, no_effect=_UNUSED_OFFICIAL)
+    resnet_lr_final: float = param(5e-5, "official final ResNet " + _LR, min=0.0, no_effect=_UNUSED_OFFICIAL)
+    scaling_lr_final: float = param(0.001, "final scaling " + _LR, min=0.0)
+    rotation_lr_final: float = param(0.0002, "final rotation " + _LR, min=0.0)
+    percent_dense: float = param(0.003, "fraction of the scene extent separating clone from split",
+                                 min=0.0, max=1.0)
+    densify_grad_threshold: float = param(0.00075, "view-space gradient norm that triggers densification",
+                                          min=0.0)
+    lambda_tv: float = param(1.0, "weight of the total-variation loss", min=0.0)
+    lambda_bin: float = param(10.0, "weight of the binary opacity loss", min=0.0, no_effect=_UNUSED_OFFICIAL)
+    lambda_scale: float = param(1.0, "weight of the scale regulariser", min=0.0)
+    lambda_sat: float = param(1.0, "weight of the saturation loss", min=0.0, no_effect=_UNUSED_OFFICIAL)
+    lambda_radius: float = param(1.0, "weight of the radius loss", min=0.0, no_effect=_UNUSED_OFFICIAL)
+    densification_interval: int = param(100, "iterations between densify-and-prune steps", min=1)
+    opacity_reset_interval: int = param(300, "iterations between opacity resets", min=1)
+    densify_from_iter: int = param(100, "first iteration of densification", min=0)
+    densify_until_iter: int = param(3000, "last iteration of densification", min=0)
+    use_control_net_iter: int = param(10000000, "iteration from which ControlNet is used",
+                                      no_effect="ControlNet is not supported")
+    warmup_iter: int = param(1500, "iterations over which the timestep range grows to max_t_range", min=0)
+    use_progressive: bool = param(False, "disable progressive camera expansion when true (official naming)")
+    save_process: bool = param(True, "record training-process frames", no_effect=_NOT_LOGGED)
+    pro_frames_num: int = param(600, "number of training-process frames", min=0, no_effect=_NOT_LOGGED)
+    pro_render_45: bool = param(False, "render process frames at 45 degrees", no_effect=_NOT_LOGGED)
+    progressive_view_iter: int = param(500, "iterations between progressive camera-range expansions", min=1)
+    progressive_view_init_ratio: float = param(0.2, "official initial ratio of the progressive range",
+                                               min=0.0, max=1.0, no_effect=_UNUSED_OFFICIAL)
+    scale_up_cameras_iter: int = param(500, "iterations between camera-distance scale-ups", min=1)
+    scale_up_factor: float = param(0.95, "camera-distance multiplier per scale-up", gt=0.0)
+    fovy_scale_up_factor: list[float] = param([0.75, 1.1], "[low, high] multipliers of the fovy range per "
+                                                           "expansion", length=2, gt=0.0)
+    phi_scale_up_factor: float = param(1.5, "azimuth-range multiplier per expansion", gt=0.0)
+    grad_clip: Optional[list[float]] = param([2.0, 8.0, 1000.0], "latent-gradient clip [start, end, ramp "
+                                                                 "iterations]; null = off", length=3, min=0.0)
+    thresh: float = param(0.85, "BEG: brightness threshold", min=0.0, max=1.0)
+    start_reset_iter: int = param(1000, "BEG: first iteration of brightness resets", min=0)
+    end_reset_iter: int = param(4500, "BEG: last iteration of brightness resets", min=0)
+    reset_rate: float = param(0.8, "BEG: brightness reset rate", min=0.0, max=1.0)
+    lgt_thresh: float = param(0.9, "BEG: lightness threshold", min=0.0, max=1.0)
+    min_opacity: float = param(0.005, "Gaussians below this opacity are pruned", min=0.0, max=1.0)
+    max_screen_size: int = param(20, "prune Gaussians larger than this many pixels after the first "
+                                     "opacity reset (0 = off)", min=0)
+
+
+@dataclass
+class Config:
+    """The whole run configuration: five sections plus top-level keys."""
+
+    model: ModelParams = _section(ModelParams, "ModelParams")
+    pipeline: PipelineParams = _section(PipelineParams, "PipelineParams")
+    guidance: GuidanceParams = _section(GuidanceParams, "GuidanceParams")
+    camera: GenerateCamParams = _section(GenerateCamParams, "GenerateCamParams")
+    optim: OptimizationParams = _section(OptimizationParams, "OptimizationParams")
+    port: int = param(2355, "official GUI port", no_effect="there is no GUI")
+    save_video: bool = param(True, "write turntable videos at test iterations")
+    seed: int = param(0, "global random seed (Python, NumPy, torch)", min=0)
+    output_dir: str = param("outputs", "root folder of the run folders")
+    test_ratio: int = param(5, "test renders every iterations/test_ratio iterations", min=1)
+    save_ratio: int = param(2, "point clouds saved every iterations/save_ratio iterations", min=1)
+    checkpoint_interval: int = param(500, "iterations between full checkpoints (0 = only at the end)", min=0)
+    video_frames: int = param(120, "turntable frames per ring", min=1)
+    log_interval: int = param(10, "iterations between scalar log entries", min=1)
+    preview_interval: int = param(100, "iterations between preview images (0 = off)", min=0)
+
+
+# ---------------------------------------------------------------------------
+# Schema introspection
+
+_ALIASES = {"ModelParams": {"_" + k: k for k in
+                            ("source_path", "model_path", "images", "resolution", "white_background")}}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    type: Any
+    meta: Any
+
+
+@functools.lru_cache(maxsize=None)
+def _specs(cls: type) -> dict[str, _Spec]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _Spec(f.name, hints[f.name], f.metadata)
+            for f in dataclasses.fields(cls) if "section" not in f.metadata}
+
+
+@functools.lru_cache(maxsize=None)
+def _sections() -> dict[str, str]:
+    """YAML section name -> attribute name on :class:`Config`."""
+    return {f.metadata["section"]: f.name for f in dataclasses.fields(Config) if "section" in f.metadata}
+
+
+def _section_class(section: Optional[str]) -> type:
+    if section is None:
+        return Config
+    return typing.get_type_hints(Config)[_sections()[section]]
+
+
+def _full(section: Optional[str], key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+@functools.lru_cache(maxsize=None)
+def _all_keys() -> tuple[str, ...]:
+    keys = list(_specs(Config))
+    for section in _sections():
+        keys += [_full(section, k) for k in _specs(_section_class(section))]
+    return tuple(keys)
+
+
+def no_effect_keys() -> dict[str, str]:
+    """Full key -> reason, for every key accepted but ignored by this implementation."""
+    out = {}
+    for section in (None, *_sections()):
+        for name, spec in _specs(_section_class(section)).items():
+            if spec.meta["no_effect"]:
+                out[_full(section, name)] = spec.meta["no_effect"]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Type coercion and rule checks
+
+# PyYAML (YAML 1.1) reads ``1e-4`` as a string; float fields accept such exponent literals.
+_FLOAT_TEXT = re.compile(r"[+-]?(\d[\d_]*\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _got(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be an integer, got {_got(value)}")
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        number = float(value.strip())
+    else:
+        raise ConfigError(f"{key} must be a number, got {_got(value)}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key} must be true or false, got {_got(value)}")
+
+
+def _to_str(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} must be a string, got {_got(value)}")
+
+
+_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
+
+
+def _optional_inner(tp: Any) -> Any:
+    """``X`` for ``Optional[X]``, else None."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return None
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: Any) -> Any:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _coerce(key, value, inner, meta)
+    if typing.get_origin(tp) is list:
+        return _coerce_list(key, value, typing.get_args(tp)[0], meta["length"])
+    return _SCALARS[tp](key, value)
+
+
+def _coerce_list(key: str, value: Any, elem: type, length: Optional[int]) -> list:
+    kind = "numbers" if elem in (int, float) else elem.__name__
+    expected = f"a list of {length} {kind}" if length else f"a list of {kind}"
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be {expected}, got {_got(value)}")
+    if length is not None and len(value) != length:
+        raise ConfigError(f"{key} must be {expected}, got {len(value)} items: {list(value)!r}")
+    return [_SCALARS[elem](f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _bounds_text(meta: Any) -> Optional[str]:
+    low, high, gt = meta["min"], meta["max"], meta["gt"]
+    if gt is not None:
+        return f"in ({gt}, {high}]" if high is not None else f"> {gt}"
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    if low is not None:
+        return f">= {low}"
+    return f"<= {high}" if high is not None else None
+
+
+def _in_bounds(value: float, meta: Any) -> bool:
+    low, high, gt = meta["min"], meta["max"], meta["gt"]
+    return not ((low is not None and value < low) or (high is not None and value > high)
+                or (gt is not None and value <= gt))
+
+
+def _check_rules(key: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    choices = meta["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+    items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+    rule = _bounds_text(meta)
+    for index, item in items:
+        if rule and not _in_bounds(item, meta):
+            name = key if index is None else f"{key}[{index}]"
+            raise ConfigError(f"{name} must be {rule}, got {item!r}")
+    if meta["pair"] and value[0] > value[1]:
+        raise ConfigError(f"{key} must be [low, high] with low <= high, got {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# YAML reading
+
+class _FlowListDumper(yaml.SafeDumper):
+    """SafeDumper writing lists inline (``[0.02, 0.5]``) and mappings as blocks."""
+
+
+def _represent_list(dumper: _FlowListDumper, data: list) -> yaml.SequenceNode:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+_FlowListDumper.add_representer(list, _represent_list)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' not found") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+    return _yaml_load(text, path.name)
+
+
+# ---------------------------------------------------------------------------
+# Applying values
+
+def _suggest(section: Optional[str], key: str) -> Optional[str]:
+    """Closest valid full key for a mistyped ``section.key``."""
+    exact = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == key]
+    if exact:
+        return exact[0]
+    local = list(_specs(_section_class(section)))
+    if section is None:
+        local += list(_sections())
+    close = difflib.get_close_matches(key, local, n=1)
+    if close:
+        return _full(section, close[0])
+    close = difflib.get_close_matches(_full(section, key), _all_keys(), n=1)
+    return close[0] if close else None
+
+
+def _unknown(kind: str, name: str, suggestion: Optional[str], source: str) -> ConfigError:
+    hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+    return ConfigError(f"unknown {kind} '{name}' in {source}{hint}")
+
+
+def _lookup(section: Optional[str], key: str, source: str) -> _Spec:
+    if section is not None and section not in _sections():
+        close = difflib.get_close_matches(section, list(_sections()), n=1)
+        raise _unknown("section", section, close[0] if close else None, source)
+    canonical = _ALIASES.get(section or "", {}).get(key, key)
+    spec = _specs(_section_class(section)).get(canonical)
+    if spec is None:
+        raise _unknown("key", _full(section, key), _suggest(section, key), source)
+    return spec
+
+
+def _target(cfg: Config, section: Optional[str]) -> Any:
+    return cfg if section is None else getattr(cfg, _sections()[section])
+
+
+def _assign(cfg: Config, section: Optional[str], spec: _Spec, value: Any) -> str:
+    key = _full(section, spec.name)
+    value = _coerce(key, value, spec.type, spec.meta)
+    _check_rules(key, value, spec.meta)
+    setattr(_target(cfg, section), spec.name, value)
+    return key
+
+
+def _apply_section(cfg: Config, section: str, values: Any, source: str) -> list[str]:
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise ConfigError(f"section '{section}' in {source} must be a mapping of keys, got {_got(values)}")
+    done: dict[str, str] = {}
+    for key, value in values.items():
+        spec = _lookup(section, str(key), source)
+        if spec.name in done:
+            raise ConfigError(f"{_full(section, spec.name)} is set twice in {source} "
+                              f"(as '{done[spec.name]}' and '{key}')")
+        done[spec.name] = str(key)
+        _assign(cfg, section, spec, value)
+    return [_full(section, name) for name in done]
+
+
+def _apply_document(cfg: Config, data: Any, source: str) -> list[str]:
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping of sections and keys, got {_got(data)}")
+    touched = []
+    for name, value in data.items():
+        name = str(name)
+        if name in _sections():
+            touched += _apply_section(cfg, name, value, source)
+        elif name not in _specs(Config) and isinstance(value, dict):
+            close = difflib.get_close_matches(name, list(_sections()), n=1)
+            raise _unknown("section", name, close[0] if close else None, source)
+        else:
+            touched.append(_assign(cfg, None, _lookup(None, name, source), value))
+    return touched
+
+
+def _split_override(text: str) -> tuple[Optional[str], str, str]:
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ConfigError(f"malformed override {text!r}: expected Section.key=value or key=value")
+    section, _, key = name.rpartition(".")
+    if not section and key in _sections():
+        raise ConfigError(f"malformed override {text!r}: name a key inside the section, e.g. {key}.<key>=value")
+    return (section or None), key, raw.strip()
+
+
+def _override_value(spec: _Spec, raw: str, source: str) -> Any:
+    """Parse an override value with YAML; string fields keep the raw text when YAML gives a non-string."""
+    wants_str = spec.type is str or _optional_inner(spec.type) is str
+    try:
+        value = _yaml_load(raw, source)
+    except ConfigError:
+        if wants_str:
+            return raw
+        raise
+    if wants_str and not isinstance(value, str) and not (value is None and spec.type is not str):
+        return raw
+    return value
+
+
+def _apply_override(cfg: Config, text: str) -> str:
+    section, key, raw = _split_override(text)
+    source = f"override {text!r}"
+    spec = _lookup(section, key, source)
+    return _assign(cfg, section, spec, _override_value(spec, raw, source))
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+def _check_all_fields(cfg: Config) -> None:
+    for section in (None, *_sections()):
+        target = _target(cfg, section)
+        for spec in _specs(_section_class(section)).values():
+            key = _full(section, spec.name)
+            value = _coerce(key, getattr(target, spec.name), spec.type, spec.meta)
+            _check_rules(key, value, spec.meta)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_cross(cfg: Config) -> None:
+    g, o, c = cfg.guidance, cfg.optim, cfg.camera
+    _require(g.t_range[0] < g.t_range[1] <= g.max_t_range,
+             "GuidanceParams.t_range and GuidanceParams.max_t_range must satisfy "
+             f"t_range[0] < t_range[1] <= max_t_range, got t_range={g.t_range!r}, max_t_range={g.max_t_range!r}")
+    _require(o.densify_from_iter <= o.densify_until_iter,
+             "OptimizationParams.densify_from_iter must be <= OptimizationParams.densify_until_iter, "
+             f"got {o.densify_from_iter} > {o.densify_until_iter}")
+    _require(o.start_reset_iter <= o.end_reset_iter,
+             "OptimizationParams.start_reset_iter must be <= OptimizationParams.end_reset_iter, "
+             f"got {o.start_reset_iter} > {o.end_reset_iter}")
+    _require(g.cds_t_end <= g.cds_t_start,
+             "GuidanceParams.cds_t_end must be <= GuidanceParams.cds_t_start, "
+             f"got {g.cds_t_end} > {g.cds_t_start}")
+    _require(c.init_shape != "ply" or bool(c.init_path),
+             "GenerateCamParams.init_shape is 'ply' but GenerateCamParams.init_path is not set")
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every field's type and rules and the cross-field constraints; return ``cfg``."""
+    _check_all_fields(cfg)
+    _check_cross(cfg)
+    return cfg
+
+
+def _warn_no_effect(keys: Sequence[str]) -> None:
+    reasons = no_effect_keys()
+    for key in dict.fromkeys(keys):
+        if key in reasons:
+            logger.warning("%s has no effect here: %s", key, reasons[key])
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (), *,
+                warn_no_effect: bool = True) -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None), apply ``Section.key=value`` overrides
+    in order, validate, and warn once for every no-effect key that was set."""
+    cfg = Config()
+    touched: list[str] = []
+    if path is not None:
+        path = Path(path)
+        touched += _apply_document(cfg, _read_yaml(path), path.name)
+    for text in overrides:
+        touched.append(_apply_override(cfg, text))
+    validate_config(cfg)
+    if warn_no_effect:
+        _warn_no_effect(touched)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """YAML-shaped dict (top-level keys, then one mapping per section) that :func:`load_config` reads back."""
+    out: dict[str, Any] = {name: copy.deepcopy(getattr(cfg, name)) for name in _specs(Config)}
+    for section, attr in _sections().items():
+        out[section] = {f.name: copy.deepcopy(getattr(getattr(cfg, attr), f.name))
+                        for f in dataclasses.fields(getattr(cfg, attr))}
+    return out
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> Path:
+    """Write the resolved config as YAML (creating parent folders) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(config_to_dict(cfg), Dumper=_FlowListDumper, sort_keys=False, allow_unicode=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+_FLAG_KEYS = {
+    "guidance_type": "GuidanceParams.guidance_type",
+    "phase_num": "GuidanceParams.phase_num",
+    "num_ddim_timesteps": "GuidanceParams.num_ddim_timesteps",
+    "guid_scale": "GuidanceParams.guidance_scale",
+    "seed": "seed",
+    "output": "output_dir",
+    "port": "port",
+    "test_ratio": "test_ratio",
+    "save_ratio": "save_ratio",
+    "save_video": "save_video",
+}
+
+_IGNORED_FLAGS = {
+    "ip": "there is no GUI",
+    "debug_from": "the official CUDA rasterizer debug mode is not used",
+    "checkpoint_iterations": "checkpoints follow checkpoint_interval",
+    "start_checkpoint": "use --resume RUN_DIR",
+}
+
+
+def _add_published_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guidance_type", help="GuidanceParams.guidance_type (sctd|ism|sds|cds|gcs)")
+    parser.add_argument("--phase_num", help="GuidanceParams.phase_num: number of trajectory segments N_s")
+    parser.add_argument("--num_ddim_timesteps", help="GuidanceParams.num_ddim_timesteps (no effect)")
+    parser.add_argument("--guid_scale", help="GuidanceParams.guidance_scale (only when given)")
+    parser.add_argument("--seed", help="top-level seed")
+
+
+def _add_official_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ip", help="official GUI host (no effect)")
+    parser.add_argument("--port", help="top-level port (no effect)")
+    parser.add_argument("--debug_from", help="official rasterizer debug start (no effect)")
+    parser.add_argument("--detect_anomaly", action="store_true", help="enable torch autograd anomaly detection")
+    parser.add_argument("--test_ratio", help="top-level test_ratio")
+    parser.add_argument("--save_ratio", help="top-level save_ratio")
+    parser.add_argument("--save_video", nargs="?", const="true", help="top-level save_video (true/false)")
+    parser.add_argument("--quiet", action="store_true", help="less console output")
+    parser.add_argument("--checkpoint_iterations", nargs="+", type=int,
+                        help="official checkpoint iterations (no effect)")
+    parser.add_argument("--start_checkpoint", help="official checkpoint to start from (no effect; use --resume)")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Parser for ``train.py``: ``--opt``, trailing ``Section.key=value`` overrides and the published flags.
+
+    Flags default to None and become overrides only when given, so YAML values are not overwritten.
+    """
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Text-to-3D Gaussian splatting with SegmentDreamer (SCTD).")
+    parser.add_argument("--opt", metavar="FILE", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="Section.key=value",
+                        help="config overrides applied after the file, e.g. GuidanceParams.text='a cat' seed=3")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="resume from the latest checkpoint of a run folder")
+    parser.add_argument("--output", metavar="DIR", help="top-level output_dir")
+    _add_published_flags(parser)
+    _add_official_flags(parser)
+    return parser
+
+
+def cli_overrides(args: argparse.Namespace) -> list[str]:
+    """Overrides implied by the parsed flags (only those given), followed by the positional overrides."""
+    out = [f"{key}={getattr(args, flag)}" for flag, key in _FLAG_KEYS.items() if getattr(args, flag) is not None]
+    return out + list(args.overrides)
+
+
+def _warn_ignored_flags(args: argparse.Namespace) -> None:
+    for flag, reason in _IGNORED_FLAGS.items():
+        if getattr(args, flag) is not None:
+            logger.warning("--%s has no effect here: %s", flag, reason)
+
+
+def parse_cli(argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Namespace]:
+    """Parse ``argv`` (default ``sys.argv[1:]``), load ``--opt`` with all overrides and validate."""
+    args = build_arg_parser().parse_intermixed_args(argv)
+    _warn_ignored_flags(args)
+    return load_config(args.opt, cli_overrides(args)), args

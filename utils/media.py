@@ -1,0 +1,61 @@
+"""Writing images and videos that play everywhere."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[B, C, H, W] (C = 1 or 3) in [0, 1] -> [B, H, W, 3] uint8."""
+    x = images.detach().float().clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x.permute(0, 2, 3, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def save_images(images: Tensor, folder: Path, prefix: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(to_uint8(images)):
+        path = folder / f"{prefix}_{i:03d}.png"
+        imageio.imwrite(path, frame)
+        paths.append(path)
+    return paths
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    """Crop to even height and width (yuv420p needs both even)."""
+    h, w = frames.shape[1] - frames.shape[1] % 2, frames.shape[2] - frames.shape[2] % 2
+    return frames[:, :h, :w]
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int = 30) -> Path:
+    """[T, H, W, 3] uint8 -> H.264/yuv420p MP4 (plays in browsers and players); GIF where no encoder exists.
+
+    Returns the path actually written (suffix .gif on the fallback). Written to a temporary
+    name first, then renamed, so a crash never leaves a half-written video under the final name.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = _even(frames)
+    tmp = path.with_name(path.stem + ".partial" + path.suffix)
+    try:
+        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                pixelformat="yuv420p", macro_block_size=1, quality=8) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.replace(tmp, path)
+        return path
+    except (ImportError, RuntimeError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        gif = path.with_suffix(".gif")
+        log.warning("no H.264 encoder available (%s); writing %s instead", exc, gif.name)
+        imageio.mimsave(gif, list(frames), duration=1000 / fps, loop=0)
+        return gif

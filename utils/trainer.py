@@ -1,0 +1,224 @@
+"""The training loop: cameras -> render -> prior -> distillation loss -> Gaussians.
+
+`Trainer` owns the parts built from one `Config` and runs iterations. Each iteration is
+host-sync free (timesteps, augmentations and branch decisions come from CPU generators;
+logging scalars are read only every `log_interval` iterations).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gaussian_renderer import render
+from gaussian_renderer.types import RenderOutput
+from guidance.losses import StepInfo, build_loss
+from guidance.prior import Conditioning, DiffusionPrior
+from guidance.timesteps import warm_up_rate
+from scene.camera_sampler import OrbitCameraSampler, evaluation_ring
+from scene.cameras import Cameras
+from scene.gaussian_model import GaussianModel
+from scene.initialisation import initial_points
+from utils.config import Config
+from utils.losses import tv_loss
+from utils.seeding import global_rng_state, restore_global_rng_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # scalar, total surrogate loss (not meaningful as a value for distillation terms)
+    scalars: dict[str, Tensor | float]  # named terms for logging
+    render: RenderOutput
+    images: Tensor  # [B, 3, H, W] what the prior saw (rgb or depth), before flipping
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("PipelineParams.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def build_prior(cfg: Config, device: torch.device) -> DiffusionPrior:
+    """The prior named by GuidanceParams.prior."""
+    if cfg.guidance.prior == "analytic":
+        from guidance.analytic_prior import AnalyticPrior
+
+        return AnalyticPrior.from_config(cfg.guidance, device, backend=cfg.pipeline.renderer)
+    from guidance.stable_diffusion import StableDiffusionPrior
+
+    return StableDiffusionPrior.from_config(cfg.guidance, device)
+
+
+def gradient_clip_value(grad_clip: list[float] | None, step: int) -> float | None:
+    """Official schedule: start + (end - start) min(1, step / ramp); None = no clipping."""
+    if not grad_clip:
+        return None
+    start, end, ramp = grad_clip
+    return start + (end - start) * min(1.0, step / ramp) if ramp > 0 else end
+
+
+class Trainer:
+    """Builds every part from a Config and runs the distillation loop."""
+
+    def __init__(self, cfg: Config, prior: DiffusionPrior | None = None, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.pipeline.device)
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # CPU: augmentation and branch decisions
+        self.prior = prior if prior is not None else build_prior(cfg, self.device)
+        self.loss = build_loss(cfg.guidance, self.prior, torch.Generator().manual_seed(cfg.guidance.noise_seed))
+        self.sampler = OrbitCameraSampler(cfg.camera, cfg.optim, torch.Generator().manual_seed(cfg.seed + 1),
+                                          stack_size=cfg.model.batch)
+        xyz, rgb = initial_points(cfg.camera, torch.Generator().manual_seed(cfg.seed + 2))
+        self.gaussians = GaussianModel.from_points(xyz, rgb, cfg.model.sh_degree, device=self.device)
+        self.extent = float(cfg.camera.default_radius)
+        self.gaussians.setup_optimizer(cfg.optim, spatial_lr_scale=self.extent)
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
+        self.step = 0
+        self.batch_size = cfg.guidance.C_batch_size
+
+    # ------------------------------------------------------------------ one iteration
+
+    def _uniform(self) -> float:
+        return float(torch.rand((), generator=self.rng))
+
+    def backgrounds(self, batch: int) -> Tensor:
+        """[B, 3] training backgrounds: black, replaced with probability bg_aug_ratio by a random
+        colour or black (half each), as the official renderer does per camera."""
+        replace = torch.rand(batch, generator=self.rng) < self.cfg.model.bg_aug_ratio
+        use_random = torch.rand(batch, generator=self.rng) < 0.5
+        colours = torch.rand(batch, 3, generator=self.rng)
+        bg = torch.where((replace & use_random).unsqueeze(1), colours, torch.zeros_like(colours))
+        return bg.to(self.device)
+
+    def render_batch(self, cameras: Cameras, background: Tensor) -> tuple[RenderOutput, Tensor]:
+        """Render with the training augmentations; returns the output and the (noised) scales."""
+        model = self.cfg.model
+        sh_degree = 0 if self._uniform() < model.sh_deg_aug_ratio else None
+        scale_noise = None
+        if self._uniform() < model.scale_aug_ratio:
+            n = self.gaussians.num_points
+            scale_noise = torch.randn(n, 3, generator=self.noise_rng, device=self.device)
+        tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=scale_noise)
+        out = render(tensors, cameras, background, backend=self.cfg.pipeline.renderer)
+        return out, tensors.scales
+
+    def guidance_images(self, out: RenderOutput, step: int) -> Tensor:
+        """The rendered RGB, or with probability as_latent_ratio the depth map as a 3-channel image."""
+        as_latent = step < self.cfg.optim.geo_iter or self._uniform() < self.cfg.optim.as_latent_ratio
+        return out.depth.expand(-1, 3, -1, -1) if as_latent else out.rgb
+
+    def distillation_surrogate(self, images: Tensor, cond: Conditioning, step: int) -> tuple[Tensor, dict]:
+        """<sg(g), z0> (+ <sg(g_px), x>): its gradient is the loss's direction (no backward through the prior)."""
+        if self._uniform() < 0.5:
+            images, cond = images.flip(-1), cond.hflip()
+        z0 = self.prior.encode(images)
+        out = self.loss(z0.detach(), cond, StepInfo(step, warm_up_rate(step, self.cfg.optim.warmup_iter)))
+        surrogate = (out.latent_grad.float() * z0.float()).sum()
+        if out.pixel_grad is not None:
+            surrogate = surrogate + (out.pixel_grad.float() * images.float()).sum()
+        return surrogate, out.scalars
+
+    def train_step(self, step: int) -> StepResult:
+        cfg = self.cfg
+        lrs = self.gaussians.update_learning_rate(step)
+        if step % 500 == 0:
+            self.gaussians.one_up_sh_degree()
+        self.sampler.update_ranges(step)
+        cameras = self.sampler.sample(self.batch_size).to(self.device)
+        background = self.backgrounds(len(cameras))
+        out, scales = self.render_batch(cameras, background)
+        images = self.guidance_images(out, step)
+        cond = self.prior.condition(cameras, background)
+        surrogate, scalars = self.distillation_surrogate(images, cond, step)
+        loss_tv = tv_loss(out.rgb) + tv_loss(out.depth)
+        loss_scale = scales.mean()
+        total = surrogate + cfg.optim.lambda_tv * loss_tv + cfg.optim.lambda_scale * loss_scale
+        total.backward()
+        self.after_backward(step, out)
+        scalars = {**scalars, "loss/tv": loss_tv.detach(), "loss/scale": loss_scale.detach(),
+                   **{f"lr/{k}": v for k, v in lrs.items()}}
+        return StepResult(loss=total.detach(), scalars=scalars, render=out, images=images.detach())
+
+    def after_backward(self, step: int, out: RenderOutput) -> None:
+        """Clipping, densification, opacity reset, BEG, then the optimizer step (official order)."""
+        cfg, g = self.cfg.optim, self.gaussians
+        clip = gradient_clip_value(cfg.grad_clip, step)
+        if clip is not None:
+            g.clip_gradients(clip)
+        if step < cfg.densify_until_iter:
+            g.add_densification_stats(out.means2d.grad, out.radii, out.rgb.shape[-1], out.rgb.shape[-2])
+            if step > cfg.densify_from_iter and step % cfg.densification_interval == 0:
+                size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
+                counts = g.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent, size_threshold)
+                log.debug("step %d densify: %s -> %d Gaussians", step, counts, g.num_points)
+            if step % cfg.opacity_reset_interval == 0:
+                g.reset_opacity()
+        if self.cfg.guidance.BEG and cfg.start_reset_iter < step < cfg.end_reset_iter:
+            self.brightness_equalization(out.rgb.detach())
+        g.optimizer.step()
+        g.optimizer.zero_grad(set_to_none=True)
+
+    def brightness_equalization(self, rgb: Tensor) -> None:
+        """BEG (GCS): if the 0.85-quantile of the per-view bright-pixel quantiles exceeds lgt_thresh,
+        scale every SH coefficient by reset_rate. The foreground mask is the official 'mean > 0'
+        (it assumes the black training background). Runs its quantiles on the device; one sync."""
+        cfg = self.cfg.optim
+        brightness = rgb.mean(1).flatten(1)  # [B, H*W]
+        masked = torch.where(brightness > 0, brightness, torch.full_like(brightness, float("nan")))
+        per_view = torch.nan_to_num(torch.nanquantile(masked, cfg.thresh, dim=1), nan=0.0)
+        if float(torch.quantile(per_view, cfg.thresh)) > cfg.lgt_thresh:
+            self.gaussians.scale_colors(cfg.reset_rate)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def render_views(self, cameras: Cameras, background: Tensor, chunk: int = 8) -> RenderOutput:
+        """Render many cameras in chunks (evaluation; no augmentation, active SH degree)."""
+        tensors = self.gaussians.gaussian_tensors()
+        outs = [render(tensors, cameras[i:i + chunk].to(self.device), background.expand(len(cameras[i:i + chunk]), 3),
+                       backend=self.cfg.pipeline.renderer) for i in range(0, len(cameras), chunk)]
+        return RenderOutput(rgb=torch.cat([o.rgb for o in outs]), depth=torch.cat([o.depth for o in outs]),
+                            alpha=torch.cat([o.alpha for o in outs]), means2d=torch.cat([o.means2d for o in outs]),
+                            radii=torch.cat([o.radii for o in outs]))
+
+    def test_cameras(self) -> Cameras:
+        return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "gaussians": self.gaussians.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "loss_noise": self.loss.noise.state_dict(),
+            "loss_generator": self.loss.generator.get_state(),
+            "rng": self.rng.get_state(),
+            "noise_rng": self.noise_rng.get_state(),
+            "global_rng": global_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        self.step = int(state["step"])
+        self.gaussians.load_state_dict(state["gaussians"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.loss.noise.load_state_dict(state["loss_noise"], self.device)
+        self.loss.generator.set_state(state["loss_generator"])
+        self.rng.set_state(state["rng"])
+        self.noise_rng.set_state(state["noise_rng"])
+        restore_global_rng_state(state["global_rng"])

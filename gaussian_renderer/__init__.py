@@ -48,7 +48,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _check_inputs(gaussians: GaussianTensors, cameras: Cameras, background: Tensor) -> tuple[int, Tensor]:
+def _check_inputs(gaussians: GaussianTensors, cameras: Cameras, background: Tensor) -> Tensor:
+    """Validates shapes, dtypes and devices; returns the background as [B, 3]."""
     means = gaussians.means
     if means.dim() != 2 or means.shape[1] != 3:
         raise ValueError(f"gaussians.means must be [N, 3], got {tuple(means.shape)}")
@@ -88,7 +89,7 @@ def _check_inputs(gaussians: GaussianTensors, cameras: Cameras, background: Tens
         background = background[None].expand(b, 3)
     elif background.shape != (b, 3):
         raise ValueError(f"background must be [3] or [B={b}, 3], got {tuple(background.shape)}")
-    return n, background
+    return background
 
 
 def render(
@@ -108,8 +109,11 @@ def render(
     Returns:
         RenderOutput with rgb [B, 3, H, W], normalised disparity [B, 1, H, W], alpha
         [B, 1, H, W], means2d [B, N, 2] (holds .grad after backward) and radii [B, N].
+        ``means2d.grad`` is dL/d(pixel position); the 3DGS rasterizer's viewspace-point
+        gradient (the one its densification threshold refers to) is dL/d(NDC), i.e. this
+        gradient times (W / 2, H / 2).
     """
-    _, background = _check_inputs(gaussians, cameras, background)
+    background = _check_inputs(gaussians, cameras, background)
     name = resolve_backend(backend, cameras.device)
     dtype = gaussians.means.dtype
     viewmats = cameras.world_to_camera.to(dtype)  # [B, 4, 4]

@@ -20,6 +20,7 @@ Notes on gsplat 1.5 (checked in its source, ``gsplat/rendering.py`` and
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 __all__ = ["rasterize_gsplat", "gsplat_available"]
@@ -55,6 +56,8 @@ def rasterize_gsplat(
     Args and returns: as ``torch_backend.rasterize_torch`` (rgb [B, H, W, 3], accumulated depth
     [B, H, W, 1], alpha [B, H, W, 1], means2d [B, N, 2] with retained grad, radii [B, N] int32).
     """
+    if means.dtype != torch.float32:
+        raise ValueError(f"the gsplat backend renders float32 only, got gaussians of dtype {means.dtype}")
     from gsplat import rasterization
 
     render, alphas, meta = rasterization(

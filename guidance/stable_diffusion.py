@@ -29,6 +29,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
 from guidance.prior import Conditioning, DiffusionPrior
 from guidance.view_prompts import perp_neg_weights, view_embeddings
@@ -319,6 +320,10 @@ class StableDiffusionPrior(DiffusionPrior):
         self.perpneg = bool(perpneg)
         self.negative_w, self.front_decay, self.side_decay = negative_w, front_decay, side_decay
         self.sample_posterior = True
+        self._moments = VAEMoments(self.vae)
+        self._channels_last = False
+        self._unet_runner: GraphedForward | None = None
+        self._encoder_runner = None  # torch.compile'd encoder, or None for eager
         self.embeddings = self._compute_embeddings(text, negative, inverse_text, clip_skip)
         self._views = torch.cat([self.embeddings[k] for k in VIEW_SUFFIXES])  # [3, L, D] front, side, back
 
@@ -378,12 +383,41 @@ class StableDiffusionPrior(DiffusionPrior):
         branches["perp2"] = self._views[ids[:, 1]]
         return Conditioning(branches, perp_neg_weights=weights)
 
+    def enable_fast_path(self, cuda_graphs: bool, channels_last: bool = False, attention_slicing: bool = False,
+                         compile: bool = False) -> None:
+        """Speed levers that keep the maths (measured in bench/components.md): CUDA-graph replay of the
+        fixed-shape UNet calls, or torch.compile of the UNet and VAE encoder; channels-last convolutions.
+        The text encoder, used once, leaves the GPU."""
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.unet.to(memory_format=memory_format)
+        self.vae.to(memory_format=memory_format)
+        self._channels_last = channels_last
+        if attention_slicing:
+            self.unet.set_attention_slice("auto")
+        if self.device.type != "cuda":
+            return
+        self.text_encoder.to("cpu")
+        if compile:
+            self._unet_runner = torch.compile(self._unet_eps)
+            self._encoder_runner = torch.compile(self._moments)
+        elif cuda_graphs:
+            self._unet_runner = GraphedForward(self._unet_eps, "the UNet")
+
+    def _unet_eps(self, latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return self.unet(latents, t, encoder_hidden_states=context).sample
+
     def encode(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample, differentiable)."""
         x = (images * 2.0 - 1.0).to(self.vae.dtype)
-        posterior = self.vae.encode(x).latent_dist
-        latents = posterior.sample() if self.sample_posterior else posterior.mean
-        return (latents * self.vae.config.scaling_factor).float()
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        moments = self._encoder_runner(x) if self._encoder_runner is not None else self._moments(x)
+        mean, logvar = moments.float().chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
+        latents = mean
+        if self.sample_posterior:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            latents = mean + std * torch.randn_like(mean)
+        return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -402,7 +436,11 @@ class StableDiffusionPrior(DiffusionPrior):
         t = t.to(self.device)
         latents = z_t.to(self.dtype).repeat(n, 1, 1, 1)  # [nB, C, h, w], branch-major
         context = torch.cat([cond.branches[name] for name in branches]).to(self.dtype)  # [nB, L, D]
-        out = self.unet(latents, t.repeat(n), encoder_hidden_states=context).sample.float()
+        if self._channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        run = self._unet_runner if self._unet_runner is not None else self._unet_eps
+        # copy: a replayed graph's output is overwritten by its next replay
+        out = run(latents, t.repeat(n), context).to(torch.float32, copy=True)
         out = out.view(n, b, *out.shape[1:])  # [n, B, C, h, w]
         if self.prediction_type == "v_prediction":
             alpha = self._alpha[t].view(1, b, 1, 1, 1)

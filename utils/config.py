@@ -127,6 +127,14 @@ class PipelineParams:
                           choices=("auto", "gsplat", "torch"))
     device: str = param("auto", "compute device: auto (cuda if available), cpu or cuda",
                         choices=("auto", "cpu", "cuda"))
+    cuda_graphs: bool = param(True, "replay a CUDA graph of each fixed-shape UNet call (CUDA only)")
+    channels_last: bool = param(False, "channels-last UNet/VAE convolutions (measured slower for the VAE on H200)")
+    compile: bool = param(False, "torch.compile the UNet and the VAE encoder (about 2 minutes of compilation)")
+    cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)")
+    render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code")
+    encode_chunk: int = param(0, "images per VAE-encoder forward+backward (0 = whole batch; 1 = lowest memory, "
+                                 "recomputes the encoder and uses the posterior mean)", min=0)
+    attention_slicing: bool = param(False, "compute UNet attention in slices (lower memory, slower)")
 
 
 _T_CHOICES = ("uniform", "mono")

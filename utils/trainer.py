@@ -6,10 +6,8 @@ logging scalars are read only every `log_interval` iterations).
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +56,19 @@ def build_prior(cfg: Config, device: torch.device) -> DiffusionPrior:
         return AnalyticPrior.from_config(cfg.guidance, device, backend=cfg.pipeline.renderer)
     from guidance.stable_diffusion import StableDiffusionPrior
 
-    return StableDiffusionPrior.from_config(cfg.guidance, device)
+    prior = StableDiffusionPrior.from_config(cfg.guidance, device)
+    pipe = cfg.pipeline
+    prior.enable_fast_path(pipe.cuda_graphs, pipe.channels_last, pipe.attention_slicing, pipe.compile)
+    if pipe.encode_chunk:
+        prior.sample_posterior = False  # the chunked encoder recomputes its forward: keep it deterministic
+    return prior
+
+
+class NullTimer:
+    """Section timer interface; the benchmark swaps in one that records CUDA events."""
+
+    def __call__(self, name: str):
+        return contextlib.nullcontext()
 
 
 def gradient_clip_value(grad_clip: list[float] | None, step: int) -> float | None:
@@ -87,6 +97,9 @@ class Trainer:
         self.noise_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
         self.step = 0
         self.batch_size = cfg.guidance.C_batch_size
+        self.timer = NullTimer()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.pipeline.cudnn_benchmark
 
     # ------------------------------------------------------------------ one iteration
 
@@ -111,8 +124,11 @@ class Trainer:
             n = self.gaussians.num_points
             scale_noise = torch.randn(n, 3, generator=self.noise_rng, device=self.device)
         tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=scale_noise)
-        out = render(tensors, cameras, background, backend=self.cfg.pipeline.renderer)
-        return out, tensors.scales
+        backend = self.cfg.pipeline.renderer
+        if not self.cfg.pipeline.render_per_camera:
+            return render(tensors, cameras, background, backend=backend), tensors.scales
+        outs = [render(tensors, cameras[i], background[i:i + 1], backend=backend) for i in range(len(cameras))]
+        return RenderOutput.concat(outs), tensors.scales
 
     def guidance_images(self, out: RenderOutput, step: int) -> Tensor:
         """The rendered RGB, or with probability as_latent_ratio the depth map as a 3-channel image."""
@@ -123,14 +139,45 @@ class Trainer:
         """<sg(g), z0> (+ <sg(g_px), x>): its gradient is the loss's direction (no backward through the prior)."""
         if self._uniform() < 0.5:
             images, cond = images.flip(-1), cond.hflip()
-        z0 = self.prior.encode(images)
-        out = self.loss(z0.detach(), cond, StepInfo(step, warm_up_rate(step, self.cfg.optim.warmup_iter)))
+        info = StepInfo(step, warm_up_rate(step, self.cfg.optim.warmup_iter))
+        chunk = self.cfg.pipeline.encode_chunk
+        if chunk and chunk < images.shape[0]:
+            return self._chunked_surrogate(images, cond, info, chunk)
+        with self.timer("encode"):
+            z0 = self.prior.encode(images)
+        with self.timer("guidance"):
+            out = self.loss(z0.detach(), cond, info)
         surrogate = (out.latent_grad.float() * z0.float()).sum()
         if out.pixel_grad is not None:
             surrogate = surrogate + (out.pixel_grad.float() * images.float()).sum()
         return surrogate, out.scalars
 
+    def _chunked_surrogate(self, images: Tensor, cond: Conditioning, info: StepInfo, chunk: int):
+        """Low-memory variant: encode without a graph, get the direction, then run the encoder's
+        forward+backward `chunk` images at a time. Returns <dL/dx, x>, whose gradient on the
+        images is exactly the one the unchunked surrogate gives."""
+        parts = range(0, images.shape[0], chunk)
+        with self.timer("encode"), torch.no_grad():
+            z0 = torch.cat([self.prior.encode(images[i:i + chunk]) for i in parts])
+        with self.timer("guidance"):
+            out = self.loss(z0, cond, info)
+        leaf = images.detach().requires_grad_(True)
+        with self.timer("encode_backward"):
+            for i in parts:
+                z = self.prior.encode(leaf[i:i + chunk])
+                (out.latent_grad[i:i + chunk].float() * z.float()).sum().backward()
+        image_grad = leaf.grad if out.pixel_grad is None else leaf.grad + out.pixel_grad
+        return (image_grad.detach().float() * images.float()).sum(), out.scalars
+
     def train_step(self, step: int) -> StepResult:
+        """One iteration: gradients, then clipping, densification and the optimizer step."""
+        result = self.compute_gradients(step)
+        with self.timer("optimizer_densify"):
+            self.after_backward(step, result.render)
+        return result
+
+    def compute_gradients(self, step: int) -> StepResult:
+        """Render a camera batch, run the distillation loss and back-propagate (no parameter update)."""
         cfg = self.cfg
         lrs = self.gaussians.update_learning_rate(step)
         if step % 500 == 0:
@@ -138,15 +185,16 @@ class Trainer:
         self.sampler.update_ranges(step)
         cameras = self.sampler.sample(self.batch_size).to(self.device)
         background = self.backgrounds(len(cameras))
-        out, scales = self.render_batch(cameras, background)
+        with self.timer("render"):
+            out, scales = self.render_batch(cameras, background)
         images = self.guidance_images(out, step)
         cond = self.prior.condition(cameras, background)
         surrogate, scalars = self.distillation_surrogate(images, cond, step)
         loss_tv = tv_loss(out.rgb) + tv_loss(out.depth)
         loss_scale = scales.mean()
         total = surrogate + cfg.optim.lambda_tv * loss_tv + cfg.optim.lambda_scale * loss_scale
-        total.backward()
-        self.after_backward(step, out)
+        with self.timer("backward"):
+            total.backward()
         scalars = {**scalars, "loss/tv": loss_tv.detach(), "loss/scale": loss_scale.detach(),
                    **{f"lr/{k}": v for k, v in lrs.items()}}
         return StepResult(loss=total.detach(), scalars=scalars, render=out, images=images.detach())
@@ -158,7 +206,7 @@ class Trainer:
         if clip is not None:
             g.clip_gradients(clip)
         if step < cfg.densify_until_iter:
-            g.add_densification_stats(out.means2d.grad, out.radii, out.rgb.shape[-1], out.rgb.shape[-2])
+            g.add_densification_stats(out.means2d_grad(), out.radii, out.rgb.shape[-1], out.rgb.shape[-2])
             if step > cfg.densify_from_iter and step % cfg.densification_interval == 0:
                 size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
                 counts = g.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent, size_threshold)
@@ -189,9 +237,7 @@ class Trainer:
         tensors = self.gaussians.gaussian_tensors()
         outs = [render(tensors, cameras[i:i + chunk].to(self.device), background.expand(len(cameras[i:i + chunk]), 3),
                        backend=self.cfg.pipeline.renderer) for i in range(0, len(cameras), chunk)]
-        return RenderOutput(rgb=torch.cat([o.rgb for o in outs]), depth=torch.cat([o.depth for o in outs]),
-                            alpha=torch.cat([o.alpha for o in outs]), means2d=torch.cat([o.means2d for o in outs]),
-                            radii=torch.cat([o.radii for o in outs]))
+        return RenderOutput.concat(outs)
 
     def test_cameras(self) -> Cameras:
         return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45)

@@ -1,0 +1,270 @@
+"""Speed and memory of a training iteration, per loss, on one GPU.
+
+Full-size SD 2.1-base architecture with random weights (the real model's cost), ~100k Gaussians,
+4 cameras at 512x512, CFG 7.5, densification on. Every configuration runs in this process side
+by side with a "straightforward" one (fp16 eager, one rasterizer call per camera, no CUDA graphs,
+no channels-last, cuDNN autotuning off) so that speed-ups are ratios measured together.
+
+    python bench/benchmark.py --out bench/results.md            # on an H100/H200
+    python bench/benchmark.py --tiny --steps 3 --warmup 1       # CPU smoke test of the script itself
+
+Per configuration: median and p10/p90 of ms per iteration over --steps iterations after --warmup,
+the mean of each section (render, VAE encode, each UNet call, backward = VAE-encoder backward +
+rasterizer backward, optimizer + densification, the rest), peak GPU memory, and the GPU name.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.random_sd import random_sd_components  # noqa: E402
+from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+LOSSES = {  # label -> GuidanceParams overrides
+    "sctd": {"guidance_type": "sctd", "perpneg": False},
+    "sctd+perpneg": {"guidance_type": "sctd", "perpneg": True},
+    "ism": {"guidance_type": "ism", "perpneg": False},
+    "sds": {"guidance_type": "sds", "perpneg": False},
+    "cds": {"guidance_type": "cds", "perpneg": False},
+    "gcs": {"guidance_type": "gcs", "perpneg": False},
+}
+MODES = {  # label -> PipelineParams overrides
+    "fast": {"cuda_graphs": True, "channels_last": False, "cudnn_benchmark": True, "render_per_camera": False},
+    "compiled": {"cuda_graphs": False, "compile": True, "cudnn_benchmark": True, "render_per_camera": False},
+    "straightforward": {"cuda_graphs": False, "channels_last": False, "cudnn_benchmark": False,
+                        "render_per_camera": True},
+    "low-vram": {"cuda_graphs": True, "channels_last": False, "cudnn_benchmark": True, "render_per_camera": False,
+                 "encode_chunk": 1},
+}
+
+
+class EventTimer:
+    """Records CUDA events around named sections; read once after the last step (no syncs meanwhile)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.records: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self.records.append((name, start, end))
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for name, start, end in self.records:
+            out[name] += start.elapsed_time(end)
+        return out
+
+
+def instrument_unet(prior: StableDiffusionPrior, timer: EventTimer) -> None:
+    """Time every predict_noise call, labelled by its position in the step and its batch."""
+    original = prior.predict_noise
+    counter = {"k": 0}
+
+    def timed(z_t, t, cond, branches):
+        counter["k"] += 1
+        with timer(f"unet#{counter['k']} [{len(branches)}x{z_t.shape[0]}]"):
+            return original(z_t, t, cond, branches)
+
+    prior.predict_noise = timed
+    prior._reset_unet_counter = lambda: counter.update(k=0)
+
+
+@dataclass
+class Result:
+    mode: str
+    loss: str
+    step_ms: list[float]
+    wall_ms: float
+    sections: dict[str, float]
+    peak_gib: float
+    gaussians: int
+    notes: list[str] = field(default_factory=list)
+
+
+def build_config(loss: str, mode: str, args) -> "Config":
+    overrides = [f"GuidanceParams.{k}={v}" for k, v in LOSSES[loss].items()]
+    overrides += [f"PipelineParams.{k}={v}" for k, v in MODES[mode].items()]
+    overrides += [
+        "GuidanceParams.prior=stable_diffusion", f"GuidanceParams.C_batch_size={args.batch}",
+        "GuidanceParams.guidance_scale=7.5", "GuidanceParams.lambda_guidance=0.1", "GuidanceParams.fix_noise=true",
+        "GuidanceParams.phase_num=5", "GuidanceParams.text='a DSLR photo of a bagel'",
+        "GuidanceParams.negative='unrealistic, blurry, low quality'",
+        f"GenerateCamParams.image_w={args.resolution}", f"GenerateCamParams.image_h={args.resolution}",
+        "GenerateCamParams.init_shape=sphere", f"GenerateCamParams.init_num_pts={args.gaussians}",
+        "ModelParams.bg_aug_ratio=0.66", "OptimizationParams.iterations=5000",
+        "OptimizationParams.densify_until_iter=5000", "PipelineParams.renderer=auto",
+    ]
+    return load_config(None, overrides, warn_no_effect=False)
+
+
+def make_prior(cfg, components, device, dtype) -> StableDiffusionPrior:
+    g = cfg.guidance
+    return StableDiffusionPrior(
+        components, text=g.text, negative=g.negative, inverse_text=g.inverse_text, perpneg=g.perpneg,
+        device=device, dtype=dtype,
+    )
+
+
+def run_config(loss: str, mode: str, components, args, device, dtype) -> Result:
+    cfg = build_config(loss, mode, args)
+    prior = make_prior(cfg, components, device, dtype)
+    pipe = cfg.pipeline
+    prior.enable_fast_path(pipe.cuda_graphs and device.type == "cuda", pipe.channels_last, compile=pipe.compile)
+    if pipe.encode_chunk:
+        prior.sample_posterior = False
+    timer = EventTimer(device.type == "cuda")
+    instrument_unet(prior, timer)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, prior=prior, device=device)
+    trainer.timer = timer
+    start = args.start_step
+    for step in range(start, start + args.warmup):  # captures graphs, autotunes cuDNN
+        prior._reset_unet_counter()
+        trainer.train_step(step)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timer.records.clear()
+    boundaries = []
+    t0 = time.perf_counter()
+    for step in range(start + args.warmup, start + args.warmup + args.steps):
+        prior._reset_unet_counter()
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            boundaries.append(event)
+        trainer.train_step(step)
+    if device.type == "cuda":
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        boundaries.append(end)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1000 / args.steps
+    step_ms = [a.elapsed_time(b) for a, b in zip(boundaries, boundaries[1:])] or [wall_ms]
+    sections = {k: v / args.steps for k, v in timer.totals().items()}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    result = Result(mode, loss, step_ms, wall_ms, sections, peak, trainer.gaussians.num_points)
+    del trainer, prior
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def format_table(results: list[Result], gpu: str, args) -> str:
+    lines = [
+        f"GPU: {gpu}; torch {torch.__version__}; SD 2.1-base architecture (random weights), "
+        f"{args.precision}; B={args.batch} cameras at {args.resolution}x{args.resolution}; "
+        f"~{args.gaussians} Gaussians at start; CFG 7.5; densification on; {args.steps} timed iterations "
+        f"after {args.warmup} warm-up, from iteration {args.start_step}.",
+        "",
+        "| mode | loss | median ms/it | p10-p90 ms | mean wall ms/it | vs straightforward | peak GiB | Gaussians |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    medians = {(r.mode, r.loss): statistics.median(r.step_ms) for r in results}
+    for r in results:
+        med = medians[(r.mode, r.loss)]
+        base = medians.get(("straightforward", r.loss))
+        ratio = f"{base / med:.2f}x" if base and r.mode != "straightforward" else "-"
+        lines.append(
+            f"| {r.mode} | {r.loss} | {med:.1f} | {percentile(r.step_ms, 0.1):.1f}-{percentile(r.step_ms, 0.9):.1f} "
+            f"| {r.wall_ms:.1f} | {ratio} | {r.peak_gib:.2f} | {r.gaussians} |"
+        )
+    lines += ["", "Breakdown (mean ms per iteration; unet#k [branches x batch] is the k-th denoiser call of a step;",
+              "backward = VAE-encoder backward + rasterizer backward):", ""]
+    for r in results:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.sections.items()))
+        covered = sum(v for k, v in r.sections.items() if not k.startswith("unet"))
+        rest = statistics.median(r.step_ms) - covered
+        lines.append(f"- {r.mode} / {r.loss}: {parts}; other (python, sampling, losses) {rest:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated labels from " + ",".join(LOSSES))
+    p.add_argument("--modes", default="straightforward,fast", help="comma-separated from " + ",".join(MODES))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--start-step", type=int, default=1001, help="iteration index of the first step (schedules)")
+    p.add_argument("--gaussians", type=int, default=100_000)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--tiny", action="store_true", help="tiny random SD and small sizes (CPU smoke test)")
+    p.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    if args.tiny:
+        from tests.conftest import _tiny_pipeline
+
+        pipe = _tiny_pipeline("epsilon")
+        components_fn = lambda: SDComponents(pipe.unet, pipe.vae, pipe.text_encoder,  # noqa: E731
+                                              pipe.tokenizer, pipe.scheduler)
+        args.resolution, args.gaussians = min(args.resolution, 64), min(args.gaussians, 2000)
+    else:
+        components_fn = random_sd_components
+    if device.type == "cpu":
+        dtype = torch.float32
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none (CPU)"
+    results, failures = [], []
+    components = None
+    for mode in args.modes.split(","):
+        components = components_fn() if components is None else components
+        for loss in args.losses.split(","):
+            try:
+                r = run_config(loss, mode, components, args, device, dtype)
+            except Exception as exc:  # one failing configuration must not lose the others' numbers
+                log.exception("%s / %s failed", mode, loss)
+                failures.append(f"- {mode} / {loss} failed: {type(exc).__name__}: {exc}")
+                continue
+            print(f"{mode:16s} {loss:14s} median {statistics.median(r.step_ms):7.1f} ms  "
+                  f"peak {r.peak_gib:6.2f} GiB", flush=True)
+            results.append(r)
+            if args.out:  # rewritten after every configuration: a killed run keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(format_table(results, gpu, args) + "".join(f"{x}\n" for x in failures))
+    table = format_table(results, gpu, args) + "".join(f"{line}\n" for line in failures)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

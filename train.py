@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     from utils.run import train
 
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
+    from guidance.stable_diffusion import ModelNotFoundError
+
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet)
+    except (ModelNotFoundError, FileNotFoundError) as exc:
+        logging.getLogger("train").error("%s", exc)
+        return 2
     except KeyboardInterrupt:
         logging.getLogger("train").warning("interrupted: the last checkpoint in the run folder is intact")
         return 130

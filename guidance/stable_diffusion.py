@@ -199,6 +199,20 @@ def _load_single_file(path: str, base_model_key: str | None, dtype: torch.dtype)
     return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler)
 
 
+def check_model_available(model_key: str | None, is_safe_tensor: bool = False,
+                          base_model_key: str | None = None) -> None:
+    """Raise ModelNotFoundError unless the model can be loaded (no weights are read): the pre-flight
+    check a run makes before it creates its folder or builds anything."""
+    single_file = bool(is_safe_tensor) or str(model_key or "").lower().endswith(SINGLE_FILE_SUFFIXES)
+    if model_key and single_file:
+        path = os.path.expanduser(str(model_key))
+        if not (path.startswith(("http://", "https://")) or os.path.isfile(path)):
+            raise _not_found("model_key", path, [f"single-file checkpoint {os.path.abspath(path)!r}: no such file"])
+        _locate("base_model_key", base_model_key)
+        return
+    _locate("model_key", model_key)
+
+
 def load_components(
     model_key: str | None,
     is_safe_tensor: bool = False,

@@ -737,14 +737,15 @@ def _warn_no_effect(keys: Sequence[str]) -> None:
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (), *,
-                warn_no_effect: bool = True) -> Config:
-    """Load a YAML file (or the defaults when ``path`` is None), apply ``Section.key=value`` overrides
-    in order, validate, and warn once for every no-effect key that was set."""
+                warn_no_effect: bool = True, overlays: Sequence[Union[str, Path]] = ()) -> Config:
+    """Load a YAML file (or the defaults when ``path`` is None), then overlay files (partial YAML
+    files such as config/low_vram.yaml) in order, then ``Section.key=value`` overrides in order;
+    validate, and warn once for every no-effect key that was set."""
     cfg = Config()
     touched: list[str] = []
-    if path is not None:
-        path = Path(path)
-        touched += _apply_document(cfg, _read_yaml(path), path.name)
+    for doc in ([path] if path is not None else []) + list(overlays):
+        doc = Path(doc)
+        touched += _apply_document(cfg, _read_yaml(doc), doc.name)
     for text in overrides:
         touched.append(_apply_override(cfg, text))
     validate_config(cfg)
@@ -827,6 +828,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opt", metavar="FILE", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="Section.key=value",
                         help="config overrides applied after the file, e.g. GuidanceParams.text='a cat' seed=3")
+    parser.add_argument("--overlay", action="append", metavar="FILE",
+                        help="partial YAML applied after --opt (repeatable), e.g. config/low_vram.yaml")
     parser.add_argument("--resume", metavar="RUN_DIR", help="resume from the latest checkpoint of a run folder")
     parser.add_argument("--output", metavar="DIR", help="top-level output_dir")
     _add_published_flags(parser)
@@ -850,4 +853,4 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Na
     """Parse ``argv`` (default ``sys.argv[1:]``), load ``--opt`` with all overrides and validate."""
     args = build_arg_parser().parse_intermixed_args(argv)
     _warn_ignored_flags(args)
-    return load_config(args.opt, cli_overrides(args)), args
+    return load_config(args.opt, cli_overrides(args), overlays=args.overlay or ()), args

@@ -152,6 +152,11 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
     """Build everything from cfg and run it (the body of train.py)."""
     from utils.monitor import setup_logging
 
+    if prior is None and cfg.guidance.prior == "stable_diffusion" and not resume:
+        from guidance.stable_diffusion import check_model_available
+
+        g = cfg.guidance
+        check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
     cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())

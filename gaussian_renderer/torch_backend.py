@@ -21,11 +21,13 @@ over cameras:
 Colours are spherical harmonics of degree 0..3 (standard 3DGS constants) evaluated in the
 direction normalise(mean - camera centre), then max(sh + 0.5, 0).
 
-The pixel stage is dense ([B, N, pixels]); pixels are processed in chunks of at most
-``max_chunk_elements`` B*N*pixel entries, each chunk under activation checkpointing when
-gradients are needed, so memory is bounded by one chunk in the forward and in the backward.
-Unlike the official rasterizer, the accumulated depth also passes gradients to the
-per-Gaussian depth z_i (as gsplat does).
+The pixel stage (``rasterize_pixels``) is sparse and fully vectorised: only the (camera,
+Gaussian, image tile) pairs where alpha can reach 1/255 are enumerated and evaluated, in chunks
+of at most about ``max_chunk_elements`` (pair, pixel) entries, each chunk under activation
+checkpointing when there are several and gradients are needed; its backward pass is written out.
+``_rasterize_pixels_dense`` is the dense reference ([B, N, pixels]: every Gaussian at every
+pixel) that it reproduces (the tests compare both). Unlike the official rasterizer, the
+accumulated depth also passes gradients to the per-Gaussian depth z_i (as gsplat does).
 """
 from __future__ import annotations
 
@@ -52,7 +54,9 @@ ALPHA_THRESHOLD = 1.0 / 255.0
 MAX_ALPHA = 0.99
 TRANSMITTANCE_EPS = 1e-4
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 23
-DEFAULT_TILE_SIZE = 4
+# Sparse rasterizer tiles: 4 x 4 pixels, or 8 x 8 when the Gaussians' mean pixel footprint
+# (their alpha >= 1/255 bounding box) exceeds AUTO_TILE_AREA pixels (fewer rows to enumerate).
+AUTO_TILE_AREA = 256.0
 
 _SH_C0 = 0.28209479177387814
 _SH_C1 = 0.4886025119029199
@@ -370,110 +374,157 @@ def _pixel_ranges(
 
 
 def _rect_min_sigma(u0: Tensor, u1: Tensor, v0: Tensor, v1: Tensor, ca: Tensor, cb: Tensor, cc: Tensor) -> Tensor:
-    """min of 0.5 (a u^2 + c v^2) + b u v over [u0, u1] x [v0, v1] (positive definite conic).
+    """min of sigma = 0.5 (a u^2 + c v^2) + b u v over [u0, u1] x [v0, v1] (positive definite conic).
 
-    Zero when the rectangle holds the origin, else the least of the four edge minima.
+    When the origin lies outside the rectangle, the minimum lies on an edge that faces it: at most
+    one vertical edge u = ue (ue = u0 > 0 or u1 < 0) and one horizontal edge v = ve. Elsewhere ue
+    (or ve) is 0 and the 'edge' is a segment through the rectangle, whose minimum is not below
+    the rectangle's; inside, both are 0 and so is the minimum.
     """
+    ue = u0.clamp_min(0.0) + u1.clamp_max(0.0)
+    ve = v0.clamp_min(0.0) + v1.clamp_max(0.0)
+    v_at = torch.minimum(torch.maximum(-cb * ue / cc, v0), v1)  # best v on the vertical edge
+    u_at = torch.minimum(torch.maximum(-cb * ve / ca, u0), u1)
+    on_u = 0.5 * (ca * ue * ue + cc * v_at * v_at) + cb * ue * v_at
+    on_v = 0.5 * (ca * u_at * u_at + cc * ve * ve) + cb * u_at * ve
+    return torch.minimum(on_u, on_v)
 
-    def form(u: Tensor, v: Tensor) -> Tensor:
-        return 0.5 * (ca * u * u + cc * v * v) + cb * u * v
 
-    edges = [
-        form(u, torch.minimum(torch.maximum(-cb * u / cc, v0), v1)) for u in (u0, u1)
-    ] + [form(torch.minimum(torch.maximum(-cb * v / ca, u0), u1), v) for v in (v0, v1)]
-    best = torch.minimum(torch.minimum(edges[0], edges[1]), torch.minimum(edges[2], edges[3]))
-    inside = (u0 <= 0) & (u1 >= 0) & (v0 <= 0) & (v1 >= 0)
-    return torch.where(inside, torch.zeros_like(best), best)
+_SCAN_BLOCK = 16  # rows per scan block; each tile's list of rows is padded to a multiple of it
+
+
+def _block_scan(x: Tensor, block_first: Tensor, inplace: bool = False) -> Tensor:
+    """Inclusive cumulative sums over dim 0 of x [nb * K, P], restarting at each segment.
+
+    Segments are runs of whole blocks of K = _SCAN_BLOCK rows; block_first [nb] is the first
+    block of each block's segment. Sums inside a block are taken in x's dtype (at most K terms),
+    the block offsets in float64, so no precision is lost to the sums of earlier segments.
+    (torch.cumsum over dim 0 of a row-major [Q, P] array is also several times slower.)
+    With inplace, x (contiguous) is overwritten with the result.
+    """
+    local = x.view(-1, _SCAN_BLOCK, x.shape[1])  # [nb, K, P]
+    local = local.cumsum_(dim=1) if inplace else torch.cumsum(local, dim=1)
+    totals = local[:, -1, :].double()
+    before = torch.cumsum(totals, dim=0).sub_(totals)  # [nb, P] sum over the earlier blocks
+    before = before.sub_(before.index_select(0, block_first))  # ... of the same segment
+    local += before.to(x.dtype)[:, None, :]
+    return local.view_as(x)
+
+
+def _tile_basis(tile_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[6, t*t] monomials 1, ox, oy, ox^2, ox oy, oy^2 of the pixel centres' offsets from the tile centre."""
+    t = tile_size
+    step = torch.arange(t, dtype=torch.float64, device=device) + 0.5 - 0.5 * t
+    ox, oy = step.repeat(t), step.repeat_interleave(t)
+    return torch.stack([torch.ones_like(ox), ox, oy, ox * ox, ox * oy, oy * oy]).to(dtype)
 
 
 class _CompositeTiles(torch.autograd.Function):
     """Front-to-back compositing of (tile, Gaussian) rows sorted by tile, then depth.
 
-    Each row is one Gaussian evaluated at the t*t pixels of one tile ([Q, t*t] arrays). The
-    backward pass is written out (the 3DGS rasterizer's, vectorised with segmented sums).
+    Row q is one Gaussian evaluated at the t*t pixel centres of one tile ([Q, t*t] arrays). With
+    (u, v) = tile centre - mean and (ox, oy) a pixel centre's offset from the tile centre, sigma
+    is a quadratic in (ox, oy) whose 6 coefficients depend on the row only, so
+    log(o) - sigma = coefficients [Q, 6] @ monomials [6, t*t], one matrix product. Each tile's
+    rows are padded to whole blocks of K = _SCAN_BLOCK rows (padding rows have opacity 0), so
+    that transmittances are products inside blocks times per-block factors, and each block's
+    contribution to its tile is one small matrix product. The backward pass is written out (the
+    3DGS rasterizer's backward, vectorised with segmented sums). Work is done in place on a few
+    [Q, t*t] buffers: on CPU every fresh large buffer costs page faults.
     """
 
     @staticmethod
     def forward(ctx, means, conics, opacities, feats, geometry, num_tiles, tile_size, width, height):
         """Args:
             means [Q, 2], conics [Q, 3], opacities [Q], feats [Q, D]: the rows' Gaussians.
-            geometry: (tile_x, tile_y, tile, start, end) int64 [Q]: tile coordinates, tile index in
-                the output, first and last row of the same tile (within these rows).
+            geometry: int64 tile_x, tile_y [Q] (tile coordinates of each row), block_tile,
+                block_first, block_last [Q / K] (each block's output tile, and the first and last
+                block of that tile).
             num_tiles, tile_size, width, height: output size and tile side.
 
         Returns:
-            [D, num_tiles, t*t] composited features and [num_tiles, t*t] float64 log transmittance.
+            [num_tiles, t*t, D + 1]: composited features, then the accumulated alpha
+            (1 - final transmittance).
         """
-        tile_x, tile_y, tile, start, end = geometry
-        t = tile_size
+        tile_x, tile_y, block_tile, block_first, block_last = geometry
+        t, k = tile_size, _SCAN_BLOCK
         dtype, device = means.dtype, means.device
-        step = torch.arange(t, device=device, dtype=dtype)
-        off_x, off_y = step.repeat(t), step.repeat_interleave(t)  # [t*t] pixel offsets in a tile
-        mx, my = means[:, 0:1], means[:, 1:2]
-        ca, cb, cc = conics[:, 0:1], conics[:, 1:2], conics[:, 2:3]
-        # Same arithmetic as the dense path: (pixel + 0.5) - mean (exact up to the subtraction).
-        dx = ((tile_x * t).to(dtype) + 0.5)[:, None].add(off_x).sub_(mx)  # [Q, t*t]
-        dy = ((tile_y * t).to(dtype) + 0.5)[:, None].add(off_y).sub_(my)
-        # sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-        sigma = (ca * dx).mul_(dx).add_((cc * dy).mul_(dy)).mul_(0.5).add_((cb * dx).mul_(dy))
-        raw = torch.neg(sigma).exp_().mul_(opacities[:, None])  # o exp(-sigma)
-        alpha = torch.clamp_max(raw, MAX_ALPHA)
-        drawn = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
-        del sigma
+        nb, p = block_tile.shape[0], t * t
+        basis = _tile_basis(t, dtype, device)  # [6, t*t]
+        u = (tile_x * t + 0.5 * t).to(dtype) - means[:, 0]  # tile centre - mean
+        v = (tile_y * t + 0.5 * t).to(dtype) - means[:, 1]
+        ca, cb, cc = conics.unbind(-1)
+        dsdx, dsdy = ca * u + cb * v, cb * u + cc * v  # d sigma / d(ox, oy) at the tile centre
+        log_o = torch.log(opacities).clamp_min_(-1e4)  # padding rows: o = 0
+        coef = torch.stack([log_o - 0.5 * (u * dsdx + v * dsdy), -dsdx, -dsdy, -0.5 * ca, -cb, -0.5 * cc], dim=-1)
+        alpha = torch.mm(coef, basis).exp_()  # o exp(-sigma), [Q, t*t]
+        needs_grad = any(ctx.needs_input_grad[:4])
+        unclamped = alpha <= MAX_ALPHA if needs_grad else None  # d alpha / d(o exp(-sigma)) = 1 there
+        # alpha >= 1/255 is kept: threshold keeps values above the float just below it.
+        below = torch.nextafter(torch.tensor(ALPHA_THRESHOLD, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
+        alpha = torch.threshold_(alpha, below, 0.0).clamp_max_(MAX_ALPHA)
         if width % t or height % t:
-            drawn &= (dx + mx < width) & (dy + my < height)
-        alpha.masked_fill_(~drawn, 0.0)
-        # Log transmittance per pixel (column) and tile (segment of rows), in float64 so that the
-        # cumulative sum over all rows keeps its precision.
-        log_t = torch.neg(alpha.double()).log1p_()  # [Q, t*t] (alpha.double() may be alpha itself)
-        log_before = torch.cumsum(log_t, dim=0).sub_(log_t)
-        log_before = log_before.sub_(log_before.index_select(0, start))
-        # A pixel stops at the first Gaussian that would bring T below 1e-4 (a prefix per pixel).
-        kept = (log_before + log_t) >= math.log(TRANSMITTANCE_EPS)
-        alpha.masked_fill_(~kept, 0.0)
-        log_t.masked_fill_(~kept, 0.0)
-        trans = log_before.exp_().to(dtype)  # T before each row
-        del log_before
-        weights = alpha * trans
-        feats_t = feats.t()  # [D, Q]
-        out = torch.zeros(feats.shape[1], num_tiles, t * t, dtype=dtype, device=device)
-        for channel, values in zip(out, feats_t):  # D channels: [Q, t*t] products are cheap, [Q, t*t, D] not
-            channel.index_add_(0, tile, weights * values[:, None])
-        log_final = torch.zeros(num_tiles, t * t, dtype=torch.float64, device=device).index_add_(0, tile, log_t)
-        if any(ctx.needs_input_grad[:4]):
-            grad_mask = drawn & kept & (raw <= MAX_ALPHA)  # where alpha depends on its inputs
-            ctx.save_for_backward(means, conics, opacities, feats, dx, dy, alpha, trans, weights, grad_mask, tile, end)
-        return out, log_final
+            step = torch.arange(t, device=device)
+            inside_x = (tile_x * t)[:, None] + step.repeat(t) < width
+            alpha.mul_(inside_x & ((tile_y * t)[:, None] + step.repeat_interleave(t) < height))
+        # Transmittance after each row: products of (1 - alpha) inside each block, times the
+        # product over the tile's earlier blocks (in log space, float64).
+        one_minus = 1.0 - alpha  # [Q, t*t]
+        trans = torch.cumprod(one_minus.view(nb, k, p), dim=1)  # [nb, K, t*t]
+        log_block = torch.log(trans[:, -1, :].double())  # [nb, t*t], > log(0.01) * K: no underflow
+        before = torch.cumsum(log_block, dim=0).sub_(log_block)
+        before = before.sub_(before.index_select(0, block_first))
+        trans.mul_(torch.exp(before).to(dtype)[:, None, :])
+        trans = trans.view(-1, p)
+        # A pixel stops at the first Gaussian that would bring T below 1e-4 (a prefix per pixel):
+        # T after it is set to 0, and so is T before it, its weight, and those of the rows after.
+        below = torch.nextafter(torch.tensor(TRANSMITTANCE_EPS, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
+        torch.threshold_(trans, below, 0.0)
+        weights = trans.div_(one_minus).mul_(alpha)  # alpha T_before, [Q, t*t]
+        del one_minus
+        feats1 = torch.cat([feats, torch.ones_like(feats[:, :1])], dim=1).view(nb, k, -1)  # [nb, K, D + 1]
+        block_sums = torch.bmm(weights.view(nb, k, p).transpose(1, 2), feats1)  # [nb, t*t, D + 1]
+        out = torch.zeros(num_tiles, p, feats1.shape[2], dtype=dtype, device=device)
+        out.index_add_(0, block_tile, block_sums)
+        if needs_grad:
+            ctx.save_for_backward(
+                u, v, conics, opacities, feats1, alpha, weights, unclamped, basis, block_tile, block_first, block_last
+            )
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, grad_log):
-        means, conics, opacities, feats, dx, dy, alpha, trans, weights, grad_mask, tile, end = ctx.saved_tensors
-        grad_w = torch.zeros_like(weights)  # dL/dweight, [Q, t*t]
-        grad_feats = torch.empty_like(feats.t())  # [D, Q]
-        for grad_channel, values, grad_values in zip(grad_out, feats.t(), grad_feats):
-            grad_rows = grad_channel.index_select(0, tile)  # [Q, t*t]
-            grad_w.addcmul_(grad_rows, values[:, None])
-            torch.sum(grad_rows.mul_(weights), dim=1, out=grad_values)
-        # dL/dlog(1 - alpha_i) = sum over the later rows j of the pixel of dL/dw_j w_j, plus the
-        # final transmittance's share; in float64 (cumulative sums over all rows).
-        later = torch.cumsum((grad_w * weights).double(), dim=0)
-        later = later.index_select(0, end).sub_(later)
-        later += grad_log.index_select(0, tile)
-        # dL/dalpha = dL/dw T - dL/dlog(1 - alpha) / (1 - alpha)
-        grad_alpha = (grad_w * trans).sub_(later.div_(1.0 - alpha.double()).to(alpha.dtype))
-        grad_alpha.masked_fill_(~grad_mask, 0.0)
-        # alpha = o exp(-sigma): dalpha/do = alpha / o, dalpha/dsigma = -alpha.
-        grad_sigma_neg = grad_alpha.mul_(alpha)  # -dL/dsigma
-        grad_opac = grad_sigma_neg.sum(1) / opacities
-        gx = grad_sigma_neg * dx
-        gy = grad_sigma_neg * dy
-        sx, sy = gx.sum(1), gy.sum(1)
-        sxx, syy, sxy = (gx * dx).sum(1), (gy * dy).sum(1), (gx * dy).sum(1)
-        ca, cb, cc = conics.unbind(-1)
-        # sigma = 0.5 (a dx^2 + c dy^2) + b dx dy, dx = px - mx.
-        grad_means = torch.stack([ca * sx + cb * sy, cb * sx + cc * sy], dim=-1)
-        grad_conics = -torch.stack([0.5 * sxx, sxy, 0.5 * syy], dim=-1)
-        return grad_means, grad_conics, grad_opac, grad_feats.t(), None, None, None, None, None
+    def backward(ctx, grad_out):
+        u, v, conics, opacities, feats1, alpha, weights, unclamped, basis, block_tile, block_first, block_last = (
+            ctx.saved_tensors
+        )
+        nb, k, _ = feats1.shape
+        grad_blocks = grad_out.contiguous().index_select(0, block_tile)  # [nb, t*t, D + 1]
+        grad_feats = torch.bmm(weights.view(nb, k, -1), grad_blocks).view(nb * k, -1)[:, :-1]  # [Q, D]
+        grad_w = torch.bmm(feats1, grad_blocks.transpose(1, 2)).view_as(weights)  # dL/dweight, [Q, t*t]
+        # dL/dlog(1 - alpha_i) = sum over the later rows j of the pixel of dL/dw_j w_j (only the
+        # kept rows have weights: the pixel's earlier rows).
+        incl = _block_scan(grad_w * weights, block_first, inplace=True)
+        blocks = incl.view(nb, k, -1)  # [nb, K, t*t]
+        later = torch.sub(blocks[:, -1, :].index_select(0, block_last)[:, None, :], blocks, out=blocks).view_as(incl)
+        # dL/dalpha = dL/dw T_before - dL/dlog(1 - alpha) / (1 - alpha), and where alpha is not
+        # capped, alpha = o exp(-sigma): dL/do = sum dL/dalpha alpha / o, dL/d(-sigma) = dL/dalpha alpha
+        # (alpha T_before = w; the rows not drawn or past the stop have w = 0 and later = 0).
+        grad_neg_sigma = grad_w.mul_(weights).sub_(later.mul_(alpha).div_(1.0 - alpha)).mul_(unclamped)
+        moments = torch.mm(grad_neg_sigma, basis.t()).double()  # dL/d(log o - sigma coefficients), [Q, 6]
+        o = opacities.double()
+        grad_opac = torch.where(o > 0, moments[:, 0] / o, torch.zeros_like(o))
+        ca, cb, cc = conics.double().unbind(-1)
+        u, v = u.double(), v.double()
+        m0, m1, m2, m3, m4, m5 = moments.neg_().unbind(-1)  # dL/d(sigma coefficients)
+        dsdx, dsdy = ca * u + cb * v, cb * u + cc * v
+        grad_means = torch.stack([m0 * dsdx + m1 * ca + m2 * cb, m0 * dsdy + m1 * cb + m2 * cc], dim=-1).neg_()
+        grad_conics = torch.stack(
+            [0.5 * (m0 * u * u + m3) + m1 * u, m0 * u * v + m1 * v + m2 * u + m4, 0.5 * (m0 * v * v + m5) + m2 * v],
+            dim=-1,
+        )
+        dtype = conics.dtype
+        grads = (grad_means.to(dtype), grad_conics.to(dtype), grad_opac.to(dtype), grad_feats)
+        return grads + (None,) * 5
 
 
 def rasterize_pixels(
@@ -485,9 +536,9 @@ def rasterize_pixels(
     width: int,
     height: int,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Depth-sorted alpha compositing of projected Gaussians, sparse over tiles.
+    """Depth-sorted alpha compositing of projected Gaussians, sparse over image tiles.
 
     Same results as the dense evaluation (``_rasterize_pixels_dense``) without evaluating every
     Gaussian at every pixel:
@@ -498,11 +549,16 @@ def rasterize_pixels(
        misses the Gaussian's alpha >= 1/255 ellipse are dropped, and the rest are sorted by
        (camera, tile) with one stable sort: Gaussians are enumerated in depth order per camera,
        so each tile's rows come out front to back;
-    2. each row is evaluated at the tile_size^2 pixels of its tile: alpha = min(0.99, o G),
-       zero below 1/255 (same arithmetic as the dense path);
-    3. per pixel, log T = segmented exclusive cumulative sum of log(1 - alpha) over the tile's
-       rows (float64); pairs are kept while T after them stays >= 1e-4;
-    4. weights alpha T and log(1 - alpha) are summed per tile pixel with index_add.
+    2. each row is evaluated at the tile_size^2 pixel centres of its tile: alpha =
+       min(0.99, o exp(-sigma)), zero below 1/255;
+    3. per pixel, T = segmented cumulative product of (1 - alpha) over the tile's rows (products
+       inside blocks of _SCAN_BLOCK rows, block offsets in float64 log space); pairs are kept
+       while T after them stays >= 1e-4 (the dense rule);
+    4. the weights alpha T_before, times the features, are summed per tile pixel (per-block
+       matrix products, then index_add), and the final transmittance is 1 - sum of the weights.
+    The one difference from the dense code: it also drops a pixel where rounding makes sigma
+    slightly negative (possible only at the centre of a nearly degenerate conic); here such a
+    pixel is drawn.
     Gradients flow to means2d, conics, opacities and features (hand-written backward of steps
     2-4, ``_CompositeTiles``). Rows are processed in chunks of whole tiles of about
     max_chunk_elements (row, pixel) pairs, under activation checkpointing when there are several
@@ -516,21 +572,19 @@ def rasterize_pixels(
         depths: [B, N] camera depths, the sort key (front to back, ties by index).
         width, height: image size.
         max_chunk_elements: bound on the (row, pixel) pairs evaluated at once.
-        tile_size: side of the square tiles.
+        tile_size: side of the square tiles; None picks 4 or 8 from the footprints (AUTO_TILE_AREA).
 
     Returns:
         [B, H, W, D] composited features (no background) and [B, H, W] final transmittance.
     """
     if max_chunk_elements <= 0:
         raise ValueError(f"max_chunk_elements must be positive, got {max_chunk_elements}")
-    if tile_size <= 0:
+    if tile_size is not None and tile_size <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     b, n = depths.shape
     d = features.shape[-1]
-    t = tile_size
+    k = _SCAN_BLOCK
     device, dtype = depths.device, features.dtype
-    tiles_x, tiles_y = -(-width // t), -(-height // t)
-    num_tiles = b * tiles_x * tiles_y
     with torch.no_grad():
         order = torch.sort(depths.detach(), dim=1, stable=True).indices  # [B, N]
         # Slot s = camera * N + depth rank; slot_entry[s] = camera * N + Gaussian index.
@@ -541,6 +595,12 @@ def rasterize_pixels(
         ).index_select(0, slot_entry)  # [B*N, 6] in slot order
         x0, y0, nx, ny, slack = _pixel_ranges(geom[:, :2], geom[:, 2:5], geom[:, 5], width, height)
         drawn = (nx > 0) & (ny > 0)
+        t = tile_size
+        if t is None:
+            area = (nx * ny).sum() / drawn.sum().clamp_min(1)
+            t = 8 if float(area) > AUTO_TILE_AREA else 4
+        tiles_x, tiles_y = -(-width // t), -(-height // t)
+        num_tiles = b * tiles_x * tiles_y
         tx0, ty0 = x0 // t, y0 // t
         ntx = torch.where(drawn, (x0 + nx - 1) // t - tx0 + 1, torch.zeros_like(nx))
         nty = torch.where(drawn, (y0 + ny - 1) // t - ty0 + 1, torch.zeros_like(ny))
@@ -553,54 +613,67 @@ def rasterize_pixels(
         tile_y = ty0.index_select(0, slot) + row_y
         if t > 1:
             # Drop the tiles whose pixel centres all lie outside the ellipse sigma <= threshold.
-            g = geom.double().index_select(0, slot)
-            cx, cy = (tile_x * t).double() + 0.5 - g[:, 0], (tile_y * t).double() + 0.5 - g[:, 1]
+            g = geom.index_select(0, slot)  # (margins cover the rounding of this dtype)
+            cx, cy = (tile_x * t).to(g.dtype) + 0.5 - g[:, 0], (tile_y * t).to(g.dtype) + 0.5 - g[:, 1]
             low = _rect_min_sigma(cx, cx + (t - 1), cy, cy + (t - 1), g[:, 2], g[:, 3], g[:, 4])
-            hit = low <= slack.index_select(0, slot) * 1.001 + 1e-6
+            hit = low <= slack.to(g.dtype).index_select(0, slot) * 1.001 + 1e-4
             slot, tile_x, tile_y = slot[hit], tile_x[hit], tile_y[hit]
         tile = (torch.div(slot, n, rounding_mode="floor") * tiles_y + tile_y) * tiles_x + tile_x
         # Rows come in slot (camera, depth) order: a stable sort by tile keeps depth order.
         key = tile.to(torch.int32) if num_tiles < 2**31 else tile
         perm = torch.sort(key, stable=True).indices
-        entry = slot_entry.index_select(0, slot.index_select(0, perm))
-        tile, tile_x, tile_y = tile.index_select(0, perm), tile_x.index_select(0, perm), tile_y.index_select(0, perm)
-        tile_rows = torch.bincount(tile, minlength=num_tiles)
-        tile_end = torch.cumsum(tile_rows, 0)
-        start = (tile_end - tile_rows).index_select(0, tile)  # first row of the same tile
-        end = tile_end.index_select(0, tile) - 1  # last row of the same tile
+        tile = tile.index_select(0, perm)
+        # Pad every tile's rows to whole scan blocks; padding rows use table row B*N (zeros).
+        rows_per_tile = torch.bincount(tile, minlength=num_tiles)
+        padded = torch.div(rows_per_tile + (k - 1), k, rounding_mode="floor") * k
+        shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(rows_per_tile, 0) - rows_per_tile)
+        position = torch.arange(tile.shape[0], device=device) + shift.index_select(0, tile)
+        entry = torch.full((int(padded.sum()),), b * n, dtype=torch.long, device=device)
+        entry[position] = slot_entry.index_select(0, slot.index_select(0, perm))
+        tile = torch.repeat_interleave(torch.arange(num_tiles, device=device), padded)  # [Q]
+        block_tile = tile[::k].contiguous()
+        tile_in_image = tile % (tiles_x * tiles_y)
+        tile_x, tile_y = tile_in_image % tiles_x, torch.div(tile_in_image, tiles_x, rounding_mode="floor")
+        # Blocks of K rows; each tile's blocks are consecutive.
+        num_blocks = block_tile.shape[0]
+        is_first = torch.ones(num_blocks, dtype=torch.bool, device=device)
+        is_first[1:] = block_tile[1:] != block_tile[:-1]
+        first_blocks = torch.nonzero(is_first).squeeze(1)  # [S] first block of each non-empty tile
+        last_blocks = torch.cat([first_blocks[1:] - 1, first_blocks.new_full((min(num_blocks, 1),), num_blocks - 1)])
         # Chunks of whole tiles, about max_chunk_elements (row, pixel) pairs each.
-        rows = tile.shape[0]
-        bounds = [0, rows]
-        per_chunk = max(1, max_chunk_elements // (t * t))
-        if rows > per_chunk:
-            firsts = torch.unique_consecutive(start)  # first row of each non-empty tile, increasing
-            marks = torch.arange(per_chunk, rows, per_chunk, device=device)
-            cuts = firsts.index_select(0, (torch.searchsorted(firsts, marks, right=True) - 1).clamp_min(0))
-            bounds = sorted(set(cuts.tolist()) | {0, rows})
+        bounds = [0, num_blocks]
+        per_chunk = max(1, max_chunk_elements // (k * t * t))
+        if num_blocks > per_chunk:
+            marks = torch.arange(per_chunk, num_blocks, per_chunk, device=device)
+            cuts = first_blocks.index_select(0, (torch.searchsorted(first_blocks, marks, right=True) - 1).clamp_min(0))
+            bounds = sorted(set(cuts.tolist()) | {0, num_blocks})
+        segment = torch.cumsum(is_first, 0) - 1
+        block_first = first_blocks.index_select(0, segment)  # [num_blocks] first / last block of its tile
+        block_last = last_blocks.index_select(0, segment)
 
     table = torch.cat(
         [means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1, 1), features.reshape(-1, d)], dim=-1
-    ).to(dtype)  # [B*N, 6 + D]
+    ).to(dtype)
+    table = torch.cat([table, table.new_zeros(1, table.shape[1])])  # [B*N + 1, 6 + D]
 
-    def chunk(lo: int, hi: int, table: Tensor) -> tuple[Tensor, Tensor]:
-        g = table.index_select(0, entry[lo:hi])
-        geometry = (tile_x[lo:hi], tile_y[lo:hi], tile[lo:hi], start[lo:hi] - lo, end[lo:hi] - lo)
+    def chunk(lo: int, hi: int, table: Tensor) -> Tensor:
+        rows = slice(lo * k, hi * k)
+        g = table.index_select(0, entry[rows])
+        geometry = (tile_x[rows], tile_y[rows], block_tile[lo:hi], block_first[lo:hi] - lo, block_last[lo:hi] - lo)
         return _CompositeTiles.apply(g[:, 0:2], g[:, 2:5], g[:, 5], g[:, 6:], geometry, num_tiles, t, width, height)
 
     use_checkpoint = len(bounds) > 2 and torch.is_grad_enabled() and table.requires_grad
-    feats, log_final = None, None
+    out = table.new_zeros(num_tiles, t * t, d + 1)
+    if table.requires_grad:  # keep the output attached to the graph even when nothing is drawn
+        out = out + table[:0].sum()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        if use_checkpoint:
-            f, log_t = checkpoint(chunk, lo, hi, table, use_reentrant=False)
-        else:
-            f, log_t = chunk(lo, hi, table)
-        feats = f if feats is None else feats + f
-        log_final = log_t if log_final is None else log_final + log_t
-    # [B * tiles_y * tiles_x, t * t] -> [B, H, W]
-    feats = feats.reshape(d, b, tiles_y, tiles_x, t, t).permute(1, 2, 4, 3, 5, 0).reshape(b, tiles_y * t, tiles_x * t, d)
-    trans = torch.exp(log_final).to(dtype)
-    trans = trans.reshape(b, tiles_y, tiles_x, t, t).permute(0, 1, 3, 2, 4).reshape(b, tiles_y * t, tiles_x * t)
-    return feats[:, :height, :width], trans[:, :height, :width]
+        if hi > lo:
+            part = checkpoint(chunk, lo, hi, table, use_reentrant=False) if use_checkpoint else chunk(lo, hi, table)
+            out = part if len(bounds) == 2 else out + part
+    # [B * tiles_y * tiles_x, t * t, D + 1] -> [B, H, W, D + 1]
+    out = out.reshape(b, tiles_y, tiles_x, t, t, d + 1).transpose(2, 3).reshape(b, tiles_y * t, tiles_x * t, d + 1)
+    out = out[:, :height, :width]
+    return out[..., :d], 1.0 - out[..., d]
 
 
 def rasterize_torch(
@@ -627,7 +700,7 @@ def rasterize_torch(
         sh_coeffs: [N, K, 3]; sh_degree: 0..3 with (sh_degree + 1) ** 2 <= K.
         viewmats: [B, 4, 4] world-to-camera; Ks: [B, 3, 3]; backgrounds: [B, 3].
         width, height: image size; near, far: depth culling range; eps2d: dilation.
-        max_chunk_elements: bound on B * N * pixels per pixel chunk.
+        max_chunk_elements: bound on the (Gaussian-tile pair, pixel) entries rasterized at once.
 
     Returns:
         rgb [B, H, W, 3], accumulated depth [B, H, W, 1], alpha [B, H, W, 1],

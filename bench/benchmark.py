@@ -259,10 +259,7 @@ def main(argv=None) -> int:
             if args.out:  # rewritten after every configuration: a killed run keeps what it measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(format_table(results, gpu, args) + "".join(f"{x}\n" for x in failures))
-    table = format_table(results, gpu, args) + "".join(f"{line}\n" for line in failures)
-    print(table)
-    if args.out:
-        args.out.write_text(table)
+    print(format_table(results, gpu, args) + "".join(f"{line}\n" for line in failures))
     return 0
 
 

@@ -125,3 +125,34 @@ def test_published_command_parses_and_reaches_the_model_check(tmp_path, caplog, 
                        "--num_ddim_timesteps", "50", "--guid_scale", "7.5"])
     assert code == 2 and "stable-diffusion-2-1-base" in caplog.text
     assert not (tmp_path / "outputs").exists()
+
+
+def _tiny_trainer(*extra):
+    from utils.config import load_config
+
+    return Trainer(load_config(None, TINY + list(extra), warn_no_effect=False))
+
+
+def test_brightness_equalization_scales_colours_only_when_too_bright():
+    trainer = _tiny_trainer("GuidanceParams.BEG=true")
+    before = trainer.gaussians.params()["f_dc"].detach().clone()
+    trainer.brightness_equalization(torch.full((2, 3, 8, 8), 0.5))  # 0.85-quantile 0.5 < lgt_thresh 0.9
+    assert torch.equal(trainer.gaussians.params()["f_dc"], before)
+    trainer.brightness_equalization(torch.full((2, 3, 8, 8), 0.95))
+    torch.testing.assert_close(trainer.gaussians.params()["f_dc"].detach(), 0.8 * before)
+
+
+def test_gradient_clip_schedule():
+    from utils.trainer import gradient_clip_value
+
+    assert gradient_clip_value(None, 10) is None
+    assert gradient_clip_value([2.0, 8.0, 1000], 0) == 2.0
+    assert gradient_clip_value([2.0, 8.0, 1000], 500) == 5.0
+    assert gradient_clip_value([2.0, 8.0, 1000], 4000) == 8.0
+
+
+def test_background_augmentation_mixes_black_and_random_colours():
+    trainer = _tiny_trainer("ModelParams.bg_aug_ratio=0.66")
+    bg = torch.cat([trainer.backgrounds(4) for _ in range(500)])
+    black = (bg == 0).all(1).float().mean().item()
+    assert 0.62 < black < 0.72  # official: black 1 - 0.66/2 = 0.67, random colour 0.33

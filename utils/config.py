@@ -355,7 +355,7 @@ class Config:
     camera: GenerateCamParams = _section(GenerateCamParams, "GenerateCamParams")
     optim: OptimizationParams = _section(OptimizationParams, "OptimizationParams")
     port: int = param(2355, "official GUI port", no_effect="there is no GUI")
-    save_video: bool = param(True, "write turntable videos at test iterations")
+    save_video: bool = param(True, "write a turntable video (RGB | depth) at the end of the run")
     seed: int = param(0, "global random seed (Python, NumPy, torch)", min=0)
     output_dir: str = param("outputs", "root folder of the run folders")
     test_ratio: int = param(5, "test renders every iterations/test_ratio iterations", min=1)
@@ -364,6 +364,8 @@ class Config:
     video_frames: int = param(120, "turntable frames per ring", min=1)
     log_interval: int = param(10, "iterations between scalar log entries", min=1)
     preview_interval: int = param(100, "iterations between preview images (0 = off)", min=0)
+    ply_sh_degree: Optional[int] = param(None, "pad the exported PLYs' SH coefficients to this degree for viewers "
+                                               "that expect it (e.g. 3); null = the model's degree", min=0, max=3)
 
 
 # ---------------------------------------------------------------------------

@@ -125,13 +125,14 @@ class TrainingRun:
                 trainer.step = step
                 monitor.log_step(step, {"loss": result.loss, **result.scalars},
                                  {"gaussians": trainer.gaussians.num_points})
-                if step % cfg.preview_interval == 0:
+                if cfg.preview_interval and step % cfg.preview_interval == 0:
                     monitor.log_images("train/rgb", result.render.rgb, step)
                     monitor.log_images("train/depth", result.render.depth, step)
                 if step in self.test_steps:
                     metrics[f"iter_{step}"] = self.evaluate(step, monitor)
                 if step in self.save_steps:
-                    trainer.gaussians.save_ply(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply")
+                    trainer.gaussians.save_ply(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
+                                               pad_sh_degree=cfg.ply_sh_degree)
                 if step == iters or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
                     self.save_checkpoint()
             elapsed = time.perf_counter() - t0
@@ -141,7 +142,7 @@ class TrainingRun:
         metrics["train_seconds"] = elapsed
         metrics["iterations"] = iters - start
         ply = self.run_dir / "point_cloud.ply"
-        trainer.gaussians.save_ply(ply)
+        trainer.gaussians.save_ply(ply, pad_sh_degree=cfg.ply_sh_degree)
         video = self.write_turntable() if cfg.save_video else None
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
         return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics)

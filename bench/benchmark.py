@@ -231,9 +231,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     if args.tiny:
-        from tests.conftest import _tiny_pipeline
+        from bench.random_sd import tiny_sd_pipeline
 
-        pipe = _tiny_pipeline("epsilon")
+        pipe = tiny_sd_pipeline("epsilon")
         components_fn = lambda: SDComponents(pipe.unet, pipe.vae, pipe.text_encoder,  # noqa: E731
                                               pipe.tokenizer, pipe.scheduler)
         args.resolution, args.gaussians = min(args.resolution, 64), min(args.gaussians, 2000)

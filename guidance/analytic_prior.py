@@ -26,8 +26,8 @@ from gaussian_renderer import render
 from gaussian_renderer.types import GaussianTensors
 from guidance.prior import Conditioning, DiffusionPrior
 from scene.cameras import Cameras
+from scene.gaussian_model import GaussianModel, rgb_to_sh
 
-SH_C0 = 0.28209479177387814
 PROCEDURAL_SCENES = ("blobs", "snowman", "dumbbell")
 
 
@@ -103,15 +103,13 @@ def procedural_scene(name: str, seed: int = 0) -> GaussianTensors:
     return GaussianTensors(
         means=means, quats=torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(n, 4).contiguous(),
         scales=scales, opacities=torch.full((n,), 0.9),
-        sh_coeffs=((colors - 0.5) / SH_C0).unsqueeze(1), sh_degree=0,
+        sh_coeffs=rgb_to_sh(colors).unsqueeze(1), sh_degree=0,
     )
 
 
 def load_hidden_scene(spec: str, seed: int = 0) -> GaussianTensors:
     """A procedural scene by name, or any standard 3DGS PLY file."""
     if spec.endswith(".ply"):
-        from scene.gaussian_model import GaussianModel
-
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"GuidanceParams.analytic_scene: no PLY file at {path.resolve()}")

@@ -12,7 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
+
+from bench.random_sd import tiny_sd_pipeline
 
 TINY_SD_DEFAULTS = dict(
     model_key=None,
@@ -34,81 +35,11 @@ TINY_SD_DEFAULTS = dict(
 )
 
 
-def _tiny_tokenizer():
-    from transformers import CLIPTokenizer
-
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!-'")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _tiny_pipeline(prediction_type: str):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=1000,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    ))
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_tiny_tokenizer(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """A tiny epsilon-prediction Stable Diffusion folder in the diffusers layout."""
     path = tmp_path_factory.mktemp("tiny-sd") / "tiny-sd-eps"
-    _tiny_pipeline("epsilon").save_pretrained(path)
+    tiny_sd_pipeline("epsilon").save_pretrained(path)
     return path
 
 
@@ -116,7 +47,7 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 def tiny_sd_v_dir(tmp_path_factory) -> Path:
     """The same tiny model with a v-prediction scheduler."""
     path = tmp_path_factory.mktemp("tiny-sd") / "tiny-sd-v"
-    _tiny_pipeline("v_prediction").save_pretrained(path)
+    tiny_sd_pipeline("v_prediction").save_pretrained(path)
     return path
 
 

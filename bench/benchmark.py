@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config import Config, load_config  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -106,7 +106,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def build_config(loss: str, mode: str, args) -> "Config":
+def build_config(loss: str, mode: str, args) -> Config:
     overrides = [f"GuidanceParams.{k}={v}" for k, v in LOSSES[loss].items()]
     overrides += [f"PipelineParams.{k}={v}" for k, v in MODES[mode].items()]
     overrides += [

@@ -31,7 +31,6 @@ accumulated depth also passes gradients to the per-Gaussian depth z_i (as gsplat
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.run import train
 
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
-    from guidance.stable_diffusion import ModelNotFoundError
+    from guidance.prior import ModelNotFoundError
 
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet)

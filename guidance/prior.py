@@ -26,6 +26,10 @@ BRANCHES = ("null", "neg", "pos", "perp1", "perp2")
 PERP_NEG_BRANCHES = ("perp1", "perp2")
 
 
+class ModelNotFoundError(RuntimeError):
+    """The model weights named by the config cannot be found locally or on the Hub."""
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Per-view conditioning for one batch of B views."""

@@ -31,7 +31,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
-from guidance.prior import Conditioning, DiffusionPrior
+from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
 
@@ -65,10 +65,6 @@ or in the YAML config:
 A single-file checkpoint (.safetensors / .ckpt) also works: set GuidanceParams.model_key to the file
 and GuidanceParams.base_model_key to a diffusers folder (or cached hub id) that supplies the
 component configs, e.g. the Stable Diffusion 1.5 / 2.1 folder the checkpoint was fine-tuned from."""
-
-
-class ModelNotFoundError(RuntimeError):
-    """The Stable Diffusion weights named by the config cannot be found locally or on the Hub."""
 
 
 class SDComponents(NamedTuple):

@@ -69,7 +69,8 @@ class Monitor:
             values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         for name, value in values.items():
             self.writer.add_scalar(name if "/" in name else f"guidance/{name}", value, step)
-        shown = {k: values[k] for k in ("loss", "t") if k in values}
+        # the surrogate's value is not a distance; |g| (the injected gradient's norm) shows convergence
+        shown = {k: values[k] for k in ("loss", "grad_norm", "t") if k in values}
         self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()}, "N": int(values.get("gaussians", 0))},
                              refresh=False)
 

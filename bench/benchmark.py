@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.trainer import Trainer, apply_pipeline_options  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -133,10 +133,7 @@ def make_prior(cfg, components, device, dtype) -> StableDiffusionPrior:
 def run_config(loss: str, mode: str, components, args, device, dtype) -> Result:
     cfg = build_config(loss, mode, args)
     prior = make_prior(cfg, components, device, dtype)
-    pipe = cfg.pipeline
-    prior.enable_fast_path(pipe.cuda_graphs and device.type == "cuda", pipe.channels_last, compile=pipe.compile)
-    if pipe.encode_chunk:
-        prior.sample_posterior = False
+    apply_pipeline_options(prior, cfg.pipeline)
     timer = EventTimer(device.type == "cuda")
     instrument_unet(prior, timer)
     torch.manual_seed(0)

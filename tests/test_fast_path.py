@@ -11,7 +11,7 @@ import torch
 
 from guidance.stable_diffusion import StableDiffusionPrior
 from utils.config import load_config
-from utils.trainer import Trainer
+from utils.trainer import Trainer, apply_pipeline_options
 
 FAST = ["PipelineParams.render_per_camera=false", "PipelineParams.channels_last=false",
         "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true"]
@@ -33,7 +33,7 @@ def _config(model_dir, mode, device, loss="sctd", perpneg=False):
 def _gradients(cfg, device):
     torch.manual_seed(0)
     prior = StableDiffusionPrior.from_config(cfg.guidance, device)
-    prior.enable_fast_path(cfg.pipeline.cuda_graphs, cfg.pipeline.channels_last)
+    apply_pipeline_options(prior, cfg.pipeline)
     trainer = Trainer(cfg, prior=prior, device=torch.device(device))
     grads = []
     for step in (1, 2):  # the CUDA graphs are captured on the first call and replayed on the second

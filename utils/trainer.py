@@ -56,11 +56,15 @@ def build_prior(cfg: Config, device: torch.device) -> DiffusionPrior:
     from guidance.stable_diffusion import StableDiffusionPrior
 
     prior = StableDiffusionPrior.from_config(cfg.guidance, device)
-    pipe = cfg.pipeline
+    apply_pipeline_options(prior, cfg.pipeline)
+    return prior
+
+
+def apply_pipeline_options(prior, pipe) -> None:
+    """The PipelineParams speed/memory levers of a Stable Diffusion prior (CUDA-only ones are no-ops on a CPU)."""
     prior.enable_fast_path(pipe.cuda_graphs, pipe.channels_last, pipe.attention_slicing, pipe.compile)
     if pipe.encode_chunk:
         prior.sample_posterior = False  # the chunked encoder recomputes its forward: keep it deterministic
-    return prior
 
 
 class NullTimer:

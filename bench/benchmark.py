@@ -1,16 +1,19 @@
 """Speed and memory of a training iteration, per loss, on one GPU.
 
 Full-size SD 2.1-base architecture with random weights (the real model's cost), ~100k Gaussians,
-4 cameras at 512x512, CFG 7.5, densification on. Every configuration runs in this process side
-by side with a "straightforward" one (fp16 eager, one rasterizer call per camera, no CUDA graphs,
-no channels-last, cuDNN autotuning off) so that speed-ups are ratios measured together.
+4 cameras at 512x512, CFG 7.5, densification on. Modes (MODES below) run in this process side by
+side: "default" (the schema defaults: torch.compile + CUDA graphs, channels-last UNet, matmul VAE
+attention, one batched rasterizer call), "no-compile", the low-VRAM and large-GPU overlays, and a
+"straightforward" one (fp16 eager, one rasterizer call per camera, no CUDA graphs, no channels-last,
+diffusers' default VAE attention, cuDNN autotuning off) so that speed-ups are ratios measured together.
 
     python bench/benchmark.py --out bench/results.md            # on an H100/H200
     python bench/benchmark.py --tiny --steps 3 --warmup 1       # CPU smoke test of the script itself
 
 Per configuration: median and p10/p90 of ms per iteration over --steps iterations after --warmup,
 the mean of each section (render, VAE encode, each UNet call, backward = VAE-encoder backward +
-rasterizer backward, optimizer + densification, the rest), peak GPU memory, and the GPU name.
+rasterizer backward, optimizer + densification, the rest), peak GPU memory, the FLOPs of an
+iteration and their share of the GPU's peak, the warm-up time (compilation), and the GPU name.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.flops import NetworkFlops, dense_fp16_peak_tflops, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
@@ -43,13 +47,13 @@ LOSSES = {  # label -> GuidanceParams overrides
     "cds": {"guidance_type": "cds", "perpneg": False},
     "gcs": {"guidance_type": "gcs", "perpneg": False},
 }
-MODES = {  # label -> PipelineParams overrides
-    "fast": {"cuda_graphs": True, "channels_last": False, "cudnn_benchmark": True, "render_per_camera": False},
-    "compiled": {"cuda_graphs": False, "compile": True, "cudnn_benchmark": True, "render_per_camera": False},
-    "straightforward": {"cuda_graphs": False, "channels_last": False, "cudnn_benchmark": False,
-                        "render_per_camera": True},
-    "low-vram": {"cuda_graphs": True, "channels_last": False, "cudnn_benchmark": True, "render_per_camera": False,
-                 "encode_chunk": 1},
+MODES = {  # label -> overrides of the schema defaults ("key" is PipelineParams.key, "Section.key" another)
+    "default": {},  # compile + CUDA graphs + channels-last UNet + matmul VAE attention + batched rendering
+    "no-compile": {"compile": False},
+    "straightforward": {"compile": False, "cuda_graphs": False, "channels_last": False, "cudnn_benchmark": False,
+                        "render_per_camera": True, "vae_attention": "sdpa"},
+    "low-vram": {"encode_chunk": 1},  # config/low_vram.yaml
+    "large-gpu": {"GuidanceParams.C_batch_size": 8},  # config/large_gpu.yaml
 }
 
 
@@ -80,18 +84,21 @@ class EventTimer:
         return out
 
 
-def instrument_unet(prior: StableDiffusionPrior, timer: EventTimer) -> None:
-    """Time every predict_noise call, labelled by its position in the step and its batch."""
+def instrument_unet(prior: StableDiffusionPrior, timer: EventTimer) -> dict[str, int]:
+    """Time every predict_noise call, labelled by its position in the step and its batch; the returned
+    dict counts the UNet samples ("samples") run since the timer was last cleared."""
     original = prior.predict_noise
-    counter = {"k": 0}
+    counter = {"k": 0, "samples": 0}
 
     def timed(z_t, t, cond, branches):
         counter["k"] += 1
+        counter["samples"] += len(branches) * z_t.shape[0]
         with timer(f"unet#{counter['k']} [{len(branches)}x{z_t.shape[0]}]"):
             return original(z_t, t, cond, branches)
 
     prior.predict_noise = timed
     prior._reset_unet_counter = lambda: counter.update(k=0)
+    return counter
 
 
 @dataclass
@@ -103,12 +110,14 @@ class Result:
     sections: dict[str, float]
     peak_gib: float
     gaussians: int
+    tflop: float  # UNet + VAE-encoder FLOPs per iteration (bench/flops.py)
+    cameras: int  # camera batch of an iteration
+    warmup_s: float  # wall time of the warm-up iterations: compilation, graph capture, cuDNN autotuning
     notes: list[str] = field(default_factory=list)
 
 
 def build_config(loss: str, mode: str, args) -> Config:
     overrides = [f"GuidanceParams.{k}={v}" for k, v in LOSSES[loss].items()]
-    overrides += [f"PipelineParams.{k}={v}" for k, v in MODES[mode].items()]
     overrides += [
         "GuidanceParams.prior=stable_diffusion", f"GuidanceParams.C_batch_size={args.batch}",
         "GuidanceParams.guidance_scale=7.5", "GuidanceParams.lambda_guidance=0.1", "GuidanceParams.fix_noise=true",
@@ -119,6 +128,7 @@ def build_config(loss: str, mode: str, args) -> Config:
         "ModelParams.bg_aug_ratio=0.66", "OptimizationParams.iterations=5000",
         "OptimizationParams.densify_until_iter=5000", "PipelineParams.renderer=auto",
     ]
+    overrides += [f"{k if '.' in k else 'PipelineParams.' + k}={v}" for k, v in MODES[mode].items()]
     return load_config(None, overrides, warn_no_effect=False)
 
 
@@ -130,23 +140,26 @@ def make_prior(cfg, components, device, dtype) -> StableDiffusionPrior:
     )
 
 
-def run_config(loss: str, mode: str, components, args, device, dtype) -> Result:
+def run_config(loss: str, mode: str, components, args, device, dtype, flops: NetworkFlops) -> Result:
     cfg = build_config(loss, mode, args)
     prior = make_prior(cfg, components, device, dtype)
     apply_pipeline_options(prior, cfg.pipeline)
     timer = EventTimer(device.type == "cuda")
-    instrument_unet(prior, timer)
+    unet_counter = instrument_unet(prior, timer)
     torch.manual_seed(0)
     trainer = Trainer(cfg, prior=prior, device=device)
     trainer.timer = timer
     start = args.start_step
+    warm_start = time.perf_counter()
     for step in range(start, start + args.warmup):  # captures graphs, autotunes cuDNN
         prior._reset_unet_counter()
         trainer.train_step(step)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - warm_start
     timer.records.clear()
+    unet_counter["samples"] = 0
     boundaries = []
     t0 = time.perf_counter()
     for step in range(start + args.warmup, start + args.warmup + args.steps):
@@ -165,7 +178,10 @@ def run_config(loss: str, mode: str, components, args, device, dtype) -> Result:
     step_ms = [a.elapsed_time(b) for a, b in zip(boundaries, boundaries[1:])] or [wall_ms]
     sections = {k: v / args.steps for k, v in timer.totals().items()}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    result = Result(mode, loss, step_ms, wall_ms, sections, peak, trainer.gaussians.num_points)
+    tflop = (unet_counter["samples"] / args.steps * flops.unet_tflop_per_sample
+             + cfg.guidance.C_batch_size * flops.vae_tflop_fwd_bwd_per_image)
+    result = Result(mode, loss, step_ms, wall_ms, sections, peak, trainer.gaussians.num_points, tflop,
+                    cfg.guidance.C_batch_size, warmup_s)
     del trainer, prior
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -178,23 +194,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def format_table(results: list[Result], gpu: str, args) -> str:
+    peak = dense_fp16_peak_tflops(gpu)
     lines = [
         f"GPU: {gpu}; torch {torch.__version__}; SD 2.1-base architecture (random weights), "
-        f"{args.precision}; B={args.batch} cameras at {args.resolution}x{args.resolution}; "
+        f"{args.precision}; B={args.batch} cameras (unless the mode sets another) at {args.resolution}x{args.resolution}; "
         f"~{args.gaussians} Gaussians at start; CFG 7.5; densification on; {args.steps} timed iterations "
-        f"after {args.warmup} warm-up, from iteration {args.start_step}.",
+        f"after {args.warmup} warm-up, from iteration {args.start_step}. TFLOP/it counts the UNet calls and "
+        f"the VAE-encoder forward+backward (bench/flops.py); % of peak = TFLOP/it / median time / "
+        + (f"{peak:.0f} TFLOP/s (dense fp16 data-sheet peak)." if peak else "peak (unknown for this GPU)."),
         "",
-        "| mode | loss | median ms/it | p10-p90 ms | mean wall ms/it | vs straightforward | peak GiB | Gaussians |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| mode | loss | B | median ms/it | p10-p90 ms | mean wall ms/it | vs straightforward | peak GiB "
+         "| Gaussians | TFLOP/it | % of peak | warm-up s |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     medians = {(r.mode, r.loss): statistics.median(r.step_ms) for r in results}
     for r in results:
         med = medians[(r.mode, r.loss)]
         base = medians.get(("straightforward", r.loss))
-        ratio = f"{base / med:.2f}x" if base and r.mode != "straightforward" else "-"
+        comparable = base and r.mode != "straightforward" and r.cameras == args.batch
+        ratio = f"{base / med:.2f}x" if comparable else "-"
         lines.append(
-            f"| {r.mode} | {r.loss} | {med:.1f} | {percentile(r.step_ms, 0.1):.1f}-{percentile(r.step_ms, 0.9):.1f} "
-            f"| {r.wall_ms:.1f} | {ratio} | {r.peak_gib:.2f} | {r.gaussians} |"
+            f"| {r.mode} | {r.loss} | {r.cameras} | {med:.1f} | {percentile(r.step_ms, 0.1):.1f}-{percentile(r.step_ms, 0.9):.1f} "
+            f"| {r.wall_ms:.1f} | {ratio} | {r.peak_gib:.2f} | {r.gaussians} | {r.tflop:.3g} "
+            f"| {f'{100 * r.tflop / med / peak * 1e3:.0f}%' if peak else '-'} | {r.warmup_s:.0f} |"
         )
     lines += ["", "Breakdown (mean ms per iteration; unet#k [branches x batch] is the k-th denoiser call of a step;",
               "backward = VAE-encoder backward + rasterizer backward):", ""]
@@ -209,7 +231,7 @@ def format_table(results: list[Result], gpu: str, args) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated labels from " + ",".join(LOSSES))
-    p.add_argument("--modes", default="straightforward,fast", help="comma-separated from " + ",".join(MODES))
+    p.add_argument("--modes", default="straightforward,default", help="comma-separated from " + ",".join(MODES))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--start-step", type=int, default=1001, help="iteration index of the first step (schedules)")
@@ -240,12 +262,13 @@ def main(argv=None) -> int:
         dtype = torch.float32
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none (CPU)"
     results, failures = [], []
-    components = None
+    components, flops = None, None
     for mode in args.modes.split(","):
         components = components_fn() if components is None else components
+        flops = flops or network_flops(components.unet, components.vae, args.resolution)
         for loss in args.losses.split(","):
             try:
-                r = run_config(loss, mode, components, args, device, dtype)
+                r = run_config(loss, mode, components, args, device, dtype, flops)
             except Exception as exc:  # one failing configuration must not lose the others' numbers
                 log.exception("%s / %s failed", mode, loss)
                 failures.append(f"- {mode} / {loss} failed: {type(exc).__name__}: {exc}")

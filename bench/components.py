@@ -1,11 +1,13 @@
-"""Time the two expensive networks of an iteration in isolation, under each speed lever, and check
-that every lever computes the same numbers as plain eager execution.
+"""Time the two expensive networks of an iteration in isolation, under each speed lever, check that
+every lever computes the same numbers as plain eager execution, and show where their GPU time goes.
 
-    python bench/components.py [--compile] [--out bench/components.md]
+    python bench/components.py [--compile] [--profile] [--out bench/results/components.md]
 
-UNet forward (no grad) at batch 4 and 8, VAE-encoder forward+backward at 4x512x512, SD 2.1-base
-architecture with random weights, fp16. Levers: channels-last, cuDNN autotuning, CUDA-graph replay,
-torch.compile (optional: minutes of compilation).
+UNet forward (no grad) at batch 4 and 8, VAE-encoder forward+backward (gradient to the input only)
+at 4x512x512, SD 2.1-base architecture with random weights, fp16. Each row also gives the achieved
+arithmetic rate (FLOPs counted by bench/flops.py) and its share of the GPU's dense fp16 peak.
+Levers: channels-last, CUDA-graph replay, cuDNN attention, torch.compile (static shapes, optional:
+about a minute of compilation per row).
 """
 from __future__ import annotations
 
@@ -18,36 +20,18 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
+from torch import Tensor  # noqa: E402
 
+from bench.flops import dense_fp16_peak_tflops, kernel_classes, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.cuda_graphs import GraphedForward, VAEMoments  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-class GraphedTrainingForward:  # measured here only: no gain for the VAE encoder
-    """Forward AND backward of a frozen module from CUDA graphs (torch.cuda.make_graphed_callables),
-    one pair of graphs per input shape. Gradients flow to the input only."""
-
-    def __init__(self, module: nn.Module, name: str):
-        self.module = module
-        self.name = name
-        self._callables: dict[tuple, Callable[[Tensor], Tensor]] = {}
-
-    def __call__(self, x: Tensor) -> Tensor:
-        key = (tuple(x.shape), x.dtype, x.requires_grad)
-        fn = self._callables.get(key)
-        if fn is None:
-            log.info("capturing CUDA graphs of %s forward+backward for input %s", self.name, tuple(x.shape))
-            sample = torch.randn_like(x).requires_grad_(x.requires_grad)
-            # a plain function, not the module: make_graphed_callables would patch module.forward,
-            # and the frozen weights are constants of the graph anyway
-            fn = self._callables[key] = torch.cuda.make_graphed_callables(lambda inp: self.module(inp), (sample,))
-        return fn(x)
-
-
-def timed(fn, reps: int = 20, warmup: int = 5) -> float:
+def timed(fn: Callable[[], object], reps: int = 20, warmup: int = 5) -> float:
+    """Mean ms per call of fn over reps calls, timed with CUDA events after warmup calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -60,46 +44,83 @@ def timed(fn, reps: int = 20, warmup: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_err(a: Tensor, b: Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def unet_rows(unet, batches, use_compile: bool) -> list[str]:
-    rows = []
+class Table:
+    """Markdown rows, printed (and written) as they come: a killed run keeps what it measured."""
+
+    def __init__(self, header: list[str], out: Path | None):
+        self.lines, self.out = list(header), out
+        print("\n".join(header), flush=True)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+        if self.out:
+            self.out.write_text("\n".join(self.lines) + "\n")
+
+
+def rate(tflop: float, ms: float, peak: float | None) -> str:
+    achieved = tflop / ms * 1e3
+    share = f" ({100 * achieved / peak:.0f}%)" if peak else ""
+    return f"{achieved:.0f}{share}"
+
+
+def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Callable], object]]:
+    """(label, factory of fn(latents, t, context) -> eps, memory format); factories run lazily."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def eager(a, t, c):
+        return unet(a, t, encoder_hidden_states=c).sample
+
+    def cudnn_attention(a, t, c):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return eager(a, t, c)
+
+    variants = [
+        ("eager", lambda: eager, torch.contiguous_format),
+        ("CUDA graph", lambda: GraphedForward(eager, "unet"), torch.contiguous_format),
+        ("CUDA graph, cuDNN attention", lambda: GraphedForward(cudnn_attention, "unet"), torch.contiguous_format),
+    ]
+    if use_compile:
+        variants += [
+            ("compile", lambda: torch.compile(eager, dynamic=False), torch.contiguous_format),
+            ("compile + CUDA graph", lambda: GraphedForward(torch.compile(eager, dynamic=False), "unet"),
+             torch.contiguous_format),
+            ("compile + CUDA graph, channels-last", lambda: GraphedForward(torch.compile(eager, dynamic=False), "unet"),
+             torch.channels_last),
+        ]
+    return variants
+
+
+def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: float, peak) -> None:
     for b in batches:
         g = torch.Generator(device="cuda").manual_seed(0)
         lat = torch.randn(b, 4, 64, 64, device="cuda", dtype=torch.float16, generator=g)
         ctx = torch.randn(b, 77, 1024, device="cuda", dtype=torch.float16, generator=g)
         t = torch.full((b,), 500, device="cuda", dtype=torch.long)
-
-        def eager(x=lat):
-            with torch.no_grad():
-                return unet(x, t, encoder_hidden_states=ctx).sample
-
-        ref = eager().clone()
-        for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
+        ref = None
+        for label, factory, fmt in unet_variants(unet, use_compile):
+            torch._dynamo.reset()
             unet.to(memory_format=fmt)
             x = lat.contiguous(memory_format=fmt)
-            for bench_flag in (False, True):
-                torch.backends.cudnn.benchmark = bench_flag
-                ms = timed(lambda: eager(x))
-                rows.append(f"| UNet fwd B={b} | eager {fmt_name}, cudnn.benchmark={bench_flag} | {ms:.2f} | "
-                            f"{rel_err(eager(x), ref):.1e} |")
-            graphed = GraphedForward(lambda a, b_, c: unet(a, b_, encoder_hidden_states=c).sample, "unet")
-            ms = timed(lambda: graphed(x, t, ctx))
-            rows.append(f"| UNet fwd B={b} | CUDA graph {fmt_name} | {ms:.2f} | {rel_err(graphed(x, t, ctx), ref):.1e} |")
+            try:
+                with torch.no_grad():
+                    fn = factory()
+                    ms = timed(lambda: fn(x, t, ctx), warmup=3)
+                    out = fn(x, t, ctx).clone()
+            except Exception as exc:  # a lever unsupported on this GPU/software must not lose the others
+                table.add(f"| UNet fwd B={b} | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |")
+                continue
+            ref = out if ref is None else ref
+            table.add(f"| UNet fwd B={b} | {label} | {ms:.2f} | {rate(tflop_per_sample * b, ms, peak)} | "
+                      f"{rel_err(out, ref):.1e} |")
         unet.to(memory_format=torch.contiguous_format)
-        if use_compile:
-            compiled = torch.compile(unet)
-            with torch.no_grad():
-                ms = timed(lambda: compiled(lat, t, encoder_hidden_states=ctx).sample, warmup=3)
-                out = compiled(lat, t, encoder_hidden_states=ctx).sample
-            rows.append(f"| UNet fwd B={b} | torch.compile | {ms:.2f} | {rel_err(out, ref):.1e} |")
-    return rows
 
 
-def vae_rows(vae, use_compile: bool) -> list[str]:
-    rows = []
+def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak) -> None:
     module = VAEMoments(vae)
     g = torch.Generator(device="cuda").manual_seed(1)
     x0 = torch.rand(4, 3, 512, 512, device="cuda", dtype=torch.float16, generator=g) * 2 - 1
@@ -111,51 +132,99 @@ def vae_rows(vae, use_compile: bool) -> list[str]:
         out.backward(gout)
         return out.detach(), x.grad
 
-    ref_out, ref_grad = fwd_bwd(module, x0)
-    for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
+    variants = [("eager, sdpa attention", lambda: module, torch.contiguous_format, AttnProcessor2_0),
+                ("eager, matmul attention", lambda: module, torch.contiguous_format, AttnProcessor)]
+    if use_compile:
+        compiled = lambda: torch.compile(module, dynamic=False)  # noqa: E731
+        variants += [
+            ("compile, sdpa attention", compiled, torch.contiguous_format, AttnProcessor2_0),
+            ("compile, matmul attention", compiled, torch.contiguous_format, AttnProcessor),
+            ("compile, matmul attention, channels-last", compiled, torch.channels_last, AttnProcessor),
+        ]
+    ref = None
+    for label, factory, fmt, processor in variants:
+        torch._dynamo.reset()
+        vae.set_attn_processor(processor())
         vae.to(memory_format=fmt)
         x = x0.contiguous(memory_format=fmt)
-        for bench_flag in (False, True):
-            torch.backends.cudnn.benchmark = bench_flag
-            ms = timed(lambda: fwd_bwd(module, x))
-            out, grad = fwd_bwd(module, x)
-            rows.append(f"| VAE enc fwd+bwd B=4 | eager {fmt_name}, cudnn.benchmark={bench_flag} | {ms:.2f} | "
-                        f"out {rel_err(out, ref_out):.1e}, grad {rel_err(grad, ref_grad):.1e} |")
-        graphed = GraphedTrainingForward(module, "vae")
-        ms = timed(lambda: fwd_bwd(graphed, x))
-        out, grad = fwd_bwd(graphed, x)
-        rows.append(f"| VAE enc fwd+bwd B=4 | CUDA graphs {fmt_name} | {ms:.2f} | "
-                    f"out {rel_err(out, ref_out):.1e}, grad {rel_err(grad, ref_grad):.1e} |")
+        fn = factory()
+        ms = timed(lambda: fwd_bwd(fn, x), warmup=3)
+        out, grad = fwd_bwd(fn, x)
+        ref = (out, grad) if ref is None else ref
+        table.add(f"| VAE enc fwd+bwd B=4 | {label} | {ms:.2f} | {rate(tflop_fwd_bwd * 4, ms, peak)} | "
+                  f"out {rel_err(out, ref[0]):.1e}, grad {rel_err(grad, ref[1]):.1e} |")
     vae.to(memory_format=torch.contiguous_format)
-    if use_compile:
-        compiled = torch.compile(module)
-        ms = timed(lambda: fwd_bwd(compiled, x0), warmup=3)
-        out, grad = fwd_bwd(compiled, x0)
-        rows.append(f"| VAE enc fwd+bwd B=4 | torch.compile | {ms:.2f} | "
-                    f"out {rel_err(out, ref_out):.1e}, grad {rel_err(grad, ref_grad):.1e} |")
-    fwd_only = timed(lambda: module(x0).detach())
-    rows.append(f"| VAE enc fwd only B=4 | eager contiguous | {fwd_only:.2f} | - |")
-    return rows
+    vae.set_attn_processor(AttnProcessor())
+
+
+def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = False) -> None:
+    """GPU time per kernel class for one UNet B=4 forward and one VAE fwd+bwd (eager or compiled; the
+    VAE with the attention processor it was left with)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    module = VAEMoments(vae)
+    wrap = (lambda f: torch.compile(f, dynamic=False)) if use_compile else (lambda f: f)
+    unet_fn = wrap(lambda a, t, c: unet(a, t, encoder_hidden_states=c).sample)
+    vae_fn = wrap(module)
+    lat = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16)
+    ctx = torch.randn(4, 77, 1024, device="cuda", dtype=torch.float16)
+    t = torch.full((4,), 500, device="cuda", dtype=torch.long)
+    x = (torch.rand(4, 3, 512, 512, device="cuda", dtype=torch.float16) * 2 - 1).requires_grad_(True)
+
+    def unet_call():
+        with torch.no_grad():
+            unet_fn(lat, t, ctx)
+
+    def vae_call():
+        vae_fn(x).float().square().mean().backward()
+
+    kind = "compiled" if use_compile else "eager"
+    calls = [("UNet fwd B=4", unet_call)] * (not skip_unet) + [("VAE enc fwd+bwd B=4", vae_call)]
+    for name, call in calls:
+        for _ in range(3):
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+        classes = kernel_classes(prof.key_averages(), reps=5)
+        total = sum(classes.values())
+        parts = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in classes.items())
+        table.add(f"- {name}, {kind}: GPU kernel time {total:.2f} ms = {parts}")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--compile", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compile", action="store_true", help="add the torch.compile rows (minutes)")
+    p.add_argument("--profile", action="store_true", help="GPU time per kernel class")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: vae,unet4,unet8,profile-unet")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
     comps = random_sd_components()
+    flops = network_flops(comps.unet, comps.vae, resolution=512)
     unet = comps.unet.to("cuda", torch.float16).eval().requires_grad_(False)
     vae = comps.vae.to("cuda", torch.float16).eval().requires_grad_(False)
-    rows = [f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; fp16; mean of 20 after 5 warm-up", "",
-            "| network | variant | ms | relative error vs eager contiguous |", "|---|---|---|---|"]
-    print("\n".join(rows), flush=True)
-    rows += vae_rows(vae, args.compile)
-    print("\n".join(rows[4:]), flush=True)
-    rows += unet_rows(unet, (4, 8), args.compile)
-    text = "\n".join(rows) + "\n"
-    print(text, flush=True)
-    if args.out:
-        args.out.write_text(text)
+    gpu = torch.cuda.get_device_name(0)
+    peak = dense_fp16_peak_tflops(gpu)
+    peak_text = f"{peak:.0f} TFLOP/s dense fp16 peak" if peak else "peak unknown"
+    table = Table([
+        f"GPU: {gpu} ({peak_text}); torch {torch.__version__}; fp16; mean of 20 after 3 warm-up.",
+        f"FLOPs (bench/flops.py): UNet {flops.unet_tflop_per_sample:.3f} TFLOP per sample, VAE encoder "
+        f"fwd+bwd {flops.vae_tflop_fwd_bwd_per_image:.3f} TFLOP per 512x512 image.",
+        "",
+        "| network | variant | ms | TFLOP/s (% of peak) | relative error vs eager |",
+        "|---|---|---|---|---|",
+    ], args.out)
+    if "vae" not in skip:
+        vae_rows(table, vae, args.compile, flops.vae_tflop_fwd_bwd_per_image, peak)
+    batches = [b for b in (4, 8) if f"unet{b}" not in skip]
+    unet_rows(table, unet, batches, args.compile, flops.unet_tflop_per_sample, peak)
+    if args.profile:
+        table.add("")
+        profile_rows(table, unet, vae, args.compile, skip_unet="profile-unet" in skip)
     return 0
 
 

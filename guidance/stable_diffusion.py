@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import TextualInversionLoaderMixin
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
@@ -294,6 +295,15 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return module.eval()
 
 
+def _triton_available() -> bool:
+    """torch.compile's GPU code generator (inductor) needs Triton."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class StableDiffusionPrior(DiffusionPrior):
     """A frozen Stable Diffusion model (epsilon or v prediction) seen as a prior over rendered views."""
 
@@ -331,7 +341,7 @@ class StableDiffusionPrior(DiffusionPrior):
         self.negative_w, self.front_decay, self.side_decay = negative_w, front_decay, side_decay
         self.sample_posterior = True
         self._moments = VAEMoments(self.vae)
-        self._channels_last = False
+        self._unet_channels_last = False
         self._unet_runner: GraphedForward | None = None
         self._encoder_runner = None  # torch.compile'd encoder, or None for eager
         self.embeddings = self._compute_embeddings(text, negative, inverse_text, clip_skip)
@@ -394,24 +404,46 @@ class StableDiffusionPrior(DiffusionPrior):
         return Conditioning(branches, perp_neg_weights=weights)
 
     def enable_fast_path(self, cuda_graphs: bool, channels_last: bool = False, attention_slicing: bool = False,
-                         compile: bool = False) -> None:
-        """Speed levers that keep the maths (measured in bench/components.md): CUDA-graph replay of the
-        fixed-shape UNet calls, or torch.compile of the UNet and VAE encoder; channels-last convolutions.
-        The text encoder, used once, leaves the GPU."""
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.unet.to(memory_format=memory_format)
-        self.vae.to(memory_format=memory_format)
-        self._channels_last = channels_last
+                         compile: bool = False, vae_attention: str = "sdpa") -> None:
+        """Speed levers that keep the maths (measured in bench/results/components_*.md): torch.compile of the
+        UNet and the VAE encoder (static shapes: one specialised program per batch size), CUDA-graph replay
+        of the fixed-shape UNet calls (of the compiled program when both are on), channels-last
+        UNet convolutions, explicit matmul+softmax VAE attention. The VAE stays contiguous: channels-last
+        made its forward+backward slower, eager or compiled. The text encoder, used once, leaves the GPU."""
+        self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self._unet_channels_last = channels_last
         if attention_slicing:
             self.unet.set_attention_slice("auto")
+        self.set_vae_attention(vae_attention)
         if self.device.type != "cuda":
             return
         self.text_encoder.to("cpu")
+        unet_fn = self._unet_eps
+        if compile and not _triton_available():
+            logger.warning("PipelineParams.compile is on but Triton is not installed: the UNet and the VAE "
+                           "run uncompiled (pip install triton, or set PipelineParams.compile=false)")
+            compile = False
         if compile:
-            self._unet_runner = torch.compile(self._unet_eps)
-            self._encoder_runner = torch.compile(self._moments)
-        elif cuda_graphs:
-            self._unet_runner = GraphedForward(self._unet_eps, "the UNet")
+            # dynamic=False: the UNet sees batches 4 and 8 in one step, and a shape-generic program
+            # would be slower for both
+            unet_fn = torch.compile(self._unet_eps, dynamic=False)
+            self._encoder_runner = torch.compile(self._moments, dynamic=False)
+        if cuda_graphs:
+            self._unet_runner = GraphedForward(unet_fn, "the compiled UNet" if compile else "the UNet")
+        elif compile:
+            self._unet_runner = unet_fn
+
+    def set_vae_attention(self, kind: str) -> None:
+        """'matmul' | 'sdpa'. The VAE's mid-block attention has one head of width 512 over 4096 tokens;
+        no flash kernel takes that width, and the fallback fused kernel spent a third of the encoder's
+        forward+backward (bench/results/components_h200.md), while two batched matmuls and a float32
+        softmax (diffusers' AttnProcessor, same maths) are cheap at this size."""
+        if kind == "matmul":
+            self.vae.set_attn_processor(AttnProcessor())
+        elif kind == "sdpa":
+            self.vae.set_attn_processor(AttnProcessor2_0())
+        else:
+            raise ValueError(f"PipelineParams.vae_attention must be 'matmul' or 'sdpa'; got {kind!r}")
 
     def _unet_eps(self, latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self.unet(latents, t, encoder_hidden_states=context).sample
@@ -419,8 +451,6 @@ class StableDiffusionPrior(DiffusionPrior):
     def encode(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample, differentiable)."""
         x = (images * 2.0 - 1.0).to(self.vae.dtype)
-        if self._channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         moments = self._encoder_runner(x) if self._encoder_runner is not None else self._moments(x)
         mean, logvar = moments.float().chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
         latents = mean
@@ -446,7 +476,7 @@ class StableDiffusionPrior(DiffusionPrior):
         t = t.to(self.device)
         latents = z_t.to(self.dtype).repeat(n, 1, 1, 1)  # [nB, C, h, w], branch-major
         context = torch.cat([cond.branches[name] for name in branches]).to(self.dtype)  # [nB, L, D]
-        if self._channels_last:
+        if self._unet_channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         run = self._unet_runner if self._unet_runner is not None else self._unet_eps
         # copy: a replayed graph's output is overwritten by its next replay

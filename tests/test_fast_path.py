@@ -1,7 +1,9 @@
 """The fast path computes the same gradient as the straightforward path on the same inputs.
 
-fast: one batched rasterizer call, channels-last convolutions (+ CUDA graphs and cuDNN autotuning on a GPU)
-straightforward: one rasterizer call per camera, contiguous eager convolutions (the official structure)
+fast: one batched rasterizer call, matmul VAE attention (+ CUDA graphs and cuDNN autotuning on a GPU; a
+second GPU case runs the schema defaults, which add torch.compile and a channels-last UNet)
+straightforward: one rasterizer call per camera, contiguous eager convolutions, fused-kernel VAE attention
+(the official structure)
 Both run in float32 (TF32 off): relative L2 error < 1e-4 per parameter tensor on the CPU, < 1e-3 on
 a GPU (cuDNN may pick other convolution algorithms). In fp16, CFG/Perp-Neg differences of nearly equal
 noise predictions of a random-weight model amplify rounding differences to O(1): not a useful check.
@@ -13,10 +15,11 @@ from guidance.stable_diffusion import StableDiffusionPrior
 from utils.config import load_config
 from utils.trainer import Trainer, apply_pipeline_options
 
-FAST = ["PipelineParams.render_per_camera=false", "PipelineParams.channels_last=false",
-        "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true"]
-STRAIGHT = ["PipelineParams.render_per_camera=true", "PipelineParams.channels_last=false",
-            "PipelineParams.cuda_graphs=false", "PipelineParams.cudnn_benchmark=false"]
+FAST = ["PipelineParams.render_per_camera=false", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
+        "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true", "PipelineParams.vae_attention=matmul"]
+STRAIGHT = ["PipelineParams.render_per_camera=true", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
+            "PipelineParams.cuda_graphs=false", "PipelineParams.cudnn_benchmark=false",
+            "PipelineParams.vae_attention=sdpa"]
 
 
 def _config(model_dir, mode, device, loss="sctd", perpneg=False):
@@ -67,9 +70,11 @@ def test_fast_path_gradient_equals_straightforward_cpu(tiny_sd_dir, loss, perpne
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch):
+@pytest.mark.parametrize("mode", [FAST, []], ids=["no-compile", "defaults"])
+def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch, mode):
+    """defaults = the schema's: torch.compile + CUDA graphs, channels-last UNet, matmul VAE attention."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    fast = _gradients(_config(tiny_sd_dir, FAST, "cuda", perpneg=True), "cuda")
+    fast = _gradients(_config(tiny_sd_dir, mode, "cuda", perpneg=True), "cuda")
     straight = _gradients(_config(tiny_sd_dir, STRAIGHT, "cuda", perpneg=True), "cuda")
     _compare(fast, straight, rel_tol=1e-3, min_cos=0.9999)

@@ -180,6 +180,32 @@ def test_encode_posterior_mean(prior):
     torch.testing.assert_close(a, expected)
 
 
+def test_vae_attention_kinds_compute_the_same_encoding_and_gradient(prior):
+    """matmul (explicit matmul + float32 softmax) and sdpa (fused kernels) are the same maths."""
+    images = torch.rand(2, 3, 64, 64)
+    results = {}
+    prior.sample_posterior = False
+    try:
+        for kind in ("sdpa", "matmul"):
+            prior.set_vae_attention(kind)
+            expected = "AttnProcessor" if kind == "matmul" else "AttnProcessor2_0"
+            assert {type(p).__name__ for p in prior.vae.attn_processors.values()} == {expected}
+            x = images.clone().requires_grad_(True)
+            latents = prior.encode(x)
+            latents.square().sum().backward()
+            results[kind] = (latents.detach(), x.grad)
+    finally:
+        prior.sample_posterior = True
+        prior.set_vae_attention("sdpa")
+    processors = {type(p).__name__ for p in prior.vae.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}
+    torch.testing.assert_close(results["matmul"][0], results["sdpa"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["matmul"][1], results["sdpa"][1], rtol=1e-5, atol=1e-6)
+    assert results["sdpa"][1].abs().sum() > 0
+    with pytest.raises(ValueError, match="PipelineParams.vae_attention"):
+        prior.set_vae_attention("flash")
+
+
 def test_predict_noise_batched_equals_unbatched(perpneg_prior):
     prior = perpneg_prior
     cond = prior.condition(make_cameras([10.0, 150.0, -60.0]))

@@ -128,13 +128,17 @@ class PipelineParams:
     device: str = param("auto", "compute device: auto (cuda if available), cpu or cuda",
                         choices=("auto", "cpu", "cuda"))
     cuda_graphs: bool = param(True, "replay a CUDA graph of each fixed-shape UNet call (CUDA only)")
-    channels_last: bool = param(False, "channels-last UNet/VAE convolutions (measured slower for the VAE on H200)")
-    compile: bool = param(False, "torch.compile the UNet and the VAE encoder (about 2 minutes of compilation)")
+    channels_last: bool = param(True, "channels-last UNet convolutions (the VAE stays contiguous: slower otherwise)")
+    compile: bool = param(True, "torch.compile the UNet and the VAE encoder (CUDA with Triton only; minutes of "
+                                "compilation on the first run, cached for later runs)")
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)")
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code")
     encode_chunk: int = param(0, "images per VAE-encoder forward+backward (0 = whole batch; 1 = lowest memory, "
                                  "recomputes the encoder and uses the posterior mean)", min=0)
     attention_slicing: bool = param(False, "compute UNet attention in slices (lower memory, slower)")
+    vae_attention: str = param("matmul", "VAE-encoder attention (one head of width 512, slow in fused kernels): "
+                                         "matmul = explicit matmul + softmax, sdpa = torch's fused kernels",
+                               choices=("matmul", "sdpa"))
 
 
 _T_CHOICES = ("uniform", "mono")

@@ -62,7 +62,8 @@ def build_prior(cfg: Config, device: torch.device) -> DiffusionPrior:
 
 def apply_pipeline_options(prior, pipe) -> None:
     """The PipelineParams speed/memory levers of a Stable Diffusion prior (CUDA-only ones are no-ops on a CPU)."""
-    prior.enable_fast_path(pipe.cuda_graphs, pipe.channels_last, pipe.attention_slicing, pipe.compile)
+    prior.enable_fast_path(pipe.cuda_graphs, pipe.channels_last, pipe.attention_slicing, pipe.compile,
+                           pipe.vae_attention)
     if pipe.encode_chunk:
         prior.sample_posterior = False  # the chunked encoder recomputes its forward: keep it deterministic
 

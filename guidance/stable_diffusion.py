@@ -450,7 +450,9 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def encode(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample, differentiable)."""
-        x = (images * 2.0 - 1.0).to(self.vae.dtype)
+        # contiguous: renders arrive channels-last or not depending on the augmentation, and every new
+        # stride would recompile the static-shape encoder (seconds each, mid-run)
+        x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous()
         moments = self._encoder_runner(x) if self._encoder_runner is not None else self._moments(x)
         mean, logvar = moments.float().chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
         latents = mean

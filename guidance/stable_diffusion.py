@@ -424,6 +424,9 @@ class StableDiffusionPrior(DiffusionPrior):
                            "run uncompiled (pip install triton, or set PipelineParams.compile=false)")
             compile = False
         if compile:
+            logger.info("torch.compile: the first iterations compile the UNet (one program per batch size) and "
+                        "the VAE encoder, about 2-3 minutes on a first run and less once Inductor's disk cache "
+                        "is warm; PipelineParams.compile=false skips it")
             # dynamic=False: the UNet sees batches 4 and 8 in one step, and a shape-generic program
             # would be slower for both
             unet_fn = torch.compile(self._unet_eps, dynamic=False)

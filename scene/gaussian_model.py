@@ -603,7 +603,9 @@ def _ply_sh_degree(vertex, path: str | os.PathLike) -> int:
 
 
 def _columns(vertex, names: list[str]) -> np.ndarray:
-    """[N, len(names)] float32 array of the named vertex properties."""
+    """[N, len(names)] float32 array of the named vertex properties (N x 0 for no names: SH degree 0)."""
+    if not names:
+        return np.zeros((vertex.count, 0), dtype=np.float32)
     return np.stack([np.asarray(vertex[name], dtype=np.float32) for name in names], axis=1)
 
 

@@ -213,6 +213,20 @@ def test_ply_padded_to_degree_3(tmp_path):
         model.save_ply(path, pad_sh_degree=0)
 
 
+def test_ply_round_trip_at_sh_degree_0_without_padding(tmp_path):
+    """A degree-0 PLY has no f_rest columns at all (regression: loading it failed on an empty stack)."""
+    model = random_model(n=6, sh_degree=0)
+    path = tmp_path / "dc_only.ply"
+    model.save_ply(path)
+    vertex = PlyData.read(str(path))["vertex"]
+    assert not any(p.name.startswith("f_rest_") for p in vertex.properties)
+    same = GaussianModel.load_ply(path)
+    assert same.max_sh_degree == 0 and same._features_rest.shape == (6, 0, 3)
+    assert_same_params(model, same)
+    lifted = GaussianModel.load_ply(path, max_sh_degree=2)
+    assert lifted._features_rest.shape == (6, 8, 3) and not lifted._features_rest.any()
+
+
 def test_load_ply_rejects_inconsistent_sh_columns(tmp_path):
     names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "f_rest_0", "f_rest_1", "opacity",
              "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]

@@ -1,0 +1,98 @@
+"""The CLIP-score evaluation tool (bench/clip_score.py) on a tiny random CLIP saved as a folder."""
+import json
+
+import pytest
+import torch
+
+from bench import clip_score
+from bench.clip_score import OPENAI_MEAN, OPENAI_STD, CLIPScorer
+from bench.random_sd import char_tokenizer
+from guidance.prior import ModelNotFoundError
+from scene.gaussian_model import GaussianModel
+from utils.config import load_config, save_config
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=100, max_position_embeddings=77, **layers),
+        vision_config=dict(image_size=32, patch_size=8, **layers),
+        projection_dim=16,
+    )
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(folder)
+    char_tokenizer(100).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_clip_dir):
+    return CLIPScorer.from_pretrained(str(tiny_clip_dir))
+
+
+def _normalised(value: float) -> torch.Tensor:
+    return (value - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+
+
+def test_preprocess_resizes_shortest_side_and_normalises(scorer):
+    assert scorer.image_size == 32 and scorer.mean == OPENAI_MEAN  # no preprocessor config in the folder
+    out = scorer.preprocess(torch.full((2, 3, 40, 60), 0.5))
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out, _normalised(0.5).view(1, 3, 1, 1).expand(2, 3, 32, 32), atol=1e-5, rtol=0)
+
+
+def test_preprocess_crops_the_centre(scorer):
+    images = torch.zeros(1, 3, 32, 96)
+    images[..., 32:64] = 1.0  # the middle third, exactly the 32x32 centre crop
+    out = scorer.preprocess(images)
+    torch.testing.assert_close(out[0], _normalised(1.0).view(3, 1, 1).expand(3, 32, 32), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        scorer.preprocess(torch.zeros(3, 32, 32))
+
+
+def test_score_is_100_times_the_models_own_cosine(scorer):
+    torch.manual_seed(1)
+    images = torch.rand(5, 3, 48, 48)
+    prompt = "a dslr photo of a bagel"
+    scores = scorer.score(images, prompt)
+    tok = scorer.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out = scorer.model(input_ids=tok.input_ids, pixel_values=scorer.preprocess(images))
+    cosine = (out.logits_per_image / scorer.model.logit_scale.exp()).squeeze(-1)  # [5]
+    torch.testing.assert_close(scores, 100 * cosine.clamp_min(0), atol=1e-4, rtol=1e-4)
+    assert scores.shape == (5,) and (scores >= 0).all() and (scores <= 100).all()
+    torch.testing.assert_close(scorer.score(images.flip(0), prompt), scores.flip(0))
+
+
+def test_missing_model_names_the_flag(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="--model"):
+        CLIPScorer.from_pretrained(str(tmp_path / "absent"))
+
+
+def test_cli_scores_the_newest_ply_of_a_run(tiny_clip_dir, tmp_path):
+    run = tmp_path / "run"
+    save_config(load_config("config/demo.yaml", warn_no_effect=False), run / "config.yaml")
+    torch.manual_seed(0)
+    for it, colour in ((3, 0.0), (10, 1.0)):
+        xyz = torch.randn(300, 3) * 0.3
+        GaussianModel.from_points(xyz, torch.full((300, 3), colour), 0).save_ply(
+            run / "point_cloud" / f"iteration_{it}" / "point_cloud.ply")
+    assert clip_score.newest_ply(run).parent.name == "iteration_10"
+    assert clip_score.main([str(run), "--model", str(tiny_clip_dir), "--views", "5", "--resolution", "32",
+                            "--device", "cpu"]) == 0
+    result = json.loads((run / "clip_score.json").read_text())
+    cfg = load_config(run / "config.yaml", warn_no_effect=False)
+    assert result["prompt"] == cfg.guidance.text and result["ply"].endswith("iteration_10/point_cloud.ply")
+    assert len(result["per_view"]) == 5
+    assert result["mean"] == pytest.approx(sum(result["per_view"]) / 5, rel=1e-6)
+
+
+def test_cli_rejects_a_folder_without_config(tmp_path, tiny_clip_dir):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        clip_score.main([str(tmp_path), "--model", str(tiny_clip_dir), "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        clip_score.parse_args([str(tmp_path), "--views", "0"])

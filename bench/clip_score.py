@@ -134,16 +134,14 @@ def newest_ply(run_dir: Path) -> Path:
 
 def render_ring(ply: Path, camera_cfg, n_views: int, resolution: int, device: torch.device) -> Tensor:
     """[n_views, 3, R, R] renders of the PLY on the evaluation ring (white background)."""
-    from gaussian_renderer import render
+    from gaussian_renderer import render_in_chunks
     from scene.camera_sampler import evaluation_ring
     from scene.gaussian_model import GaussianModel
 
     gaussians = GaussianModel.load_ply(ply, device=device).gaussian_tensors()
-    cameras = evaluation_ring(camera_cfg, n_views, False, width=resolution, height=resolution).to(device)
-    white = torch.ones(3, device=device)
+    cameras = evaluation_ring(camera_cfg, n_views, False, width=resolution, height=resolution)
     with torch.no_grad():
-        return torch.cat([render(gaussians, cameras[i:i + 8], white.expand(len(cameras[i:i + 8]), 3)).rgb
-                          for i in range(0, n_views, 8)])
+        return render_in_chunks(gaussians, cameras, torch.ones(3, device=device)).rgb
 
 
 def parse_args(argv=None):
@@ -167,13 +165,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from utils.config import load_config
+    from utils.trainer import resolve_device
 
     config_path = args.run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a folder written by train.py")
     cfg = load_config(config_path, warn_no_effect=False)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     prompt = args.prompt or cfg.guidance.text
     ply = args.ply or newest_ply(args.run_dir)
     scorer = CLIPScorer.from_pretrained(args.model, device)

@@ -17,7 +17,7 @@ from gaussian_renderer.torch_backend import rasterize_torch
 from gaussian_renderer.types import GaussianTensors, RenderOutput
 from scene.cameras import Cameras
 
-__all__ = ["render", "resolve_backend", "GaussianTensors", "RenderOutput", "normalized_disparity"]
+__all__ = ["render", "render_in_chunks", "resolve_backend", "GaussianTensors", "RenderOutput", "normalized_disparity"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +144,25 @@ def render(
         means2d=means2d,
         radii=radii,
     )
+
+
+def render_in_chunks(
+    gaussians: GaussianTensors,
+    cameras: Cameras,
+    background: Tensor,
+    chunk: int = 8,
+    backend: str = "auto",
+) -> RenderOutput:
+    """Renders many cameras (evaluation rings, videos) `chunk` at a time to bound memory.
+
+    Args:
+        gaussians: activated parameters on the device to render on.
+        cameras: any number of cameras, on any device (each chunk is moved to the Gaussians' device).
+        background: [3] colour shared by every view.
+    """
+    device = gaussians.means.device
+    outs = []
+    for start in range(0, len(cameras), chunk):
+        batch = cameras[start:start + chunk].to(device)
+        outs.append(render(gaussians, batch, background.expand(len(batch), 3), backend=backend))
+    return RenderOutput.concat(outs)

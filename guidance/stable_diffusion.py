@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -342,8 +342,9 @@ class StableDiffusionPrior(DiffusionPrior):
         self.sample_posterior = True
         self._moments = VAEMoments(self.vae)
         self._unet_channels_last = False
-        self._unet_runner: GraphedForward | None = None
-        self._encoder_runner = None  # torch.compile'd encoder, or None for eager
+        # what predict_noise / encode call: eager here, compiled and/or CUDA-graphed by enable_fast_path
+        self._unet_runner: Callable[[Tensor, Tensor, Tensor], Tensor] = self._unet_eps
+        self._encoder_runner: Callable[[Tensor], Tensor] = self._moments
         self.embeddings = self._compute_embeddings(text, negative, inverse_text, clip_skip)
         self._views = torch.cat([self.embeddings[k] for k in VIEW_SUFFIXES])  # [3, L, D] front, side, back
 
@@ -432,14 +433,13 @@ class StableDiffusionPrior(DiffusionPrior):
             unet_fn = torch.compile(self._unet_eps, dynamic=False)
             self._encoder_runner = torch.compile(self._moments, dynamic=False)
         if cuda_graphs:
-            self._unet_runner = GraphedForward(unet_fn, "the compiled UNet" if compile else "the UNet")
-        elif compile:
-            self._unet_runner = unet_fn
+            unet_fn = GraphedForward(unet_fn, "the compiled UNet" if compile else "the UNet")
+        self._unet_runner = unet_fn
 
     def set_vae_attention(self, kind: str) -> None:
         """'matmul' | 'sdpa'. The VAE's mid-block attention has one head of width 512 over 4096 tokens;
         no flash kernel takes that width, and the fallback fused kernel spent a third of the encoder's
-        forward+backward (bench/results/components_h200.md), while two batched matmuls and a float32
+        forward+backward (bench/results/components_vae_h200.md), while two batched matmuls and a float32
         softmax (diffusers' AttnProcessor, same maths) are cheap at this size."""
         if kind == "matmul":
             self.vae.set_attn_processor(AttnProcessor())
@@ -456,7 +456,7 @@ class StableDiffusionPrior(DiffusionPrior):
         # contiguous: renders arrive channels-last or not depending on the augmentation, and every new
         # stride would recompile the static-shape encoder (seconds each, mid-run)
         x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous()
-        moments = self._encoder_runner(x) if self._encoder_runner is not None else self._moments(x)
+        moments = self._encoder_runner(x)
         mean, logvar = moments.float().chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
         latents = mean
         if self.sample_posterior:
@@ -483,9 +483,8 @@ class StableDiffusionPrior(DiffusionPrior):
         context = torch.cat([cond.branches[name] for name in branches]).to(self.dtype)  # [nB, L, D]
         if self._unet_channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
-        run = self._unet_runner if self._unet_runner is not None else self._unet_eps
         # copy: a replayed graph's output is overwritten by its next replay
-        out = run(latents, t.repeat(n), context).to(torch.float32, copy=True)
+        out = self._unet_runner(latents, t.repeat(n), context).to(torch.float32, copy=True)
         out = out.view(n, b, *out.shape[1:])  # [n, B, C, h, w]
         if self.prediction_type == "v_prediction":
             alpha = self._alpha[t].view(1, b, 1, 1, 1)

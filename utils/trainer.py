@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gaussian_renderer import render
+from gaussian_renderer import render, render_in_chunks
 from gaussian_renderer.types import RenderOutput
 from guidance.losses import StepInfo, build_loss
 from guidance.prior import Conditioning, DiffusionPrior
@@ -238,10 +238,8 @@ class Trainer:
     @torch.no_grad()
     def render_views(self, cameras: Cameras, background: Tensor, chunk: int = 8) -> RenderOutput:
         """Render many cameras in chunks (evaluation; no augmentation, active SH degree)."""
-        tensors = self.gaussians.gaussian_tensors()
-        outs = [render(tensors, cameras[i:i + chunk].to(self.device), background.expand(len(cameras[i:i + chunk]), 3),
-                       backend=self.cfg.pipeline.renderer) for i in range(0, len(cameras), chunk)]
-        return RenderOutput.concat(outs)
+        return render_in_chunks(self.gaussians.gaussian_tensors(), cameras, background, chunk,
+                                backend=self.cfg.pipeline.renderer)
 
     def test_cameras(self) -> Cameras:
         return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45)

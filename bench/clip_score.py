@@ -6,7 +6,8 @@ mean over 120 views around the object).
     python bench/clip_score.py RUN_DIR --ply other.ply --prompt "a DSLR photo of a bagel"
 
 The run folder supplies the prompt (GuidanceParams.text), the camera ring (GenerateCamParams: default
-radius, polar and fov) and the newest point_cloud/iteration_*/point_cloud.ply. Views are rendered on a
+radius, polar and fov) and the asset: point_cloud.ply, or the newest point_cloud/iteration_*/point_cloud.ply
+of an interrupted run. Views are rendered on a
 white background. Score per view = 100 * max(cos(image, text), 0) (the torchmetrics / paper scale,
 about 30 for good assets); the result goes to RUN_DIR/clip_score.json and the log.
 
@@ -124,11 +125,16 @@ def _normalisation(key: str, kwargs: dict) -> tuple[tuple, tuple]:
         return OPENAI_MEAN, OPENAI_STD
 
 
-def newest_ply(run_dir: Path) -> Path:
-    """RUN_DIR/point_cloud/iteration_<k>/point_cloud.ply with the largest k."""
+def asset_ply(run_dir: Path) -> Path:
+    """The run's result: RUN_DIR/point_cloud.ply (written when training finishes), else, for an interrupted
+    run, the newest RUN_DIR/point_cloud/iteration_<k>/point_cloud.ply."""
+    final = run_dir / "point_cloud.ply"
+    if final.is_file():
+        return final
     candidates = list((run_dir / "point_cloud").glob("iteration_*/point_cloud.ply"))
     if not candidates:
-        raise FileNotFoundError(f"no point_cloud/iteration_*/point_cloud.ply in {run_dir}; pass --ply")
+        raise FileNotFoundError(f"no point_cloud.ply or point_cloud/iteration_*/point_cloud.ply in {run_dir}; "
+                                "pass --ply")
     return max(candidates, key=lambda p: int(p.parent.name.split("_")[-1]))
 
 
@@ -147,7 +153,7 @@ def render_ring(ply: Path, camera_cfg, n_views: int, resolution: int, device: to
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run folder written by train.py")
-    p.add_argument("--ply", type=Path, help="score this PLY instead of the run's newest")
+    p.add_argument("--ply", type=Path, help="score this PLY instead of the run's result")
     p.add_argument("--prompt", help="text to score against (default: the run's GuidanceParams.text)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="CLIPModel folder or hub id (default: CLIP-L)")
     p.add_argument("--views", type=int, default=120, help="views on the ring (paper: 120)")
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     cfg = load_config(config_path, warn_no_effect=False)
     device = resolve_device(args.device)
     prompt = args.prompt or cfg.guidance.text
-    ply = args.ply or newest_ply(args.run_dir)
+    ply = args.ply or asset_ply(args.run_dir)
     scorer = CLIPScorer.from_pretrained(args.model, device)
     images = render_ring(ply, cfg.camera, args.views, args.resolution, device)
     scores = scorer.score(images, prompt).cpu()

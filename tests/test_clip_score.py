@@ -81,7 +81,7 @@ def test_cli_scores_the_newest_ply_of_a_run(tiny_clip_dir, tmp_path):
         xyz = torch.randn(300, 3) * 0.3
         GaussianModel.from_points(xyz, torch.full((300, 3), colour), 0).save_ply(
             run / "point_cloud" / f"iteration_{it}" / "point_cloud.ply")
-    assert clip_score.newest_ply(run).parent.name == "iteration_10"
+    assert clip_score.asset_ply(run).parent.name == "iteration_10"  # interrupted run: no final PLY
     assert clip_score.main([str(run), "--model", str(tiny_clip_dir), "--views", "5", "--resolution", "32",
                             "--device", "cpu"]) == 0
     result = json.loads((run / "clip_score.json").read_text())
@@ -89,6 +89,14 @@ def test_cli_scores_the_newest_ply_of_a_run(tiny_clip_dir, tmp_path):
     assert result["prompt"] == cfg.guidance.text and result["ply"].endswith("iteration_10/point_cloud.ply")
     assert len(result["per_view"]) == 5
     assert result["mean"] == pytest.approx(sum(result["per_view"]) / 5, rel=1e-6)
+
+
+def test_a_finished_runs_final_ply_is_preferred(tmp_path):
+    for path in (tmp_path / "point_cloud" / "iteration_20" / "point_cloud.ply", tmp_path / "point_cloud.ply"):
+        GaussianModel.from_points(torch.randn(10, 3), torch.rand(10, 3), 0).save_ply(path)
+    assert clip_score.asset_ply(tmp_path) == tmp_path / "point_cloud.ply"
+    with pytest.raises(FileNotFoundError, match="--ply"):
+        clip_score.asset_ply(tmp_path / "empty")
 
 
 def test_cli_rejects_a_folder_without_config(tmp_path, tiny_clip_dir):

@@ -3,7 +3,8 @@
 Full-size SD 2.1-base architecture with random weights (the real model's cost), ~100k Gaussians,
 4 cameras at 512x512, CFG 7.5, densification on. Modes (MODES below) run in this process side by
 side: "default" (the schema defaults: torch.compile + CUDA graphs, channels-last UNet, matmul VAE
-attention, one batched rasterizer call), "no-compile", the low-VRAM and large-GPU overlays, and a
+attention, channels-last VAE encoder with Triton NHWC GroupNorm kernels, one batched rasterizer call),
+"no-compile", "contiguous-vae", the low-VRAM and large-GPU overlays, and a
 "straightforward" one (fp16 eager, one rasterizer call per camera, no CUDA graphs, no channels-last,
 diffusers' default VAE attention, cuDNN autotuning off) so that speed-ups are ratios measured together.
 
@@ -51,7 +52,8 @@ MODES = {  # label -> overrides of the schema defaults ("key" is PipelineParams.
     "default": {},  # compile + CUDA graphs + channels-last UNet + matmul VAE attention + batched rendering
     "no-compile": {"compile": False},
     "straightforward": {"compile": False, "cuda_graphs": False, "channels_last": False, "cudnn_benchmark": False,
-                        "render_per_camera": True, "vae_attention": "sdpa"},
+                        "render_per_camera": True, "vae_attention": "sdpa", "vae_channels_last": False},
+    "contiguous-vae": {"vae_channels_last": False},  # the default before the Triton NHWC GroupNorm kernels
     "low-vram": {"encode_chunk": 1},  # config/low_vram.yaml
     "large-gpu": {"GuidanceParams.C_batch_size": 8},  # config/large_gpu.yaml
 }

@@ -7,12 +7,15 @@ UNet forward (no grad) at batch 4 and 8, VAE-encoder forward+backward (gradient 
 at 4x512x512, SD 2.1-base architecture with random weights, fp16. Each row also gives the achieved
 arithmetic rate (FLOPs counted by bench/flops.py) and its share of the GPU's dense fp16 peak.
 Levers: channels-last, CUDA-graph replay, cuDNN attention, torch.compile (static shapes, optional:
-about a minute of compilation per row).
+about a minute of compilation per row), Inductor's tuning options (TUNED_INDUCTOR: coordinate-descent
+tuning of the generated kernels, 1x1 convolutions as matmuls; several minutes per row), weight freezing,
+fused QKV projections. --select REGEX keeps the rows whose label matches.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,9 +28,26 @@ from torch import Tensor  # noqa: E402
 
 from bench.flops import dense_fp16_peak_tflops, kernel_classes, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
+from guidance import group_norm_nhwc  # noqa: E402
 from guidance.cuda_graphs import GraphedForward, VAEMoments  # noqa: E402
+from guidance.group_norm_nhwc import GroupNormAct, fuse_encoder_norms, group_norm_act_nhwc  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# The options diffusers' and Hugging Face's speed guides use for diffusion networks (Inductor config keys)
+TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+
+
+def first_call_s(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call (with torch.compile: the compilation)."""
+    import time
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def timed(fn: Callable[[], object], reps: int = 20, warmup: int = 5) -> float:
@@ -68,6 +88,10 @@ def rate(tflop: float, ms: float, peak: float | None) -> str:
     return f"{achieved:.0f}{share}"
 
 
+def compiled(fn, **options):
+    return torch.compile(fn, dynamic=False, options=options or None)
+
+
 def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Callable], object]]:
     """(label, factory of fn(latents, t, context) -> eps, memory format); factories run lazily."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -79,6 +103,11 @@ def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Calla
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return eager(a, t, c)
 
+    def fused_qkv():
+        unet.fuse_qkv_projections()
+        return GraphedForward(compiled(eager, **TUNED_INDUCTOR), "unet")
+
+    cl = torch.channels_last
     variants = [
         ("eager", lambda: eager, torch.contiguous_format),
         ("CUDA graph", lambda: GraphedForward(eager, "unet"), torch.contiguous_format),
@@ -86,16 +115,28 @@ def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Calla
     ]
     if use_compile:
         variants += [
-            ("compile", lambda: torch.compile(eager, dynamic=False), torch.contiguous_format),
-            ("compile + CUDA graph", lambda: GraphedForward(torch.compile(eager, dynamic=False), "unet"),
-             torch.contiguous_format),
-            ("compile + CUDA graph, channels-last", lambda: GraphedForward(torch.compile(eager, dynamic=False), "unet"),
-             torch.channels_last),
+            ("compile", lambda: compiled(eager), torch.contiguous_format),
+            ("compile + CUDA graph", lambda: GraphedForward(compiled(eager), "unet"), torch.contiguous_format),
+            ("compile + CUDA graph, channels-last", lambda: GraphedForward(compiled(eager), "unet"), cl),
+            ("compile tuned + CUDA graph, channels-last",
+             lambda: GraphedForward(compiled(eager, **TUNED_INDUCTOR), "unet"), cl),
+            ("compile tuned + freezing + CUDA graph, channels-last",
+             lambda: GraphedForward(compiled(eager, **TUNED_INDUCTOR, freezing=True), "unet"), cl),
+            ("compile tuned + CUDA graph, channels-last, fused QKV", fused_qkv, cl),
+            ("compile max-autotune + CUDA graph, channels-last",
+             lambda: GraphedForward(compiled(eager, max_autotune=True), "unet"), cl),
         ]
     return variants
 
 
-def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: float, peak) -> None:
+def unfuse_qkv(unet) -> None:
+    """diffusers' unfuse_qkv_projections raises on a UNet that was never fused."""
+    if getattr(unet, "original_attn_processors", None) is not None:
+        unet.unfuse_qkv_projections()
+
+
+def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: float, peak,
+              select: re.Pattern) -> None:
     for b in batches:
         g = torch.Generator(device="cuda").manual_seed(0)
         lat = torch.randn(b, 4, 64, 64, device="cuda", dtype=torch.float16, generator=g)
@@ -103,24 +144,29 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
         t = torch.full((b,), 500, device="cuda", dtype=torch.long)
         ref = None
         for label, factory, fmt in unet_variants(unet, use_compile):
+            if not select.search(label) and ref is not None:  # the eager row stays: it is the reference
+                continue
             torch._dynamo.reset()
+            unfuse_qkv(unet)
             unet.to(memory_format=fmt)
             x = lat.contiguous(memory_format=fmt)
             try:
                 with torch.no_grad():
                     fn = factory()
+                    first_s = first_call_s(lambda: fn(x, t, ctx))
                     ms = timed(lambda: fn(x, t, ctx), warmup=3)
                     out = fn(x, t, ctx).clone()
             except Exception as exc:  # a lever unsupported on this GPU/software must not lose the others
-                table.add(f"| UNet fwd B={b} | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |")
+                table.add(f"| UNet fwd B={b} | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
                 continue
             ref = out if ref is None else ref
             table.add(f"| UNet fwd B={b} | {label} | {ms:.2f} | {rate(tflop_per_sample * b, ms, peak)} | "
-                      f"{rel_err(out, ref):.1e} |")
+                      f"{rel_err(out, ref):.1e} | {first_s:.0f} |")
+        unfuse_qkv(unet)
         unet.to(memory_format=torch.contiguous_format)
 
 
-def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak) -> None:
+def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak, select: re.Pattern) -> None:
     module = VAEMoments(vae)
     g = torch.Generator(device="cuda").manual_seed(1)
     x0 = torch.rand(4, 3, 512, 512, device="cuda", dtype=torch.float16, generator=g) * 2 - 1
@@ -132,29 +178,99 @@ def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak) -
         out.backward(gout)
         return out.detach(), x.grad
 
-    variants = [("eager, sdpa attention", lambda: module, torch.contiguous_format, AttnProcessor2_0),
-                ("eager, matmul attention", lambda: module, torch.contiguous_format, AttnProcessor)]
+    def nhwc_norms(factory):
+        def fused():
+            fuse_encoder_norms(vae.encoder)  # in place, for good: these rows come last
+            return factory()
+        return fused
+
+    contiguous, cl = torch.contiguous_format, torch.channels_last
+    plain, tuned = (lambda: compiled(module)), (lambda: compiled(module, **TUNED_INDUCTOR))
+    variants = [("eager, sdpa attention", lambda: module, contiguous, AttnProcessor2_0),
+                ("eager, matmul attention", lambda: module, contiguous, AttnProcessor)]
     if use_compile:
-        compiled = lambda: torch.compile(module, dynamic=False)  # noqa: E731
         variants += [
-            ("compile, sdpa attention", compiled, torch.contiguous_format, AttnProcessor2_0),
-            ("compile, matmul attention", compiled, torch.contiguous_format, AttnProcessor),
-            ("compile, matmul attention, channels-last", compiled, torch.channels_last, AttnProcessor),
+            ("compile, sdpa attention", plain, contiguous, AttnProcessor2_0),
+            ("compile, matmul attention", plain, contiguous, AttnProcessor),
+            ("compile, matmul attention, channels-last", plain, cl, AttnProcessor),
+            ("compile tuned, matmul attention", tuned, contiguous, AttnProcessor),
+            ("compile tuned, matmul attention, channels-last", tuned, cl, AttnProcessor),
         ]
+    variants.append(("eager, matmul attention, channels-last, NHWC GroupNorm kernels", nhwc_norms(lambda: module),
+                     cl, AttnProcessor))
+    if use_compile:
+        variants.append(("compile, matmul attention, channels-last, NHWC GroupNorm kernels", nhwc_norms(plain), cl,
+                         AttnProcessor))
     ref = None
     for label, factory, fmt, processor in variants:
+        if not select.search(label) and ref is not None:  # the first row stays: it is the reference
+            continue
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         vae.set_attn_processor(processor())
         vae.to(memory_format=fmt)
         x = x0.contiguous(memory_format=fmt)
-        fn = factory()
-        ms = timed(lambda: fwd_bwd(fn, x), warmup=3)
-        out, grad = fwd_bwd(fn, x)
+        try:
+            fn = factory()
+            first_s = first_call_s(lambda: fwd_bwd(fn, x))
+            ms = timed(lambda: fwd_bwd(fn, x), warmup=3)
+            out, grad = fwd_bwd(fn, x)
+        except Exception as exc:  # a lever unsupported on this GPU/software must not lose the others
+            table.add(f"| VAE enc fwd+bwd B=4 | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
+            continue
         ref = (out, grad) if ref is None else ref
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+        label += f" ({breaks} graph breaks)" if breaks else ""
         table.add(f"| VAE enc fwd+bwd B=4 | {label} | {ms:.2f} | {rate(tflop_fwd_bwd * 4, ms, peak)} | "
-                  f"out {rel_err(out, ref[0]):.1e}, grad {rel_err(grad, ref[1]):.1e} |")
+                  f"out {rel_err(out, ref[0]):.1e}, grad {rel_err(grad, ref[1]):.1e} | {first_s:.0f} |")
     vae.to(memory_format=torch.contiguous_format)
     vae.set_attn_processor(AttnProcessor())
+
+
+def group_norm_rows(table: Table) -> None:
+    """The NHWC GroupNorm+SiLU kernels alone at the encoder's largest activation (4x128x512x512 fp16),
+    forward+backward, per tile size and warp count, against PyTorch's GroupNorm+SiLU (NCHW, eager and
+    compiled). GB/s counts the minimum traffic: forward reads x twice and writes y, backward reads x
+    and dy twice each and writes dx (8 passes over one tensor)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(4, 128, 512, 512, device="cuda", dtype=torch.float16, generator=g)
+    dy = torch.randn(x.shape, device="cuda", dtype=torch.float16, generator=g)
+    w = torch.randn(128, device="cuda", dtype=torch.float16, generator=g)
+    b = torch.randn(128, device="cuda", dtype=torch.float16, generator=g)
+    gigabytes = 8 * x.numel() * x.element_size() / 1e9
+
+    def torch_gn(v):
+        return F.silu(F.group_norm(v, 32, w, b, 1e-6))
+
+    def run(fn, v):
+        v = v.detach().requires_grad_(True)
+        fn(v).backward(dy.contiguous(memory_format=torch.channels_last) if v is x_cl else dy)
+        return v.grad
+
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    ref = run(torch_gn, x)
+    rows = [("PyTorch GroupNorm+SiLU, NCHW, eager", lambda: torch_gn, x),
+            ("PyTorch GroupNorm+SiLU, NCHW, compiled", lambda: compiled(torch_gn), x),
+            ("PyTorch GroupNorm+SiLU, channels-last, compiled", lambda: compiled(torch_gn), x_cl)]
+    for tile in (4096, 8192, 16384):
+        for warps in (4, 8, 16):
+            def kernels(tile=tile, warps=warps):
+                group_norm_nhwc.TILE_ELEMENTS, group_norm_nhwc.NUM_WARPS = tile, warps
+                return lambda v: group_norm_act_nhwc(v, w, b, 32, 1e-6, True)
+            rows.append((f"NHWC kernels, tile {tile}, {warps} warps", kernels, x_cl))
+    for label, factory, v in rows:
+        torch._dynamo.reset()
+        try:
+            fn = factory()
+            ms = timed(lambda: run(fn, v), reps=10, warmup=2)
+        except Exception as exc:  # keep the other rows
+            table.add(f"| GroupNorm+SiLU fwd+bwd | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
+            continue
+        table.add(f"| GroupNorm+SiLU fwd+bwd 4x128x512x512 | {label} | {ms:.2f} | {gigabytes / ms * 1e3:.0f} GB/s | "
+                  f"grad {rel_err(run(fn, v), ref):.1e} | |")
+    group_norm_nhwc.TILE_ELEMENTS, group_norm_nhwc.NUM_WARPS = 8192, 8
 
 
 def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = False) -> None:
@@ -170,7 +286,11 @@ def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = F
     lat = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16)
     ctx = torch.randn(4, 77, 1024, device="cuda", dtype=torch.float16)
     t = torch.full((4,), 500, device="cuda", dtype=torch.long)
-    x = (torch.rand(4, 3, 512, 512, device="cuda", dtype=torch.float16) * 2 - 1).requires_grad_(True)
+    # the encoder as the VAE rows left it: channels-last if they swapped in the NHWC GroupNorm kernels
+    layout = torch.channels_last if any(isinstance(m, GroupNormAct) for m in vae.modules()) else torch.contiguous_format
+    module.to(memory_format=layout)
+    x = (torch.rand(4, 3, 512, 512, device="cuda", dtype=torch.float16) * 2 - 1).contiguous(memory_format=layout)
+    x.requires_grad_(True)
 
     def unet_call():
         with torch.no_grad():
@@ -179,7 +299,8 @@ def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = F
     def vae_call():
         vae_fn(x).float().square().mean().backward()
 
-    kind = "compiled" if use_compile else "eager"
+    kind = ("compiled" if use_compile else "eager") + (", NHWC GroupNorm kernels" if layout == torch.channels_last
+                                                       else "")
     calls = [("UNet fwd B=4", unet_call)] * (not skip_unet) + [("VAE enc fwd+bwd B=4", vae_call)]
     for name, call in calls:
         for _ in range(3):
@@ -199,7 +320,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows (minutes)")
     p.add_argument("--profile", action="store_true", help="GPU time per kernel class")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: vae,unet4,unet8,profile-unet")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: groupnorm,vae,unet4,unet8,profile-unet")
+    p.add_argument("--select", default="", help="regex: run only the rows whose label matches (the eager "
+                                                 "reference rows always run)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -215,13 +338,16 @@ def main(argv=None) -> int:
         f"FLOPs (bench/flops.py): UNet {flops.unet_tflop_per_sample:.3f} TFLOP per sample, VAE encoder "
         f"fwd+bwd {flops.vae_tflop_fwd_bwd_per_image:.3f} TFLOP per 512x512 image.",
         "",
-        "| network | variant | ms | TFLOP/s (% of peak) | relative error vs eager |",
-        "|---|---|---|---|---|",
+        "| network | variant | ms | TFLOP/s (% of peak) | relative error vs eager | first call s |",
+        "|---|---|---|---|---|---|",
     ], args.out)
+    select = re.compile(args.select)
+    if "groupnorm" not in skip:
+        group_norm_rows(table)
     if "vae" not in skip:
-        vae_rows(table, vae, args.compile, flops.vae_tflop_fwd_bwd_per_image, peak)
+        vae_rows(table, vae, args.compile, flops.vae_tflop_fwd_bwd_per_image, peak, select)
     batches = [b for b in (4, 8) if f"unet{b}" not in skip]
-    unet_rows(table, unet, batches, args.compile, flops.unet_tflop_per_sample, peak)
+    unet_rows(table, unet, batches, args.compile, flops.unet_tflop_per_sample, peak, select)
     if args.profile:
         table.add("")
         profile_rows(table, unet, vae, args.compile, skip_unet="profile-unet" in skip)

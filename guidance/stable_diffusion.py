@@ -32,6 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
+from guidance.group_norm_nhwc import fuse_encoder_norms
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
@@ -342,6 +343,7 @@ class StableDiffusionPrior(DiffusionPrior):
         self.sample_posterior = True
         self._moments = VAEMoments(self.vae)
         self._unet_channels_last = False
+        self._encoder_layout = torch.contiguous_format  # channels-last after use_channels_last_encoder
         # what predict_noise / encode call: eager here, compiled and/or CUDA-graphed by enable_fast_path
         self._unet_runner: Callable[[Tensor, Tensor, Tensor], Tensor] = self._unet_eps
         self._encoder_runner: Callable[[Tensor], Tensor] = self._moments
@@ -405,12 +407,13 @@ class StableDiffusionPrior(DiffusionPrior):
         return Conditioning(branches, perp_neg_weights=weights)
 
     def enable_fast_path(self, cuda_graphs: bool, channels_last: bool = False, attention_slicing: bool = False,
-                         compile: bool = False, vae_attention: str = "sdpa") -> None:
+                         compile: bool = False, vae_attention: str = "sdpa", vae_channels_last: bool = False) -> None:
         """Speed levers that keep the maths (measured in bench/results/components_*.md): torch.compile of the
         UNet and the VAE encoder (static shapes: one specialised program per batch size), CUDA-graph replay
         of the fixed-shape UNet calls (of the compiled program when both are on), channels-last
-        UNet convolutions, explicit matmul+softmax VAE attention. The VAE stays contiguous: channels-last
-        made its forward+backward slower, eager or compiled. The text encoder, used once, leaves the GPU."""
+        UNet convolutions, explicit matmul+softmax VAE attention, a channels-last VAE encoder whose
+        GroupNorm+SiLU pairs run as Triton NHWC kernels (guidance/group_norm_nhwc.py; without them
+        channels-last made the encoder slower). The text encoder, used once, leaves the GPU."""
         self.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self._unet_channels_last = channels_last
         if attention_slicing:
@@ -419,8 +422,14 @@ class StableDiffusionPrior(DiffusionPrior):
         if self.device.type != "cuda":
             return
         self.text_encoder.to("cpu")
+        triton_missing = not _triton_available()
+        if vae_channels_last and triton_missing:
+            logger.warning("PipelineParams.vae_channels_last is on but Triton is not installed: the VAE encoder "
+                           "stays contiguous (pip install triton, or set PipelineParams.vae_channels_last=false)")
+        elif vae_channels_last:
+            self.use_channels_last_encoder()
         unet_fn = self._unet_eps
-        if compile and not _triton_available():
+        if compile and triton_missing:
             logger.warning("PipelineParams.compile is on but Triton is not installed: the UNet and the VAE "
                            "run uncompiled (pip install triton, or set PipelineParams.compile=false)")
             compile = False
@@ -435,6 +444,14 @@ class StableDiffusionPrior(DiffusionPrior):
         if cuda_graphs:
             unet_fn = GraphedForward(unet_fn, "the compiled UNet" if compile else "the UNet")
         self._unet_runner = unet_fn
+
+    def use_channels_last_encoder(self) -> None:
+        """Channels-last VAE encoder (and quant_conv) with its GroupNorm(+SiLU) layers as GroupNormAct, which
+        runs the Triton NHWC kernels wherever Triton can (PyTorch's GroupNorm elsewhere: same maths)."""
+        swapped = fuse_encoder_norms(self.vae.encoder)
+        self._moments.to(memory_format=torch.channels_last)
+        self._encoder_layout = torch.channels_last
+        logger.info("VAE encoder: channels-last, %d GroupNorm layers on the NHWC kernels", swapped)
 
     def set_vae_attention(self, kind: str) -> None:
         """'matmul' | 'sdpa'. The VAE's mid-block attention has one head of width 512 over 4096 tokens;
@@ -453,11 +470,13 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def encode(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample, differentiable)."""
-        # contiguous: renders arrive channels-last or not depending on the augmentation, and every new
-        # stride would recompile the static-shape encoder (seconds each, mid-run)
-        x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous()
-        moments = self._encoder_runner(x)
-        mean, logvar = moments.float().chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
+        # one fixed layout: renders arrive channels-last or not depending on the augmentation, and every
+        # new stride would recompile the static-shape encoder (seconds each, mid-run)
+        x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous(memory_format=self._encoder_layout)
+        # contiguous: randn_like fills memory in layout order on CUDA, so a channels-last encoder
+        # output would otherwise draw the posterior noise in another order than a contiguous one
+        moments = self._encoder_runner(x).float().contiguous()
+        mean, logvar = moments.chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
         latents = mean
         if self.sample_posterior:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))

@@ -8,12 +8,19 @@ hidden size 32 and 77 positions, the tokenizer is a character-level CLIP BPE tok
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from bench.random_sd import tiny_sd_pipeline
+# Without a GPU, Triton kernels (guidance/group_norm_nhwc.py) run in Triton's CPU interpreter, which is
+# chosen when a kernel is defined: set before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench.random_sd import tiny_sd_pipeline  # noqa: E402
 
 TINY_SD_DEFAULTS = dict(
     model_key=None,

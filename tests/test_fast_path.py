@@ -16,10 +16,11 @@ from utils.config import load_config
 from utils.trainer import Trainer, apply_pipeline_options
 
 FAST = ["PipelineParams.render_per_camera=false", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
-        "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true", "PipelineParams.vae_attention=matmul"]
+        "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true", "PipelineParams.vae_attention=matmul",
+        "PipelineParams.vae_channels_last=false"]
 STRAIGHT = ["PipelineParams.render_per_camera=true", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
             "PipelineParams.cuda_graphs=false", "PipelineParams.cudnn_benchmark=false",
-            "PipelineParams.vae_attention=sdpa"]
+            "PipelineParams.vae_attention=sdpa", "PipelineParams.vae_channels_last=false"]
 
 
 def _config(model_dir, mode, device, loss="sctd", perpneg=False):
@@ -70,9 +71,11 @@ def test_fast_path_gradient_equals_straightforward_cpu(tiny_sd_dir, loss, perpne
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", [FAST, []], ids=["no-compile", "defaults"])
+@pytest.mark.parametrize("mode", [FAST, [], ["PipelineParams.vae_channels_last=false"]],
+                         ids=["no-compile", "defaults", "contiguous-vae"])
 def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch, mode):
-    """defaults = the schema's: torch.compile + CUDA graphs, channels-last UNet, matmul VAE attention."""
+    """defaults = the schema's: torch.compile + CUDA graphs, channels-last UNet, matmul VAE attention,
+    channels-last VAE encoder with the Triton NHWC GroupNorm kernels."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fast = _gradients(_config(tiny_sd_dir, mode, "cuda", perpneg=True), "cuda")

@@ -128,7 +128,9 @@ class PipelineParams:
     device: str = param("auto", "compute device: auto (cuda if available), cpu or cuda",
                         choices=("auto", "cpu", "cuda"))
     cuda_graphs: bool = param(True, "replay a CUDA graph of each fixed-shape UNet call (CUDA only)")
-    channels_last: bool = param(True, "channels-last UNet convolutions (the VAE stays contiguous: slower otherwise)")
+    channels_last: bool = param(True, "channels-last UNet convolutions")
+    vae_channels_last: bool = param(True, "channels-last VAE encoder with Triton NHWC GroupNorm+SiLU kernels "
+                                          "(CUDA with Triton only)")
     compile: bool = param(True, "torch.compile the UNet and the VAE encoder (CUDA with Triton only; minutes of "
                                 "compilation on the first run, cached for later runs)")
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)")

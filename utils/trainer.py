@@ -62,8 +62,9 @@ def build_prior(cfg: Config, device: torch.device) -> DiffusionPrior:
 
 def apply_pipeline_options(prior, pipe) -> None:
     """The PipelineParams speed/memory levers of a Stable Diffusion prior (CUDA-only ones are no-ops on a CPU)."""
-    prior.enable_fast_path(pipe.cuda_graphs, pipe.channels_last, pipe.attention_slicing, pipe.compile,
-                           pipe.vae_attention)
+    prior.enable_fast_path(cuda_graphs=pipe.cuda_graphs, channels_last=pipe.channels_last,
+                           attention_slicing=pipe.attention_slicing, compile=pipe.compile,
+                           vae_attention=pipe.vae_attention, vae_channels_last=pipe.vae_channels_last)
     if pipe.encode_chunk:
         prior.sample_posterior = False  # the chunked encoder recomputes its forward: keep it deterministic
 

@@ -17,6 +17,7 @@ GroupNorm whenever they require grad, or Triton is missing, or the input is not 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -143,15 +144,24 @@ if triton is not None:
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-def _layout(x: Tensor, groups: int) -> tuple[int, int, int, int]:
-    """(N, HW, C, rows per tile) of a channels-last [N, C, *spatial] tensor."""
+class _Tiling(NamedTuple):
+    n: int  # samples
+    hw: int  # spatial positions per sample (rows of the NHWC layout)
+    c: int  # channels
+    rows: int  # rows per tile
+    chunks: int  # tiles per sample
+
+
+def _layout(x: Tensor, groups: int) -> _Tiling:
+    """The tiling of a channels-last [N, C, *spatial] tensor (validated once per forward or backward)."""
     if not is_channels_last(x):
         raise ValueError(f"group_norm_act_nhwc needs a channels-last [N, C, *spatial] input; got shape "
                          f"{tuple(x.shape)} with strides {x.stride()}")
     n, c = x.shape[:2]
     if not (_power_of_two(c) and _power_of_two(groups) and c >= groups):
         raise ValueError(f"group_norm_act_nhwc needs power-of-two channels >= groups; got C={c}, groups={groups}")
-    return n, x.numel() // max(n * c, 1), c, max(TILE_ELEMENTS // c, 1)
+    hw, rows = x.numel() // max(n * c, 1), max(TILE_ELEMENTS // c, 1)
+    return _Tiling(n, hw, c, rows, triton.cdiv(hw, rows))
 
 
 def _chunk_counts(hw: int, rows: int, chunks: int, values_per_row: int, device) -> Tensor:
@@ -163,13 +173,15 @@ def _chunk_counts(hw: int, rows: int, chunks: int, values_per_row: int, device) 
 
 def group_norm_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """Channels-last x [N, C, *spatial] -> (mean, rstd), float32 [N, G]."""
-    n, hw, c, rows = _layout(x, groups)
-    chunks = triton.cdiv(hw, rows)
-    partial_mean = torch.empty(n, chunks, groups, device=x.device, dtype=torch.float32)
+    return _statistics(x, groups, eps, _layout(x, groups))
+
+
+def _statistics(x: Tensor, groups: int, eps: float, t: _Tiling) -> tuple[Tensor, Tensor]:
+    partial_mean = torch.empty(t.n, t.chunks, groups, device=x.device, dtype=torch.float32)
     partial_m2 = torch.empty_like(partial_mean)
-    _group_norm_stats_kernel[(n, chunks)](x, partial_mean, partial_m2, hw, C=c, G=groups, ROWS=rows,
-                                          num_warps=NUM_WARPS)
-    counts = _chunk_counts(hw, rows, chunks, c // groups, x.device)[None, :, None]  # [1, K, 1]
+    _group_norm_stats_kernel[(t.n, t.chunks)](x, partial_mean, partial_m2, t.hw, C=t.c, G=groups, ROWS=t.rows,
+                                              num_warps=NUM_WARPS)
+    counts = _chunk_counts(t.hw, t.rows, t.chunks, t.c // groups, x.device)[None, :, None]  # [1, K, 1]
     total = counts.sum()
     mean = (partial_mean * counts).sum(1) / total  # Chan's parallel combination of the tiles
     m2 = partial_m2.sum(1) + ((partial_mean - mean[:, None]).square() * counts).sum(1)
@@ -177,27 +189,26 @@ def group_norm_statistics(x: Tensor, groups: int, eps: float) -> tuple[Tensor, T
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool):
-    mean, rstd = group_norm_statistics(x, groups, eps)
-    n, hw, c, rows = _layout(x, groups)
+    t = _layout(x, groups)
+    mean, rstd = _statistics(x, groups, eps, t)
     y = torch.empty_like(x)
-    _group_norm_forward_kernel[(n, triton.cdiv(hw, rows))](x, y, mean, rstd, weight, bias, hw, C=c, G=groups,
-                                                           ROWS=rows, SILU=silu, num_warps=NUM_WARPS)
+    _group_norm_forward_kernel[(t.n, t.chunks)](x, y, mean, rstd, weight, bias, t.hw, C=t.c, G=groups,
+                                                ROWS=t.rows, SILU=silu, num_warps=NUM_WARPS)
     return y, mean, rstd
 
 
 def _backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor, groups: int,
               silu: bool) -> Tensor:
     dy = dy.movedim(1, -1).contiguous().movedim(-1, 1)  # x's channels-last strides (a no-op when it has them)
-    n, hw, c, rows = _layout(x, groups)
-    chunks = triton.cdiv(hw, rows)
-    sum_a = torch.empty(n, chunks, groups, device=x.device, dtype=torch.float32)
+    t = _layout(x, groups)
+    sum_a = torch.empty(t.n, t.chunks, groups, device=x.device, dtype=torch.float32)
     sum_ax = torch.empty_like(sum_a)
-    meta = dict(C=c, G=groups, ROWS=rows, SILU=silu, num_warps=NUM_WARPS)
-    _group_norm_backward_sums_kernel[(n, chunks)](dy, x, mean, rstd, weight, bias, sum_a, sum_ax, hw, **meta)
-    values = hw * (c // groups)
+    meta = dict(C=t.c, G=groups, ROWS=t.rows, SILU=silu, num_warps=NUM_WARPS)
+    _group_norm_backward_sums_kernel[(t.n, t.chunks)](dy, x, mean, rstd, weight, bias, sum_a, sum_ax, t.hw, **meta)
+    values = t.hw * (t.c // groups)
     dx = torch.empty_like(x)
-    _group_norm_backward_kernel[(n, chunks)](dy, x, dx, mean, rstd, weight, bias, sum_a.sum(1) / values,
-                                             sum_ax.sum(1) / values, hw, **meta)
+    _group_norm_backward_kernel[(t.n, t.chunks)](dy, x, dx, mean, rstd, weight, bias, sum_a.sum(1) / values,
+                                                 sum_ax.sum(1) / values, t.hw, **meta)
     return dx
 
 

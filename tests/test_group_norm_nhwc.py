@@ -97,15 +97,14 @@ def test_group_norm_act_uses_pytorch_when_the_affine_parameters_train():
     assert not norm.uses_triton(x.contiguous())  # NCHW input
 
 
-def tiny_encoder():
+def tiny_vae():
     from bench.random_sd import tiny_sd_pipeline
 
-    vae = tiny_sd_pipeline().vae.to(DEVICE).requires_grad_(False).eval()
-    return vae
+    return tiny_sd_pipeline().vae.to(DEVICE).requires_grad_(False).eval()
 
 
 def test_fuse_encoder_norms_swaps_every_norm_and_keeps_parameters_and_keys():
-    vae = tiny_encoder()
+    vae = tiny_vae()
     before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     norms = sum(isinstance(m, nn.GroupNorm) for m in vae.encoder.modules())
     resnets = [m for m in vae.encoder.modules() if type(m).__name__ == "ResnetBlock2D"]
@@ -124,7 +123,7 @@ def test_channels_last_fused_encoder_matches_the_original_encoder(monkeypatch):
     no_tf32(monkeypatch)
     from guidance.cuda_graphs import VAEMoments
 
-    vae = tiny_encoder()
+    vae = tiny_vae()
     original = VAEMoments(copy.deepcopy(vae))
     fused = VAEMoments(vae)
     norms = fuse_encoder_norms(vae.encoder)

@@ -67,8 +67,9 @@ def network_flops(unet, vae, resolution: int, text_length: int = 77) -> NetworkF
 
 
 _KERNEL_CLASSES = (  # (class, name fragments), first match wins; names lower-cased
-    ("convolution", ("fprop", "dgrad", "wgrad", "conv", "implicit_convolve", "implicit_gemm")),
+    # attention first: cuDNN's attention kernels are named like "..._sdpa_sm90_flash_fprop_..."
     ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "conv", "implicit_convolve", "implicit_gemm")),
     ("matmul", ("gemm", "nvjet", "cutlass", "cublas", "matmul")),
     ("layout copies", ("nchwtonhwc", "nhwctonchw", "transpose", "memcpy", "memset", "copy_kernel")),
     ("normalisation", ("group_norm", "groupnorm", "layer_norm", "layernorm", "batch_norm", "welford")),

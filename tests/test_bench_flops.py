@@ -59,6 +59,8 @@ def test_dense_peak_lookup(name, peak):
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc", "convolution"),
     ("void cudnn::ops::nchwToNhwcKernel<__half>", "layout copies"),
     ("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
     ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", "matmul"),
     ("triton_per_fused_native_group_norm_silu_3", "normalisation"),
     ("triton_poi_fused_add_mul_7", "fused Triton (norm, activation, elementwise)"),

@@ -9,7 +9,8 @@ arithmetic rate (FLOPs counted by bench/flops.py) and its share of the GPU's den
 Levers: channels-last, CUDA-graph replay, cuDNN attention, torch.compile (static shapes, optional:
 about a minute of compilation per row), Inductor's tuning options (TUNED_INDUCTOR: coordinate-descent
 tuning of the generated kernels, 1x1 convolutions as matmuls; several minutes per row), weight freezing,
-fused QKV projections. --select REGEX keeps the rows whose label matches.
+fused QKV projections, convolutions as GEMMs (bench/conv_gemm.py) up to a latent resolution.
+--select REGEX keeps the rows whose label matches.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch import Tensor  # noqa: E402
 from bench.flops import dense_fp16_peak_tflops, kernel_classes, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance import group_norm_nhwc  # noqa: E402
+from bench.conv_gemm import convs_as_gemm  # noqa: E402
 from guidance.cuda_graphs import GraphedForward, VAEMoments  # noqa: E402
 from guidance.group_norm_nhwc import GroupNormAct, fuse_encoder_norms, group_norm_act_nhwc  # noqa: E402
 
@@ -107,17 +109,26 @@ def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Calla
         unet.fuse_qkv_projections()
         return GraphedForward(compiled(eager, **TUNED_INDUCTOR), "unet")
 
+    def gemm_convs(max_pixels: float, use_compile: bool = True):
+        def factory():
+            convs_as_gemm(unet, max_pixels)
+            return GraphedForward(compiled(eager) if use_compile else eager, "unet")
+        return factory
+
     cl = torch.channels_last
     variants = [
         ("eager", lambda: eager, torch.contiguous_format),
         ("CUDA graph", lambda: GraphedForward(eager, "unet"), torch.contiguous_format),
         ("CUDA graph, cuDNN attention", lambda: GraphedForward(cudnn_attention, "unet"), torch.contiguous_format),
+        ("CUDA graph, channels-last, GEMM convs", gemm_convs(float("inf"), use_compile=False), cl),
     ]
     if use_compile:
         variants += [
             ("compile", lambda: compiled(eager), torch.contiguous_format),
             ("compile + CUDA graph", lambda: GraphedForward(compiled(eager), "unet"), torch.contiguous_format),
             ("compile + CUDA graph, channels-last", lambda: GraphedForward(compiled(eager), "unet"), cl),
+            *[(f"compile + CUDA graph, channels-last, GEMM convs <= {side}x{side}", gemm_convs(side * side), cl)
+              for side in (8, 16, 32, 64)],
             ("compile tuned + CUDA graph, channels-last",
              lambda: GraphedForward(compiled(eager, **TUNED_INDUCTOR), "unet"), cl),
             ("compile tuned + freezing + CUDA graph, channels-last",
@@ -148,6 +159,7 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
                 continue
             torch._dynamo.reset()
             unfuse_qkv(unet)
+            convs_as_gemm(unet, 0)
             unet.to(memory_format=fmt)
             x = lat.contiguous(memory_format=fmt)
             try:
@@ -163,6 +175,7 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
             table.add(f"| UNet fwd B={b} | {label} | {ms:.2f} | {rate(tflop_per_sample * b, ms, peak)} | "
                       f"{rel_err(out, ref):.1e} | {first_s:.0f} |")
         unfuse_qkv(unet)
+        convs_as_gemm(unet, 0)
         unet.to(memory_format=torch.contiguous_format)
 
 
@@ -273,9 +286,10 @@ def group_norm_rows(table: Table) -> None:
     group_norm_nhwc.TILE_ELEMENTS, group_norm_nhwc.NUM_WARPS = 8192, 8
 
 
-def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = False) -> None:
-    """GPU time per kernel class for one UNet B=4 forward and one VAE fwd+bwd (eager or compiled; the
-    VAE with the attention processor it was left with)."""
+def profile_rows(table: Table, unet, vae, use_compile: bool, skip: set[str], top: int = 0) -> None:
+    """GPU time per kernel class for one UNet B=4 forward (channels-last, as the trainer runs it) and one VAE
+    fwd+bwd (eager or compiled; the VAE with the attention processor it was left with); with top > 0 also
+    the `top` costliest kernels of each."""
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
@@ -283,7 +297,8 @@ def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = F
     wrap = (lambda f: torch.compile(f, dynamic=False)) if use_compile else (lambda f: f)
     unet_fn = wrap(lambda a, t, c: unet(a, t, encoder_hidden_states=c).sample)
     vae_fn = wrap(module)
-    lat = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16)
+    unet.to(memory_format=torch.channels_last)
+    lat = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     ctx = torch.randn(4, 77, 1024, device="cuda", dtype=torch.float16)
     t = torch.full((4,), 500, device="cuda", dtype=torch.long)
     # the encoder as the VAE rows left it: channels-last if they swapped in the NHWC GroupNorm kernels
@@ -301,7 +316,8 @@ def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = F
 
     kind = ("compiled" if use_compile else "eager") + (", NHWC GroupNorm kernels" if layout == torch.channels_last
                                                        else "")
-    calls = [("UNet fwd B=4", unet_call)] * (not skip_unet) + [("VAE enc fwd+bwd B=4", vae_call)]
+    calls = ([("UNet fwd B=4, channels-last", unet_call)] * ("profile-unet" not in skip)
+             + [("VAE enc fwd+bwd B=4", vae_call)] * ("profile-vae" not in skip))
     for name, call in calls:
         for _ in range(3):
             call()
@@ -314,18 +330,33 @@ def profile_rows(table: Table, unet, vae, use_compile: bool, skip_unet: bool = F
         total = sum(classes.values())
         parts = ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in classes.items())
         table.add(f"- {name}, {kind}: GPU kernel time {total:.2f} ms = {parts}")
+        for event in top_kernels(prof.key_averages(), top):
+            table.add(f"  - {event.device_time_total / 1e3 / 5:.3f} ms, {event.count // 5} per call: "
+                      f"{event.key[:110]}")
+    unet.to(memory_format=torch.contiguous_format)
+
+
+def top_kernels(events, n: int) -> list:
+    """The n profiler records (GPU kernels only) with the most device time."""
+    kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", "CUDA"))]
+    return sorted(kernels, key=lambda e: -e.device_time_total)[:n]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compile", action="store_true", help="add the torch.compile rows (minutes)")
     p.add_argument("--profile", action="store_true", help="GPU time per kernel class")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: groupnorm,vae,unet4,unet8,profile-unet")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: groupnorm,vae,unet4,unet8,profile-unet,"
+                                               "profile-vae")
+    p.add_argument("--top", type=int, default=0, help="with --profile: list the N costliest kernels of each network")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (as the trainer "
+                                                                  "does by default: PipelineParams.cudnn_benchmark)")
     p.add_argument("--select", default="", help="regex: run only the rows whose label matches (the eager "
                                                  "reference rows always run)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     comps = random_sd_components()
     flops = network_flops(comps.unet, comps.vae, resolution=512)
     unet = comps.unet.to("cuda", torch.float16).eval().requires_grad_(False)
@@ -334,7 +365,8 @@ def main(argv=None) -> int:
     peak = dense_fp16_peak_tflops(gpu)
     peak_text = f"{peak:.0f} TFLOP/s dense fp16 peak" if peak else "peak unknown"
     table = Table([
-        f"GPU: {gpu} ({peak_text}); torch {torch.__version__}; fp16; mean of 20 after 3 warm-up.",
+        f"GPU: {gpu} ({peak_text}); torch {torch.__version__}; fp16; cudnn.benchmark {args.cudnn_benchmark}; "
+        "mean of 20 after 3 warm-up.",
         f"FLOPs (bench/flops.py): UNet {flops.unet_tflop_per_sample:.3f} TFLOP per sample, VAE encoder "
         f"fwd+bwd {flops.vae_tflop_fwd_bwd_per_image:.3f} TFLOP per 512x512 image.",
         "",
@@ -350,7 +382,7 @@ def main(argv=None) -> int:
     unet_rows(table, unet, batches, args.compile, flops.unet_tflop_per_sample, peak, select)
     if args.profile:
         table.add("")
-        profile_rows(table, unet, vae, args.compile, skip_unet="profile-unet" in skip)
+        profile_rows(table, unet, vae, args.compile, skip, args.top)
     return 0
 
 

@@ -2,7 +2,7 @@
 # Everything the GPU run measures, in three parts that each fit one 10-minute device call on a fresh
 # machine (gsplat's JIT build ~70 s, a cold torch.compile ~150 s); carry .whl. Outputs land in $OUT.
 #   bash bench/gpu_session.sh 1    GPU tests; straightforward vs default and no-compile for sctd
-#   bash bench/gpu_session.sh 2    straightforward vs default for sctd+perpneg, ism, sds
+#   bash bench/gpu_session.sh 2    straightforward vs default for sctd, sctd+perpneg, ism, sds
 #   bash bench/gpu_session.sh 3    straightforward vs default for cds, gcs; the low-VRAM and large-GPU overlays
 set -uo pipefail
 PART=${1:-1}
@@ -23,7 +23,7 @@ case "$PART" in
       | quiet > "$OUT/gpu_tests.txt"
     grep -E "diff|cosine|passed|failed" "$OUT/gpu_tests.txt" | tail -30
     bench 300 --modes straightforward,default,no-compile --losses sctd --out "$OUT/benchmark_1.md" ;;
-  2) bench 500 --modes straightforward,default --losses sctd+perpneg,ism,sds --out "$OUT/benchmark_2.md" ;;
+  2) bench 540 --modes straightforward,default --losses sctd,sctd+perpneg,ism,sds --out "$OUT/benchmark_2.md" ;;
   3)
     bench 300 --modes straightforward,default --losses cds,gcs --out "$OUT/benchmark_3.md"
     bench 200 --modes low-vram,large-gpu --losses sctd --out "$OUT/benchmark_overlays.md" ;;

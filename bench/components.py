@@ -9,7 +9,8 @@ arithmetic rate (FLOPs counted by bench/flops.py) and its share of the GPU's den
 Levers: channels-last, CUDA-graph replay, cuDNN attention, torch.compile (static shapes, optional:
 about a minute of compilation per row), Inductor's tuning options (TUNED_INDUCTOR: coordinate-descent
 tuning of the generated kernels, 1x1 convolutions as matmuls; several minutes per row), weight freezing,
-fused QKV projections, convolutions as GEMMs (bench/conv_gemm.py) up to a latent resolution.
+fused QKV projections, convolutions as GEMMs (bench/conv_gemm.py) up to a latent resolution, CUDA-graph
+trees (mode="reduce-overhead") for the encoder's forward+backward.
 --select REGEX keeps the rows whose label matches.
 """
 from __future__ import annotations
@@ -27,12 +28,16 @@ import torch  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from bench.conv_gemm import convs_as_gemm  # noqa: E402
 from bench.flops import dense_fp16_peak_tflops, kernel_classes, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance import group_norm_nhwc  # noqa: E402
-from bench.conv_gemm import convs_as_gemm  # noqa: E402
 from guidance.cuda_graphs import GraphedForward, VAEMoments  # noqa: E402
-from guidance.group_norm_nhwc import GroupNormAct, fuse_encoder_norms, group_norm_act_nhwc  # noqa: E402
+from guidance.group_norm_nhwc import (  # noqa: E402
+    GroupNormAct,
+    fuse_encoder_norms,
+    group_norm_act_nhwc,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.components import Table, rel_err, timed  # noqa: E402
+from bench.conv_gemm import conv2d_as_gemm  # noqa: E402
 from bench.flops import dense_fp16_peak_tflops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
-from bench.conv_gemm import conv2d_as_gemm  # noqa: E402
 
 
 def conv_shapes(unet, batch: int) -> Counter:

@@ -23,11 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from guidance.prior import ModelNotFoundError
     from utils.run import train
 
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
-    from guidance.prior import ModelNotFoundError
-
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet)
     except (ModelNotFoundError, FileNotFoundError) as exc:

@@ -31,7 +31,6 @@ accumulated depth also passes gradients to the per-Gaussian depth z_i (as gsplat
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -403,11 +402,20 @@ def _block_scan(x: Tensor, block_first: Tensor, inplace: bool = False) -> Tensor
     """
     local = x.view(-1, _SCAN_BLOCK, x.shape[1])  # [nb, K, P]
     local = local.cumsum_(dim=1) if inplace else torch.cumsum(local, dim=1)
-    totals = local[:, -1, :].double()
-    before = torch.cumsum(totals, dim=0).sub_(totals)  # [nb, P] sum over the earlier blocks
-    before = before.sub_(before.index_select(0, block_first))  # ... of the same segment
-    local += before.to(x.dtype)[:, None, :]
+    local += _sum_of_earlier_blocks(local[:, -1, :].double(), block_first).to(x.dtype)[:, None, :]
     return local.view_as(x)
+
+
+def _sum_of_earlier_blocks(totals: Tensor, block_first: Tensor) -> Tensor:
+    """totals [nb, P] per block -> [nb, P] sums over the earlier blocks of the same segment
+    (block_first [nb]: the first block of each block's segment)."""
+    before = torch.cumsum(totals, dim=0).sub_(totals)  # over all earlier blocks
+    return before.sub_(before.index_select(0, block_first))
+
+
+def _float_below(value: float, dtype: torch.dtype) -> float:
+    """The largest `dtype` number below value: torch.threshold(x, it, 0) keeps x >= value."""
+    return torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
 
 
 def _tile_basis(tile_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -460,8 +468,7 @@ class _CompositeTiles(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:4])
         unclamped = alpha <= MAX_ALPHA if needs_grad else None  # d alpha / d(o exp(-sigma)) = 1 there
         # alpha >= 1/255 is kept: threshold keeps values above the float just below it.
-        below = torch.nextafter(torch.tensor(ALPHA_THRESHOLD, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
-        alpha = torch.threshold_(alpha, below, 0.0).clamp_max_(MAX_ALPHA)
+        alpha = torch.threshold_(alpha, _float_below(ALPHA_THRESHOLD, dtype), 0.0).clamp_max_(MAX_ALPHA)
         if width % t or height % t:
             step = torch.arange(t, device=device)
             inside_x = (tile_x * t)[:, None] + step.repeat(t) < width
@@ -471,14 +478,11 @@ class _CompositeTiles(torch.autograd.Function):
         one_minus = 1.0 - alpha  # [Q, t*t]
         trans = torch.cumprod(one_minus.view(nb, k, p), dim=1)  # [nb, K, t*t]
         log_block = torch.log(trans[:, -1, :].double())  # [nb, t*t], > log(0.01) * K: no underflow
-        before = torch.cumsum(log_block, dim=0).sub_(log_block)
-        before = before.sub_(before.index_select(0, block_first))
-        trans.mul_(torch.exp(before).to(dtype)[:, None, :])
+        trans.mul_(torch.exp(_sum_of_earlier_blocks(log_block, block_first)).to(dtype)[:, None, :])
         trans = trans.view(-1, p)
         # A pixel stops at the first Gaussian that would bring T below 1e-4 (a prefix per pixel):
         # T after it is set to 0, and so is T before it, its weight, and those of the rows after.
-        below = torch.nextafter(torch.tensor(TRANSMITTANCE_EPS, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
-        torch.threshold_(trans, below, 0.0)
+        torch.threshold_(trans, _float_below(TRANSMITTANCE_EPS, dtype), 0.0)
         weights = trans.div_(one_minus).mul_(alpha)  # alpha T_before, [Q, t*t]
         del one_minus
         feats1 = torch.cat([feats, torch.ones_like(feats[:, :1])], dim=1).view(nb, k, -1)  # [nb, K, D + 1]

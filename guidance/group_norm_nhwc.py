@@ -37,9 +37,14 @@ def _power_of_two(k: int) -> bool:
     return k > 0 and k & (k - 1) == 0
 
 
+def triton_installed() -> bool:
+    """Triton imports (torch.compile's GPU code generator and these kernels need it)."""
+    return triton is not None
+
+
 def triton_ready(x: Tensor) -> bool:
     """Triton kernels can run on x's device (CUDA, or the CPU under TRITON_INTERPRET=1 for tests)."""
-    if triton is None:
+    if not triton_installed():
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
-from guidance.group_norm_nhwc import fuse_encoder_norms
+from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
@@ -296,15 +296,6 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return module.eval()
 
 
-def _triton_available() -> bool:
-    """torch.compile's GPU code generator (inductor) needs Triton."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class StableDiffusionPrior(DiffusionPrior):
     """A frozen Stable Diffusion model (epsilon or v prediction) seen as a prior over rendered views."""
 
@@ -422,7 +413,7 @@ class StableDiffusionPrior(DiffusionPrior):
         if self.device.type != "cuda":
             return
         self.text_encoder.to("cpu")
-        triton_missing = not _triton_available()
+        triton_missing = not triton_installed()
         if vae_channels_last and triton_missing:
             logger.warning("PipelineParams.vae_channels_last is on but Triton is not installed: the VAE encoder "
                            "stays contiguous (pip install triton, or set PipelineParams.vae_channels_last=false)")

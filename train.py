@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from guidance.prior import ModelNotFoundError
-    from utils.run import train
+    from training.run import train
 
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
     try:

@@ -36,7 +36,7 @@ from bench.flops import NetworkFlops, dense_fp16_peak_tflops, network_flops  # n
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
-from utils.trainer import Trainer, apply_pipeline_options  # noqa: E402
+from training.trainer import Trainer, apply_pipeline_options  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     if args.tiny:
-        from bench.random_sd import tiny_sd_pipeline
+        from tests.tiny_models import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline("epsilon")
         components_fn = lambda: SDComponents(pipe.unet, pipe.vae, pipe.text_encoder,  # noqa: E731

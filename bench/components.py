@@ -9,7 +9,7 @@ arithmetic rate (FLOPs counted by bench/flops.py) and its share of the GPU's den
 Levers: channels-last, CUDA-graph replay, cuDNN attention, torch.compile (static shapes, optional:
 about a minute of compilation per row), Inductor's tuning options (TUNED_INDUCTOR: coordinate-descent
 tuning of the generated kernels, 1x1 convolutions as matmuls; several minutes per row), weight freezing,
-fused QKV projections, convolutions as GEMMs (bench/conv_gemm.py) up to a latent resolution, CUDA-graph
+fused QKV projections, CUDA-graph
 trees (mode="reduce-overhead") for the encoder's forward+backward.
 --select REGEX keeps the rows whose label matches.
 """
@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bench.conv_gemm import convs_as_gemm  # noqa: E402
 from bench.flops import dense_fp16_peak_tflops, kernel_classes, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance import group_norm_nhwc  # noqa: E402
@@ -129,26 +128,17 @@ def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Calla
             return GraphedForward(compiled(eager, **options), "unet")
         return factory
 
-    def gemm_convs(max_pixels: float, use_compile: bool = True):
-        def factory():
-            convs_as_gemm(unet, max_pixels)
-            return GraphedForward(compiled(eager) if use_compile else eager, "unet")
-        return factory
-
     cl = torch.channels_last
     variants = [
         ("eager", lambda: eager, torch.contiguous_format),
         ("CUDA graph", lambda: GraphedForward(eager, "unet"), torch.contiguous_format),
         ("CUDA graph, cuDNN attention", lambda: GraphedForward(cudnn_attention, "unet"), torch.contiguous_format),
-        ("CUDA graph, channels-last, GEMM convs", gemm_convs(float("inf"), use_compile=False), cl),
     ]
     if use_compile:
         variants += [
             ("compile", lambda: compiled(eager), torch.contiguous_format),
             ("compile + CUDA graph", lambda: GraphedForward(compiled(eager), "unet"), torch.contiguous_format),
             ("compile + CUDA graph, channels-last", lambda: GraphedForward(compiled(eager), "unet"), cl),
-            *[(f"compile + CUDA graph, channels-last, GEMM convs <= {side}x{side}", gemm_convs(side * side), cl)
-              for side in (8, 16, 32, 64)],
             ("compile tuned + CUDA graph, channels-last",
              lambda: GraphedForward(compiled(eager, **TUNED_INDUCTOR), "unet"), cl),
             ("compile tuned + freezing + CUDA graph, channels-last",
@@ -180,7 +170,6 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
                 continue
             torch._dynamo.reset()
             unfuse_qkv(unet)
-            convs_as_gemm(unet, 0)
             unet.to(memory_format=fmt)
             x = lat.contiguous(memory_format=fmt)
             try:
@@ -196,7 +185,6 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
             table.add(f"| UNet fwd B={b} | {label} | {ms:.2f} | {rate(tflop_per_sample * b, ms, peak)} | "
                       f"{rel_err(out, ref):.1e} | {first_s:.0f} |")
         unfuse_qkv(unet)
-        convs_as_gemm(unet, 0)
         unet.to(memory_format=torch.contiguous_format)
 
 

@@ -20,7 +20,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.random_sd import tiny_sd_pipeline  # noqa: E402
+from tests.tiny_models import tiny_sd_pipeline  # noqa: E402
 
 TINY_SD_DEFAULTS = dict(
     model_key=None,

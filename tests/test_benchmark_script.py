@@ -4,7 +4,7 @@ import torch
 
 from bench import benchmark
 from bench.flops import network_flops
-from bench.random_sd import tiny_sd_pipeline
+from tests.tiny_models import tiny_sd_pipeline
 from guidance.stable_diffusion import SDComponents
 
 

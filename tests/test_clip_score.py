@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from bench import clip_score
-from bench.clip_score import OPENAI_MEAN, OPENAI_STD, CLIPScorer
+from evaluation import clip_score
+from evaluation.clip_score import OPENAI_MEAN, OPENAI_STD, CLIPScorer
 from bench.random_sd import char_tokenizer
 from guidance.prior import ModelNotFoundError
 from scene.gaussian_model import GaussianModel

@@ -98,7 +98,7 @@ def test_group_norm_act_uses_pytorch_when_the_affine_parameters_train():
 
 
 def tiny_vae():
-    from bench.random_sd import tiny_sd_pipeline
+    from tests.tiny_models import tiny_sd_pipeline
 
     return tiny_sd_pipeline().vae.to(DEVICE).requires_grad_(False).eval()
 

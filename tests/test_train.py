@@ -9,7 +9,7 @@ import torch
 from plyfile import PlyData
 
 import train
-from utils.trainer import Trainer
+from training.trainer import Trainer
 
 TINY = [
     "GuidanceParams.prior=analytic", "GuidanceParams.C_batch_size=2", "GuidanceParams.lambda_guidance=0.1",
@@ -143,7 +143,7 @@ def test_brightness_equalization_scales_colours_only_when_too_bright():
 
 
 def test_gradient_clip_schedule():
-    from utils.trainer import gradient_clip_value
+    from training.trainer import gradient_clip_value
 
     assert gradient_clip_value(None, 10) is None
     assert gradient_clip_value([2.0, 8.0, 1000], 0) == 2.0

@@ -1,4 +1,4 @@
-"""Typed configuration schema, strict YAML loading and the command line.
+"""The typed configuration schema: one dataclass per YAML section, each field with its meaning and rules.
 
 One dataclass per YAML section, using the official SegmentDreamer/LucidDreamer
 section names (``ModelParams``, ``PipelineParams``, ``GuidanceParams``,
@@ -10,49 +10,18 @@ Every field carries ``metadata["help"]`` (a one-line meaning) and optional
 rules: ``choices``, ``min``/``max`` (inclusive), ``gt`` (exclusive lower
 bound), ``length`` (fixed list length), ``pair`` (a ``[low, high]`` list with
 ``low <= high``) and ``no_effect`` (why the key is accepted but ignored).
-
-Loading is strict and pure: an unknown key, a wrong type, a value outside its
-range or an inconsistent combination raises :class:`ConfigError` naming the
-full key (``Section.key``) before any heavy work starts.
+Loading and validation live in :mod:`utils.config.loading`, the command line in
+:mod:`utils.config.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import difflib
 import functools
-import logging
 import math
-import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
-
-import yaml
-
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "ConfigError",
-    "ModelParams",
-    "PipelineParams",
-    "GuidanceParams",
-    "GenerateCamParams",
-    "OptimizationParams",
-    "Config",
-    "param",
-    "load_config",
-    "validate_config",
-    "config_to_dict",
-    "save_config",
-    "no_effect_keys",
-    "build_arg_parser",
-    "cli_overrides",
-    "parse_cli",
-]
+from typing import Any, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -377,488 +346,53 @@ class Config:
 # ---------------------------------------------------------------------------
 # Schema introspection
 
-_ALIASES = {"ModelParams": {"_" + k: k for k in
+YAML_ALIASES = {"ModelParams": {"_" + k: k for k in
                             ("source_path", "model_path", "images", "resolution", "white_background")}}
 
 
 @dataclass(frozen=True)
-class _Spec:
+class FieldSpec:
     name: str
     type: Any
     meta: Any
 
 
 @functools.lru_cache(maxsize=None)
-def _specs(cls: type) -> dict[str, _Spec]:
+def field_specs(cls: type) -> dict[str, FieldSpec]:
     hints = typing.get_type_hints(cls)
-    return {f.name: _Spec(f.name, hints[f.name], f.metadata)
+    return {f.name: FieldSpec(f.name, hints[f.name], f.metadata)
             for f in dataclasses.fields(cls) if "section" not in f.metadata}
 
 
 @functools.lru_cache(maxsize=None)
-def _sections() -> dict[str, str]:
+def section_attributes() -> dict[str, str]:
     """YAML section name -> attribute name on :class:`Config`."""
     return {f.metadata["section"]: f.name for f in dataclasses.fields(Config) if "section" in f.metadata}
 
 
-def _section_class(section: Optional[str]) -> type:
+def section_class(section: Optional[str]) -> type:
     if section is None:
         return Config
-    return typing.get_type_hints(Config)[_sections()[section]]
+    return typing.get_type_hints(Config)[section_attributes()[section]]
 
 
-def _full(section: Optional[str], key: str) -> str:
+def full_key(section: Optional[str], key: str) -> str:
     return f"{section}.{key}" if section else key
 
 
 @functools.lru_cache(maxsize=None)
-def _all_keys() -> tuple[str, ...]:
-    keys = list(_specs(Config))
-    for section in _sections():
-        keys += [_full(section, k) for k in _specs(_section_class(section))]
+def all_keys() -> tuple[str, ...]:
+    keys = list(field_specs(Config))
+    for section in section_attributes():
+        keys += [full_key(section, k) for k in field_specs(section_class(section))]
     return tuple(keys)
 
 
 def no_effect_keys() -> dict[str, str]:
     """Full key -> reason, for every key accepted but ignored by this implementation."""
     out = {}
-    for section in (None, *_sections()):
-        for name, spec in _specs(_section_class(section)).items():
+    for section in (None, *section_attributes()):
+        for name, spec in field_specs(section_class(section)).items():
             if spec.meta["no_effect"]:
-                out[_full(section, name)] = spec.meta["no_effect"]
+                out[full_key(section, name)] = spec.meta["no_effect"]
     return out
-
-
-# ---------------------------------------------------------------------------
-# Type coercion and rule checks
-
-# PyYAML (YAML 1.1) reads ``1e-4`` as a string; float fields accept such exponent literals.
-_FLOAT_TEXT = re.compile(r"[+-]?(\d[\d_]*\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _got(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _to_int(key: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key} must be an integer, got {_got(value)}")
-
-
-def _to_float(key: str, value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-        number = float(value.strip())
-    else:
-        raise ConfigError(f"{key} must be a number, got {_got(value)}")
-    if not math.isfinite(number):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    return number
-
-
-def _to_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ConfigError(f"{key} must be true or false, got {_got(value)}")
-
-
-def _to_str(key: str, value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    raise ConfigError(f"{key} must be a string, got {_got(value)}")
-
-
-_SCALARS = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
-
-
-def _optional_inner(tp: Any) -> Any:
-    """``X`` for ``Optional[X]``, else None."""
-    if typing.get_origin(tp) is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return None
-
-
-def _coerce(key: str, value: Any, tp: Any, meta: Any) -> Any:
-    inner = _optional_inner(tp)
-    if inner is not None:
-        return None if value is None else _coerce(key, value, inner, meta)
-    if typing.get_origin(tp) is list:
-        return _coerce_list(key, value, typing.get_args(tp)[0], meta["length"])
-    return _SCALARS[tp](key, value)
-
-
-def _coerce_list(key: str, value: Any, elem: type, length: Optional[int]) -> list:
-    kind = "numbers" if elem in (int, float) else elem.__name__
-    expected = f"a list of {length} {kind}" if length else f"a list of {kind}"
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{key} must be {expected}, got {_got(value)}")
-    if length is not None and len(value) != length:
-        raise ConfigError(f"{key} must be {expected}, got {len(value)} items: {list(value)!r}")
-    return [_SCALARS[elem](f"{key}[{i}]", v) for i, v in enumerate(value)]
-
-
-def _bounds_text(meta: Any) -> Optional[str]:
-    low, high, gt = meta["min"], meta["max"], meta["gt"]
-    if gt is not None:
-        return f"in ({gt}, {high}]" if high is not None else f"> {gt}"
-    if low is not None and high is not None:
-        return f"in [{low}, {high}]"
-    if low is not None:
-        return f">= {low}"
-    return f"<= {high}" if high is not None else None
-
-
-def _in_bounds(value: float, meta: Any) -> bool:
-    low, high, gt = meta["min"], meta["max"], meta["gt"]
-    return not ((low is not None and value < low) or (high is not None and value > high)
-                or (gt is not None and value <= gt))
-
-
-def _check_rules(key: str, value: Any, meta: Any) -> None:
-    if value is None:
-        return
-    choices = meta["choices"]
-    if choices and value not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
-    items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-    rule = _bounds_text(meta)
-    for index, item in items:
-        if rule and not _in_bounds(item, meta):
-            name = key if index is None else f"{key}[{index}]"
-            raise ConfigError(f"{name} must be {rule}, got {item!r}")
-    if meta["pair"] and value[0] > value[1]:
-        raise ConfigError(f"{key} must be [low, high] with low <= high, got {value!r}")
-
-
-# ---------------------------------------------------------------------------
-# YAML reading
-
-class _FlowListDumper(yaml.SafeDumper):
-    """SafeDumper writing lists inline (``[0.02, 0.5]``) and mappings as blocks."""
-
-
-def _represent_list(dumper: _FlowListDumper, data: list) -> yaml.SequenceNode:
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
-
-
-_FlowListDumper.add_representer(list, _represent_list)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise ConfigError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _yaml_load(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
-    return _yaml_load(text, path.name)
-
-
-# ---------------------------------------------------------------------------
-# Applying values
-
-def _suggest(section: Optional[str], key: str) -> Optional[str]:
-    """Closest valid full key for a mistyped ``section.key``."""
-    exact = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == key]
-    if exact:
-        return exact[0]
-    local = list(_specs(_section_class(section)))
-    if section is None:
-        local += list(_sections())
-    close = difflib.get_close_matches(key, local, n=1)
-    if close:
-        return _full(section, close[0])
-    close = difflib.get_close_matches(_full(section, key), _all_keys(), n=1)
-    return close[0] if close else None
-
-
-def _unknown(kind: str, name: str, suggestion: Optional[str], source: str) -> ConfigError:
-    hint = f"; did you mean '{suggestion}'?" if suggestion else ""
-    return ConfigError(f"unknown {kind} '{name}' in {source}{hint}")
-
-
-def _lookup(section: Optional[str], key: str, source: str) -> _Spec:
-    if section is not None and section not in _sections():
-        close = difflib.get_close_matches(section, list(_sections()), n=1)
-        raise _unknown("section", section, close[0] if close else None, source)
-    canonical = _ALIASES.get(section or "", {}).get(key, key)
-    spec = _specs(_section_class(section)).get(canonical)
-    if spec is None:
-        raise _unknown("key", _full(section, key), _suggest(section, key), source)
-    return spec
-
-
-def _target(cfg: Config, section: Optional[str]) -> Any:
-    return cfg if section is None else getattr(cfg, _sections()[section])
-
-
-def _assign(cfg: Config, section: Optional[str], spec: _Spec, value: Any) -> str:
-    key = _full(section, spec.name)
-    value = _coerce(key, value, spec.type, spec.meta)
-    _check_rules(key, value, spec.meta)
-    setattr(_target(cfg, section), spec.name, value)
-    return key
-
-
-def _apply_section(cfg: Config, section: str, values: Any, source: str) -> list[str]:
-    if values is None:
-        return []
-    if not isinstance(values, dict):
-        raise ConfigError(f"section '{section}' in {source} must be a mapping of keys, got {_got(values)}")
-    done: dict[str, str] = {}
-    for key, value in values.items():
-        spec = _lookup(section, str(key), source)
-        if spec.name in done:
-            raise ConfigError(f"{_full(section, spec.name)} is set twice in {source} "
-                              f"(as '{done[spec.name]}' and '{key}')")
-        done[spec.name] = str(key)
-        _assign(cfg, section, spec, value)
-    return [_full(section, name) for name in done]
-
-
-def _apply_document(cfg: Config, data: Any, source: str) -> list[str]:
-    if data is None:
-        return []
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must be a mapping of sections and keys, got {_got(data)}")
-    touched = []
-    for name, value in data.items():
-        name = str(name)
-        if name in _sections():
-            touched += _apply_section(cfg, name, value, source)
-        elif name not in _specs(Config) and isinstance(value, dict):
-            close = difflib.get_close_matches(name, list(_sections()), n=1)
-            raise _unknown("section", name, close[0] if close else None, source)
-        else:
-            touched.append(_assign(cfg, None, _lookup(None, name, source), value))
-    return touched
-
-
-def _split_override(text: str) -> tuple[Optional[str], str, str]:
-    name, sep, raw = text.partition("=")
-    name = name.strip()
-    if not sep or not name:
-        raise ConfigError(f"malformed override {text!r}: expected Section.key=value or key=value")
-    section, _, key = name.rpartition(".")
-    if not section and key in _sections():
-        raise ConfigError(f"malformed override {text!r}: name a key inside the section, e.g. {key}.<key>=value")
-    return (section or None), key, raw.strip()
-
-
-def _override_value(spec: _Spec, raw: str, source: str) -> Any:
-    """Parse an override value with YAML; string fields keep the raw text when YAML gives a non-string."""
-    wants_str = spec.type is str or _optional_inner(spec.type) is str
-    try:
-        value = _yaml_load(raw, source)
-    except ConfigError:
-        if wants_str:
-            return raw
-        raise
-    if wants_str and not isinstance(value, str) and not (value is None and spec.type is not str):
-        return raw
-    return value
-
-
-def _apply_override(cfg: Config, text: str) -> str:
-    section, key, raw = _split_override(text)
-    source = f"override {text!r}"
-    spec = _lookup(section, key, source)
-    return _assign(cfg, section, spec, _override_value(spec, raw, source))
-
-
-# ---------------------------------------------------------------------------
-# Validation
-
-def _check_all_fields(cfg: Config) -> None:
-    for section in (None, *_sections()):
-        target = _target(cfg, section)
-        for spec in _specs(_section_class(section)).values():
-            key = _full(section, spec.name)
-            value = _coerce(key, getattr(target, spec.name), spec.type, spec.meta)
-            _check_rules(key, value, spec.meta)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _check_cross(cfg: Config) -> None:
-    g, o, c = cfg.guidance, cfg.optim, cfg.camera
-    _require(g.t_range[0] < g.t_range[1] <= g.max_t_range,
-             "GuidanceParams.t_range and GuidanceParams.max_t_range must satisfy "
-             f"t_range[0] < t_range[1] <= max_t_range, got t_range={g.t_range!r}, max_t_range={g.max_t_range!r}")
-    _require(o.densify_from_iter <= o.densify_until_iter,
-             "OptimizationParams.densify_from_iter must be <= OptimizationParams.densify_until_iter, "
-             f"got {o.densify_from_iter} > {o.densify_until_iter}")
-    _require(o.start_reset_iter <= o.end_reset_iter,
-             "OptimizationParams.start_reset_iter must be <= OptimizationParams.end_reset_iter, "
-             f"got {o.start_reset_iter} > {o.end_reset_iter}")
-    _require(g.cds_t_end <= g.cds_t_start,
-             "GuidanceParams.cds_t_end must be <= GuidanceParams.cds_t_start, "
-             f"got {g.cds_t_end} > {g.cds_t_start}")
-    _require(c.init_shape != "ply" or bool(c.init_path),
-             "GenerateCamParams.init_shape is 'ply' but GenerateCamParams.init_path is not set")
-
-
-def validate_config(cfg: Config) -> Config:
-    """Check every field's type and rules and the cross-field constraints; return ``cfg``."""
-    _check_all_fields(cfg)
-    _check_cross(cfg)
-    return cfg
-
-
-def _warn_no_effect(keys: Sequence[str]) -> None:
-    reasons = no_effect_keys()
-    for key in dict.fromkeys(keys):
-        if key in reasons:
-            logger.warning("%s has no effect here: %s", key, reasons[key])
-
-
-def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = (), *,
-                warn_no_effect: bool = True, overlays: Sequence[Union[str, Path]] = ()) -> Config:
-    """Load a YAML file (or the defaults when ``path`` is None), then overlay files (partial YAML
-    files such as config/low_vram.yaml) in order, then ``Section.key=value`` overrides in order;
-    validate, and warn once for every no-effect key that was set."""
-    cfg = Config()
-    touched: list[str] = []
-    for doc in ([path] if path is not None else []) + list(overlays):
-        doc = Path(doc)
-        touched += _apply_document(cfg, _read_yaml(doc), doc.name)
-    for text in overrides:
-        touched.append(_apply_override(cfg, text))
-    validate_config(cfg)
-    if warn_no_effect:
-        _warn_no_effect(touched)
-    return cfg
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """YAML-shaped dict (top-level keys, then one mapping per section) that :func:`load_config` reads back."""
-    out: dict[str, Any] = {name: copy.deepcopy(getattr(cfg, name)) for name in _specs(Config)}
-    for section, attr in _sections().items():
-        out[section] = {f.name: copy.deepcopy(getattr(getattr(cfg, attr), f.name))
-                        for f in dataclasses.fields(getattr(cfg, attr))}
-    return out
-
-
-def save_config(cfg: Config, path: Union[str, Path]) -> Path:
-    """Write the resolved config as YAML (creating parent folders) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(config_to_dict(cfg), Dumper=_FlowListDumper, sort_keys=False, allow_unicode=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-# ---------------------------------------------------------------------------
-# Command line
-
-_FLAG_KEYS = {
-    "guidance_type": "GuidanceParams.guidance_type",
-    "phase_num": "GuidanceParams.phase_num",
-    "num_ddim_timesteps": "GuidanceParams.num_ddim_timesteps",
-    "guid_scale": "GuidanceParams.guidance_scale",
-    "seed": "seed",
-    "output": "output_dir",
-    "port": "port",
-    "test_ratio": "test_ratio",
-    "save_ratio": "save_ratio",
-    "save_video": "save_video",
-}
-
-_IGNORED_FLAGS = {
-    "ip": "there is no GUI",
-    "debug_from": "the official CUDA rasterizer debug mode is not used",
-    "checkpoint_iterations": "checkpoints follow checkpoint_interval",
-    "start_checkpoint": "use --resume RUN_DIR",
-}
-
-
-def _add_published_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--guidance_type", help="GuidanceParams.guidance_type (sctd|ism|sds|cds|gcs)")
-    parser.add_argument("--phase_num", help="GuidanceParams.phase_num: number of trajectory segments N_s")
-    parser.add_argument("--num_ddim_timesteps", help="GuidanceParams.num_ddim_timesteps (no effect)")
-    parser.add_argument("--guid_scale", help="GuidanceParams.guidance_scale (only when given)")
-    parser.add_argument("--seed", help="top-level seed")
-
-
-def _add_official_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ip", help="official GUI host (no effect)")
-    parser.add_argument("--port", help="top-level port (no effect)")
-    parser.add_argument("--debug_from", help="official rasterizer debug start (no effect)")
-    parser.add_argument("--detect_anomaly", action="store_true", help="enable torch autograd anomaly detection")
-    parser.add_argument("--test_ratio", help="top-level test_ratio")
-    parser.add_argument("--save_ratio", help="top-level save_ratio")
-    parser.add_argument("--save_video", nargs="?", const="true", help="top-level save_video (true/false)")
-    parser.add_argument("--quiet", action="store_true", help="less console output")
-    parser.add_argument("--checkpoint_iterations", nargs="+", type=int,
-                        help="official checkpoint iterations (no effect)")
-    parser.add_argument("--start_checkpoint", help="official checkpoint to start from (no effect; use --resume)")
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """Parser for ``train.py``: ``--opt``, trailing ``Section.key=value`` overrides and the published flags.
-
-    Flags default to None and become overrides only when given, so YAML values are not overwritten.
-    """
-    parser = argparse.ArgumentParser(
-        prog="train.py", description="Text-to-3D Gaussian splatting with SegmentDreamer (SCTD).")
-    parser.add_argument("--opt", metavar="FILE", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="Section.key=value",
-                        help="config overrides applied after the file, e.g. GuidanceParams.text='a cat' seed=3")
-    parser.add_argument("--overlay", action="append", metavar="FILE",
-                        help="partial YAML applied after --opt (repeatable), e.g. config/low_vram.yaml")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="resume from the latest checkpoint of a run folder")
-    parser.add_argument("--output", metavar="DIR", help="top-level output_dir")
-    _add_published_flags(parser)
-    _add_official_flags(parser)
-    return parser
-
-
-def cli_overrides(args: argparse.Namespace) -> list[str]:
-    """Overrides implied by the parsed flags (only those given), followed by the positional overrides."""
-    out = [f"{key}={getattr(args, flag)}" for flag, key in _FLAG_KEYS.items() if getattr(args, flag) is not None]
-    return out + list(args.overrides)
-
-
-def _warn_ignored_flags(args: argparse.Namespace) -> None:
-    for flag, reason in _IGNORED_FLAGS.items():
-        if getattr(args, flag) is not None:
-            logger.warning("--%s has no effect here: %s", flag, reason)
-
-
-def parse_cli(argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Namespace]:
-    """Parse ``argv`` (default ``sys.argv[1:]``), load ``--opt`` with all overrides and validate."""
-    args = build_arg_parser().parse_intermixed_args(argv)
-    _warn_ignored_flags(args)
-    return load_config(args.opt, cli_overrides(args), overlays=args.overlay or ()), args

@@ -14,9 +14,9 @@ from utils.config import Config, load_config, save_config
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
 from utils.monitor import Monitor
-from utils.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
+from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from utils.seeding import seed_everything
-from utils.trainer import Trainer
+from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

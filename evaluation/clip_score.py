@@ -1,9 +1,9 @@
 """CLIP score of a trained asset: the text-alignment metric of SegmentDreamer's Table 1 (CLIP-L, the
 mean over 120 views around the object).
 
-    python bench/clip_score.py outputs/sctd/bagel_sctd_s0_20261122-101500
-    python bench/clip_score.py RUN_DIR --model /path/to/clip-vit-large-patch14 --views 120 --resolution 512
-    python bench/clip_score.py RUN_DIR --ply other.ply --prompt "a DSLR photo of a bagel"
+    python evaluation/clip_score.py outputs/sctd/bagel_sctd_s0_20261122-101500
+    python evaluation/clip_score.py RUN_DIR --model /path/to/clip-vit-large-patch14 --views 120 --resolution 512
+    python evaluation/clip_score.py RUN_DIR --ply other.ply --prompt "a DSLR photo of a bagel"
 
 The run folder supplies the prompt (GuidanceParams.text), the camera ring (GenerateCamParams: default
 radius, polar and fov) and the asset: point_cloud.ply, or the newest point_cloud/iteration_*/point_cloud.ply
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from utils.config import load_config
-    from utils.trainer import resolve_device
+    from training.trainer import resolve_device
 
     config_path = args.run_dir / "config.yaml"
     if not config_path.is_file():

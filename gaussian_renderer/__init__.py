@@ -14,15 +14,15 @@ from torch import Tensor
 from gaussian_renderer.depth import normalized_disparity
 from gaussian_renderer.gsplat_backend import gsplat_available, rasterize_gsplat
 from gaussian_renderer.torch_backend import rasterize_torch
-from gaussian_renderer.types import GaussianTensors, RenderOutput
+from gaussian_renderer.types import RasterizeInputs, RenderOutput
 from scene.cameras import Cameras
+from scene.gaussian_tensors import GaussianTensors
 
-__all__ = ["render", "render_in_chunks", "resolve_backend", "GaussianTensors", "RenderOutput", "normalized_disparity"]
+__all__ = ["render", "render_in_chunks", "resolve_backend", "RenderOutput", "normalized_disparity"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "gsplat")
-EPS2D = 0.3
 _warned_no_gsplat = False
 
 
@@ -48,50 +48,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _check_inputs(gaussians: GaussianTensors, cameras: Cameras, background: Tensor) -> Tensor:
-    """Validates shapes, dtypes and devices; returns the background as [B, 3]."""
-    means = gaussians.means
-    if means.dim() != 2 or means.shape[1] != 3:
-        raise ValueError(f"gaussians.means must be [N, 3], got {tuple(means.shape)}")
-    n = means.shape[0]
-    expected = {
-        "quats": (n, 4),
-        "scales": (n, 3),
-        "opacities": (n,),
-    }
-    for name, shape in expected.items():
-        value = getattr(gaussians, name)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"gaussians.{name} must be {list(shape)} (N={n}), got {tuple(value.shape)}")
-    sh = gaussians.sh_coeffs
-    if sh.dim() != 3 or sh.shape[0] != n or sh.shape[2] != 3:
-        raise ValueError(f"gaussians.sh_coeffs must be [N={n}, K, 3], got {tuple(sh.shape)}")
-    degree = gaussians.sh_degree
-    if not isinstance(degree, int) or not 0 <= degree <= 3:
-        raise ValueError(f"gaussians.sh_degree must be an int in 0..3, got {degree!r}")
-    if (degree + 1) ** 2 > sh.shape[1]:
-        raise ValueError(
-            f"gaussians.sh_degree={degree} needs K >= {(degree + 1) ** 2} SH coefficients, "
-            f"got sh_coeffs {tuple(sh.shape)}"
-        )
-    for name in ("means", "quats", "scales", "opacities", "sh_coeffs"):
-        value = getattr(gaussians, name)
-        if not value.is_floating_point():
-            raise ValueError(f"gaussians.{name} must be floating point, got {value.dtype}")
-        if value.device != cameras.device:
-            raise ValueError(
-                f"gaussians.{name} is on {value.device} but cameras are on {cameras.device}"
-            )
-    b = len(cameras)
-    if background.device != cameras.device:
-        raise ValueError(f"background is on {background.device} but cameras are on {cameras.device}")
-    if background.shape == (3,):
-        background = background[None].expand(b, 3)
-    elif background.shape != (b, 3):
-        raise ValueError(f"background must be [3] or [B={b}, 3], got {tuple(background.shape)}")
-    return background
-
-
 def render(
     gaussians: GaussianTensors,
     cameras: Cameras,
@@ -113,28 +69,10 @@ def render(
         gradient (the one its densification threshold refers to) is dL/d(NDC), i.e. this
         gradient times (W / 2, H / 2).
     """
-    background = _check_inputs(gaussians, cameras, background)
+    inputs = RasterizeInputs.from_cameras(gaussians, cameras, background)
     name = resolve_backend(backend, cameras.device)
-    dtype = gaussians.means.dtype
-    viewmats = cameras.world_to_camera.to(dtype)  # [B, 4, 4]
-    Ks = cameras.intrinsics().to(dtype)  # [B, 3, 3]
     rasterize = rasterize_gsplat if name == "gsplat" else rasterize_torch
-    rgb, accum_depth, alpha, means2d, radii = rasterize(
-        gaussians.means,
-        gaussians.quats,
-        gaussians.scales,
-        gaussians.opacities,
-        gaussians.sh_coeffs,
-        gaussians.sh_degree,
-        viewmats,
-        Ks,
-        background.to(dtype),
-        cameras.width,
-        cameras.height,
-        near=cameras.near,
-        far=cameras.far,
-        eps2d=EPS2D,
-    )  # [B, H, W, 3], [B, H, W, 1], [B, H, W, 1], [B, N, 2], [B, N]
+    rgb, accum_depth, alpha, means2d, radii = rasterize(inputs)  # channels last, see RasterizeOutputs
     accum_depth = accum_depth.permute(0, 3, 1, 2)
     alpha = alpha.permute(0, 3, 1, 2)
     return RenderOutput(

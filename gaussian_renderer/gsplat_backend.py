@@ -21,7 +21,8 @@ Notes on gsplat 1.5 (checked in its source, ``gsplat/rendering.py`` and
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+
+from gaussian_renderer.types import RasterizeInputs, RasterizeOutputs
 
 __all__ = ["rasterize_gsplat", "gsplat_available"]
 
@@ -35,47 +36,29 @@ def gsplat_available() -> bool:
     return True
 
 
-def rasterize_gsplat(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    sh_coeffs: Tensor,
-    sh_degree: int,
-    viewmats: Tensor,
-    Ks: Tensor,
-    backgrounds: Tensor,
-    width: int,
-    height: int,
-    near: float = 0.01,
-    far: float = 100.0,
-    eps2d: float = 0.3,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Renders N Gaussians into B cameras with gsplat.
-
-    Args and returns: as ``torch_backend.rasterize_torch`` (rgb [B, H, W, 3], accumulated depth
-    [B, H, W, 1], alpha [B, H, W, 1], means2d [B, N, 2] with retained grad, radii [B, N] int32).
-    """
-    if means.dtype != torch.float32:
-        raise ValueError(f"the gsplat backend renders float32 only, got gaussians of dtype {means.dtype}")
+def rasterize_gsplat(inputs: RasterizeInputs) -> RasterizeOutputs:
+    """Renders N Gaussians into B cameras with gsplat; the same outputs as ``torch_backend.rasterize_torch``."""
+    g = inputs.gaussians
+    if g.means.dtype != torch.float32:
+        raise ValueError(f"the gsplat backend renders float32 only, got gaussians of dtype {g.means.dtype}")
     from gsplat import rasterization
 
     render, alphas, meta = rasterization(
-        means=means,
-        quats=quats,
-        scales=scales,
-        opacities=opacities,
-        colors=sh_coeffs,
-        viewmats=viewmats,
-        Ks=Ks,
-        width=width,
-        height=height,
-        near_plane=near,
-        far_plane=far,
-        eps2d=eps2d,
-        sh_degree=sh_degree,
+        means=g.means,
+        quats=g.quats,
+        scales=g.scales,
+        opacities=g.opacities,
+        colors=g.sh_coeffs,
+        viewmats=inputs.viewmats,
+        Ks=inputs.Ks,
+        width=inputs.width,
+        height=inputs.height,
+        near_plane=inputs.near,
+        far_plane=inputs.far,
+        eps2d=inputs.eps2d,
+        sh_degree=g.sh_degree,
         packed=False,
-        backgrounds=backgrounds,
+        backgrounds=inputs.backgrounds,
         render_mode="RGB+D",
         rasterize_mode="classic",
     )  # render [B, H, W, 4], alphas [B, H, W, 1]
@@ -85,4 +68,4 @@ def rasterize_gsplat(
     radii = meta["radii"]
     if radii.dim() == 3:  # gsplat >= 1.5: per-axis radii [B, N, 2]
         radii = radii.amax(dim=-1)
-    return render[..., :3], render[..., 3:4], alphas, means2d, radii.int()
+    return RasterizeOutputs(render[..., :3], render[..., 3:4], alphas, means2d, radii.int())

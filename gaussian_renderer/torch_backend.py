@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from gaussian_renderer.types import RasterizeInputs, RasterizeOutputs
+
 __all__ = [
     "ALPHA_THRESHOLD",
     "MAX_ALPHA",
@@ -680,48 +682,26 @@ def rasterize_pixels(
 
 
 def rasterize_torch(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    sh_coeffs: Tensor,
-    sh_degree: int,
-    viewmats: Tensor,
-    Ks: Tensor,
-    backgrounds: Tensor,
-    width: int,
-    height: int,
-    near: float = 0.01,
-    far: float = 100.0,
-    eps2d: float = 0.3,
-    max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Renders N Gaussians into B cameras.
+    inputs: RasterizeInputs, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS
+) -> RasterizeOutputs:
+    """Renders N Gaussians into B cameras (see ``RasterizeInputs`` and ``RasterizeOutputs`` for the shapes).
 
-    Args:
-        means: [N, 3]; quats: [N, 4] (w, x, y, z); scales: [N, 3]; opacities: [N];
-        sh_coeffs: [N, K, 3]; sh_degree: 0..3 with (sh_degree + 1) ** 2 <= K.
-        viewmats: [B, 4, 4] world-to-camera; Ks: [B, 3, 3]; backgrounds: [B, 3].
-        width, height: image size; near, far: depth culling range; eps2d: dilation.
-        max_chunk_elements: bound on the (Gaussian-tile pair, pixel) entries rasterized at once.
-
-    Returns:
-        rgb [B, H, W, 3], accumulated depth [B, H, W, 1], alpha [B, H, W, 1],
-        means2d [B, N, 2] (the tensor the rasterizer used; .retain_grad() called when it
-        requires grad), radii [B, N] int32.
+    max_chunk_elements bounds the (Gaussian-tile pair, pixel) entries rasterized at once.
     """
-    covars = quat_scale_to_covar(quats, scales)  # [N, 3, 3]
+    g, viewmats = inputs.gaussians, inputs.viewmats
+    width, height = inputs.width, inputs.height
+    covars = quat_scale_to_covar(g.quats, g.scales)  # [N, 3, 3]
     means2d, conics, depths, radii, visible = project_gaussians(
-        means, covars, viewmats, Ks, width, height, near, far, eps2d
+        g.means, covars, viewmats, inputs.Ks, width, height, inputs.near, inputs.far, inputs.eps2d
     )
     if means2d.requires_grad:
         means2d.retain_grad()
     centers = -(viewmats[:, :3, :3].transpose(1, 2) @ viewmats[:, :3, 3:]).squeeze(-1)  # [B, 3]
-    colors = sh_to_rgb(means, sh_coeffs, sh_degree, centers)  # [B, N, 3]
-    opac = torch.where(visible, opacities[None, :].expand_as(depths), torch.zeros_like(depths))
+    colors = sh_to_rgb(g.means, g.sh_coeffs, g.sh_degree, centers)  # [B, N, 3]
+    opac = torch.where(visible, g.opacities[None, :].expand_as(depths), torch.zeros_like(depths))
     features = torch.cat([colors, depths[..., None]], dim=-1)  # [B, N, 4]
     feats, trans = rasterize_pixels(
         means2d, conics, opac, features, depths, width, height, max_chunk_elements
     )
-    rgb = feats[..., :3] + trans[..., None] * backgrounds[:, None, None, :]
-    return rgb, feats[..., 3:], (1.0 - trans)[..., None], means2d, radii
+    rgb = feats[..., :3] + trans[..., None] * inputs.backgrounds[:, None, None, :]
+    return RasterizeOutputs(rgb, feats[..., 3:], (1.0 - trans)[..., None], means2d, radii)

@@ -1,22 +1,105 @@
-"""Inputs and outputs of the Gaussian rasterizer, shared by every backend."""
+"""What goes into and out of the Gaussian rasterizer.
+
+`RasterizeInputs` is the one structure every backend takes (N Gaussians seen by B cameras), validated
+in one place (its ``__post_init__``); `RasterizeOutputs` is what every backend returns; `RenderOutput`
+is what ``render`` hands to the trainer (channels first, depth normalised).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from scene.cameras import Cameras
+from scene.gaussian_tensors import GaussianTensors
 
-@dataclass
-class GaussianTensors:
-    """Activated Gaussian parameters, the renderer's only view of the model."""
+# the 3DGS rasterizer's low-pass dilation added to every 2D covariance (pixels^2)
+EPS2D = 0.3
 
-    means: Tensor  # [N, 3] world positions
-    quats: Tensor  # [N, 4] rotations (w, x, y, z), not necessarily normalised
-    scales: Tensor  # [N, 3] standard deviations along the local axes (activated)
-    opacities: Tensor  # [N] in (0, 1) (activated)
-    sh_coeffs: Tensor  # [N, K, 3] spherical-harmonic colour coefficients, K = (sh_degree + 1) ** 2
-    sh_degree: int  # degree used for this render (<= the coefficients' degree)
+
+@dataclass(frozen=True)
+class RasterizeInputs:
+    """N Gaussians and B pinhole cameras of one image size, on one device; raises ValueError when they
+    do not fit together (the field named, with the shape expected and the one given)."""
+
+    gaussians: GaussianTensors  # N activated Gaussians
+    viewmats: Tensor  # [B, 4, 4] world-to-camera transforms (OpenCV axes)
+    Ks: Tensor  # [B, 3, 3] pixel intrinsics
+    backgrounds: Tensor  # [B, 3] background colours ([3] is broadcast to every camera)
+    width: int  # image size in pixels
+    height: int
+    near: float = 0.01  # camera depths kept: [near, far]; Gaussians outside are culled
+    far: float = 100.0
+    eps2d: float = EPS2D
+
+    @classmethod
+    def from_cameras(cls, gaussians: GaussianTensors, cameras: Cameras, background: Tensor,
+                     eps2d: float = EPS2D) -> "RasterizeInputs":
+        """The cameras' matrices and the background in the Gaussians' dtype."""
+        dtype = gaussians.means.dtype
+        return cls(gaussians, cameras.world_to_camera.to(dtype), cameras.intrinsics().to(dtype),
+                   background.to(dtype), cameras.width, cameras.height, cameras.near, cameras.far, eps2d)
+
+    @property
+    def device(self) -> torch.device:
+        return self.viewmats.device
+
+    def __post_init__(self) -> None:
+        self._check_gaussians()
+        b = self.viewmats.shape[0]
+        if self.viewmats.shape != (b, 4, 4):
+            raise ValueError(f"viewmats must be [B, 4, 4], got {tuple(self.viewmats.shape)}")
+        if self.Ks.shape != (b, 3, 3):
+            raise ValueError(f"Ks must be [B={b}, 3, 3], got {tuple(self.Ks.shape)}")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"image size must be positive, got {self.width}x{self.height}")
+        background = self.backgrounds
+        if background.device != self.device:
+            raise ValueError(f"background is on {background.device} but cameras are on {self.device}")
+        if background.shape == (3,):
+            object.__setattr__(self, "backgrounds", background[None].expand(b, 3))
+        elif background.shape != (b, 3):
+            raise ValueError(f"background must be [3] or [B={b}, 3], got {tuple(background.shape)}")
+
+    def _check_gaussians(self) -> None:
+        gaussians = self.gaussians
+        means = gaussians.means
+        if means.dim() != 2 or means.shape[1] != 3:
+            raise ValueError(f"gaussians.means must be [N, 3], got {tuple(means.shape)}")
+        n = means.shape[0]
+        for name, shape in {"quats": (n, 4), "scales": (n, 3), "opacities": (n,)}.items():
+            value = getattr(gaussians, name)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"gaussians.{name} must be {list(shape)} (N={n}), got {tuple(value.shape)}")
+        sh = gaussians.sh_coeffs
+        if sh.dim() != 3 or sh.shape[0] != n or sh.shape[2] != 3:
+            raise ValueError(f"gaussians.sh_coeffs must be [N={n}, K, 3], got {tuple(sh.shape)}")
+        degree = gaussians.sh_degree
+        if not isinstance(degree, int) or not 0 <= degree <= 3:
+            raise ValueError(f"gaussians.sh_degree must be an int in 0..3, got {degree!r}")
+        if (degree + 1) ** 2 > sh.shape[1]:
+            raise ValueError(
+                f"gaussians.sh_degree={degree} needs K >= {(degree + 1) ** 2} SH coefficients, "
+                f"got sh_coeffs {tuple(sh.shape)}"
+            )
+        for name in ("means", "quats", "scales", "opacities", "sh_coeffs"):
+            value = getattr(gaussians, name)
+            if not value.is_floating_point():
+                raise ValueError(f"gaussians.{name} must be floating point, got {value.dtype}")
+            if value.device != self.device:
+                raise ValueError(f"gaussians.{name} is on {value.device} but cameras are on {self.device}")
+
+
+class RasterizeOutputs(NamedTuple):
+    """What every backend returns (channels last, as gsplat does)."""
+
+    rgb: Tensor  # [B, H, W, 3] composited colour, background included
+    accum_depth: Tensor  # [B, H, W, 1] sum_i z_i a_i T_i (background 0)
+    alpha: Tensor  # [B, H, W, 1] accumulated opacity 1 - T_final
+    means2d: Tensor  # [B, N, 2] projected centres in pixels; .retain_grad() called when it requires grad
+    radii: Tensor  # [B, N] int32 screen radius in pixels; 0 = not drawn
 
 
 @dataclass

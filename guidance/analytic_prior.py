@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from gaussian_renderer import render
-from gaussian_renderer.types import GaussianTensors
 from guidance.prior import Conditioning, DiffusionPrior
 from scene.cameras import Cameras
 from scene.gaussian_model import GaussianModel, rgb_to_sh
+from scene.gaussian_tensors import GaussianTensors
 
 PROCEDURAL_SCENES = ("blobs", "snowman", "dumbbell")
 

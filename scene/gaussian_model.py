@@ -34,7 +34,7 @@ from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from gaussian_renderer.types import GaussianTensors
+from scene.gaussian_tensors import GaussianTensors
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
-from gaussian_renderer import GaussianTensors, render, resolve_backend
+from gaussian_renderer import render, resolve_backend
 from gaussian_renderer.gsplat_backend import gsplat_available, rasterize_gsplat
 from gaussian_renderer.torch_backend import rasterize_torch
+from gaussian_renderer.types import RasterizeInputs
 from scene.camera_sampler import orbit_cameras
+from scene.gaussian_tensors import GaussianTensors
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +60,8 @@ def _run(rasterize, scene, cams, bg, weights):
     params = [t.detach().clone().requires_grad_(True) for t in (scene.means, scene.scales, scene.opacities, scene.sh_coeffs)]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    rgb, depth, alpha, means2d, radii = rasterize(
-        params[0], scene.quats, params[1], params[2], params[3], scene.sh_degree,
-        cams.world_to_camera, cams.intrinsics(), bg, SIZE, SIZE, near=cams.near, far=cams.far,
-    )
+    gaussians = GaussianTensors(params[0], scene.quats, params[1], params[2], params[3], scene.sh_degree)
+    rgb, depth, alpha, means2d, radii = rasterize(RasterizeInputs.from_cameras(gaussians, cams, bg))
     image = torch.cat([rgb, depth / 4.0, alpha], dim=-1).permute(0, 3, 1, 2)  # [B, 5, H, W]
     loss = (image * weights[0]).sum()
     loss.backward()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gaussian_renderer import GaussianTensors, normalized_disparity, render
+from gaussian_renderer import normalized_disparity, render
 from gaussian_renderer.torch_backend import (
     _rasterize_pixels_dense,
     project_gaussians,
@@ -16,7 +16,9 @@ from gaussian_renderer.torch_backend import (
     sh_to_rgb,
     spherical_harmonics,
 )
+from gaussian_renderer.types import RasterizeInputs
 from scene.camera_sampler import orbit_cameras
+from scene.gaussian_tensors import GaussianTensors
 
 SH_C0 = 0.28209479177387814
 
@@ -91,10 +93,7 @@ def test_nearer_gaussian_occludes_regardless_of_input_order():
         torch.testing.assert_close(out.rgb[0, :, 16, 16], expected, atol=1e-5, rtol=0)
         assert out.alpha[0, 0, 16, 16].item() == pytest.approx(0.96, abs=1e-5)
     viewmats, ks = cams.world_to_camera, cams.intrinsics()
-    _, depth, _, _, _ = rasterize_torch(
-        near_far.means, near_far.quats, near_far.scales, near_far.opacities, near_far.sh_coeffs, 0,
-        viewmats, ks, bg[None], 33, 33,
-    )
+    _, depth, _, _, _ = rasterize_torch(RasterizeInputs(near_far, viewmats, ks, bg[None], 33, 33))
     assert depth[0, 16, 16, 0].item() == pytest.approx(2.5 * 0.8 + 3.5 * 0.16, abs=1e-4)
 
 
@@ -185,10 +184,9 @@ def test_batch_equals_single_renders():
 def test_pixel_chunking_is_exact():
     scene = _random_scene(20, seed=3)
     cams = _front_camera(size=12)
-    args = (scene.means, scene.quats, scene.scales, scene.opacities, scene.sh_coeffs, scene.sh_degree,
-            cams.world_to_camera, cams.intrinsics(), torch.rand(1, 3), 12, 12)
-    whole = rasterize_torch(*args)
-    chunked = rasterize_torch(*args, max_chunk_elements=20 * 7)  # 7 pixels per chunk
+    inputs = RasterizeInputs(scene, cams.world_to_camera, cams.intrinsics(), torch.rand(1, 3), 12, 12)
+    whole = rasterize_torch(inputs)
+    chunked = rasterize_torch(inputs, max_chunk_elements=20 * 7)  # 7 pixels per chunk
     for a, b in zip(whole[:3], chunked[:3]):
         torch.testing.assert_close(a, b)
 
@@ -360,8 +358,9 @@ def test_sparse_rasterizer_matches_dense(monkeypatch, dtype, size, tile_size, ma
         monkeypatch.setattr(torch_backend, "rasterize_pixels", pixel_fn)
         inputs = [t.clone().requires_grad_(True) for t in (scene.means, scene.scales, scene.opacities, scene.sh_coeffs)]
         means, scales, opacities, sh = inputs
+        gaussians = GaussianTensors(means, scene.quats, scales, opacities, sh, 1)
         rgb, depth, alpha, means2d, radii = torch_backend.rasterize_torch(
-            means, scene.quats, scales, opacities, sh, 1, viewmats, ks, bg, width, height
+            RasterizeInputs(gaussians, viewmats, ks, bg, width, height)
         )
         (torch.cat([rgb, depth, alpha], dim=-1) * weights).sum().backward()
         return (rgb, depth, alpha, radii), [t.grad for t in inputs] + [means2d.grad]

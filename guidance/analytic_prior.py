@@ -157,8 +157,11 @@ class AnalyticPrior(DiffusionPrior):
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def set_posterior_sampling(self, sample: bool) -> None:
+        """A no-op: the encoder z = 2x - 1 is deterministic."""
+
     @torch.no_grad()
-    def target_images(self, cameras: Cameras, background: Tensor | None = None) -> Tensor:
+    def reference_images(self, cameras: Cameras, background: Tensor | None = None) -> Tensor:
         """[B, 3, H, W] renders of the hidden scene in [0, 1]."""
         cameras = cameras.to(self.device)
         if background is None:
@@ -166,7 +169,7 @@ class AnalyticPrior(DiffusionPrior):
         return render(self.scene, cameras, background.to(self.device), backend=self.backend).rgb
 
     def condition(self, cameras: Cameras, background: Tensor | None = None) -> Conditioning:
-        target = self.encode(self.target_images(cameras, background))  # [B, 3, H, W]
+        target = self.encode(self.reference_images(cameras, background))  # [B, 3, H, W]
         shifts = self.distractor_shifts.view(1, -1, 3, 1, 1)
         mixture = torch.cat([target.unsqueeze(1), (target.unsqueeze(1) + shifts).clamp(-1, 1)], dim=1)
         branches = {"pos": target.unsqueeze(1), "neg": mixture, "null": mixture}

@@ -1,9 +1,11 @@
-"""The prior interface: what a distillation loss may ask of a 2D diffusion model.
+"""The prior interface: what a distillation loss, the trainer and a run may ask of a 2D diffusion model.
 
 A prior maps rendered images to its working space (`encode`), builds per-view
 conditioning from the cameras (`condition`), and predicts the noise epsilon of
 noisy working-space samples for any set of conditioning branches in one batched
-call (`predict_noise`). Losses never see which prior they talk to.
+call (`predict_noise`). Losses never see which prior they talk to. The trainer may ask
+for a deterministic encoder (`set_posterior_sampling`), and a run measures held-out PSNR
+when the prior knows the views it is centred on (`reference_images`).
 
 Branch names:
     "null"   the empty prompt, used on every unconditional ODE step (inversion, consistency targets)
@@ -90,6 +92,22 @@ class DiffusionPrior(ABC):
 
         z_t: [B, C, h, w] noisy samples; t: [B] integer timesteps (0-based, indexes alphas_cumprod).
         Returns [len(branches), B, C, h, w], always epsilon whatever the model predicts.
+        """
+
+    @abstractmethod
+    def set_posterior_sampling(self, sample: bool) -> None:
+        """Whether `encode` draws z0 from the encoder's posterior (True, the default) or returns its mean.
+
+        The trainer's chunked encoder (PipelineParams.encode_chunk) runs the encoder twice per image and
+        needs both passes to give the same z0. A prior whose encoder is deterministic ignores this.
+        """
+
+    @abstractmethod
+    def reference_images(self, cameras: Cameras, background: Tensor | None = None) -> Tensor | None:
+        """[B, 3, H, W] in [0, 1]: the views this prior's conditional distribution is centred on, when it
+        knows them (the renders of a hidden scene); None when no such scene exists (a text-to-image model).
+
+        `background` [B, 3] is the background to render them on (black when None).
         """
 
     @property

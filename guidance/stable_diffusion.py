@@ -331,7 +331,7 @@ class StableDiffusionPrior(DiffusionPrior):
         self._sigma = (1.0 - self.alphas_cumprod).sqrt()  # [T]
         self.perpneg = bool(perpneg)
         self.negative_w, self.front_decay, self.side_decay = negative_w, front_decay, side_decay
-        self.sample_posterior = True
+        self._sample_posterior = True  # set_posterior_sampling
         self._moments = VAEMoments(self.vae)
         self._unet_channels_last = False
         self._encoder_layout = torch.contiguous_format  # channels-last after use_channels_last_encoder
@@ -456,11 +456,19 @@ class StableDiffusionPrior(DiffusionPrior):
         else:
             raise ValueError(f"PipelineParams.vae_attention must be 'matmul' or 'sdpa'; got {kind!r}")
 
+    def set_posterior_sampling(self, sample: bool) -> None:
+        """True: `encode` draws z0 ~ N(mean, var) from the VAE posterior (the official encoding); False: the mean."""
+        self._sample_posterior = bool(sample)
+
+    def reference_images(self, cameras: Cameras, background: Tensor | None = None) -> None:
+        """None: a text-to-image model knows no scene to compare renders with."""
+        return None
+
     def _unet_eps(self, latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self.unet(latents, t, encoder_hidden_states=context).sample
 
     def encode(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample, differentiable)."""
+        """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample or mean, differentiable)."""
         # one fixed layout: renders arrive channels-last or not depending on the augmentation, and every
         # new stride would recompile the static-shape encoder (seconds each, mid-run)
         x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous(memory_format=self._encoder_layout)
@@ -469,7 +477,7 @@ class StableDiffusionPrior(DiffusionPrior):
         moments = self._encoder_runner(x).float().contiguous()
         mean, logvar = moments.chunk(2, dim=1)  # diffusers' DiagonalGaussianDistribution
         latents = mean
-        if self.sample_posterior:
+        if self._sample_posterior:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             latents = mean + std * torch.randn_like(mean)
         return latents * self.vae.config.scaling_factor

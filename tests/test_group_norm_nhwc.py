@@ -154,7 +154,7 @@ def test_prior_with_a_channels_last_encoder_encodes_as_before(tiny_sd_dir, make_
 
     prior = StableDiffusionPrior.from_config(make_guidance_cfg(model_key=str(tiny_sd_dir)), DEVICE,
                                              dtype=torch.float32)
-    prior.sample_posterior = False
+    prior.set_posterior_sampling(False)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
 
     def encode_with_grad():

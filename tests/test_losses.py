@@ -22,7 +22,7 @@ def views(prior):
     cams = orbit_cameras(torch.full((b,), 3.5), torch.full((b,), 80.0), torch.tensor([0.0, 120.0, 240.0]),
                          torch.full((b,), 0.55), 32, 32)
     background = torch.zeros(b, 3)
-    return cams, background, prior.target_images(cams, background)
+    return cams, background, prior.reference_images(cams, background)
 
 
 def _cfg(**guidance):

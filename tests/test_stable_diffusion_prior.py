@@ -170,21 +170,25 @@ def test_encode_decode_shapes_and_gradient(prior):
 
 def test_encode_posterior_mean(prior):
     images = torch.rand(1, 3, 64, 64)
-    prior.sample_posterior = False
+    prior.set_posterior_sampling(False)
     try:
         a, b = prior.encode(images), prior.encode(images)
     finally:
-        prior.sample_posterior = True
+        prior.set_posterior_sampling(True)
     assert torch.equal(a, b)
     expected = prior.vae.encode(images * 2 - 1).latent_dist.mean * prior.vae.config.scaling_factor
     torch.testing.assert_close(a, expected)
+
+
+def test_has_no_reference_images(prior):
+    assert prior.reference_images(make_cameras([0.0, 90.0])) is None
 
 
 def test_vae_attention_kinds_compute_the_same_encoding_and_gradient(prior):
     """matmul (explicit matmul + float32 softmax) and sdpa (fused kernels) are the same maths."""
     images = torch.rand(2, 3, 64, 64)
     results = {}
-    prior.sample_posterior = False
+    prior.set_posterior_sampling(False)
     try:
         for kind in ("sdpa", "matmul"):
             prior.set_vae_attention(kind)
@@ -195,7 +199,7 @@ def test_vae_attention_kinds_compute_the_same_encoding_and_gradient(prior):
             latents.square().sum().backward()
             results[kind] = (latents.detach(), x.grad)
     finally:
-        prior.sample_posterior = True
+        prior.set_posterior_sampling(True)
         prior.set_vae_attention("sdpa")
     processors = {type(p).__name__ for p in prior.vae.attn_processors.values()}
     assert processors == {"AttnProcessor2_0"}

@@ -74,8 +74,9 @@ class TrainingRun:
         save_images(out.rgb, folder, "rgb")
         save_images(out.depth, folder, "depth")
         metrics = {"gaussians": self.trainer.gaussians.num_points}
-        if hasattr(self.trainer.prior, "target_images"):
-            metrics["psnr_heldout"] = self.heldout_psnr()
+        heldout_psnr = self.heldout_psnr()
+        if heldout_psnr is not None:
+            metrics["psnr_heldout"] = heldout_psnr
         if monitor is not None:
             monitor.log_images("test/rgb", out.rgb[:8], step)
             monitor.log_images("test/depth", out.depth[:8], step)
@@ -93,11 +94,13 @@ class TrainingRun:
                              torch.full((n,), float(cam.default_fovy)), cam.image_w, cam.image_h)
 
     @torch.no_grad()
-    def heldout_psnr(self) -> float:
+    def heldout_psnr(self) -> float | None:
+        """PSNR of the held-out views against the prior's reference images; None when it has none."""
         cams = self.heldout_views()
-        bg = self.white.expand(len(cams), 3)
+        target = self.trainer.prior.reference_images(cams, self.white.expand(len(cams), 3))
+        if target is None:
+            return None
         pred = self.trainer.render_views(cams, self.white).rgb
-        target = self.trainer.prior.target_images(cams, bg)
         return float(psnr(pred, target))
 
     def save_checkpoint(self) -> None:

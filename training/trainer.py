@@ -66,7 +66,7 @@ def apply_pipeline_options(prior, pipe) -> None:
                            attention_slicing=pipe.attention_slicing, compile=pipe.compile,
                            vae_attention=pipe.vae_attention, vae_channels_last=pipe.vae_channels_last)
     if pipe.encode_chunk:
-        prior.sample_posterior = False  # the chunked encoder recomputes its forward: keep it deterministic
+        prior.set_posterior_sampling(False)  # the chunked encoder recomputes its forward: keep it deterministic
 
 
 class NullTimer:

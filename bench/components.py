@@ -6,11 +6,10 @@ every lever computes the same numbers as plain eager execution, and show where t
 UNet forward (no grad) at batch 4 and 8, VAE-encoder forward+backward (gradient to the input only)
 at 4x512x512, SD 2.1-base architecture with random weights, fp16. Each row also gives the achieved
 arithmetic rate (FLOPs counted by bench/flops.py) and its share of the GPU's dense fp16 peak.
-Levers: channels-last, CUDA-graph replay, cuDNN attention, torch.compile (static shapes, optional:
-about a minute of compilation per row), Inductor's tuning options (TUNED_INDUCTOR: coordinate-descent
-tuning of the generated kernels, 1x1 convolutions as matmuls; several minutes per row), weight freezing,
-fused QKV projections, CUDA-graph
-trees (mode="reduce-overhead") for the encoder's forward+backward.
+Levers: channels-last, CUDA-graph replay, torch.compile (static shapes, optional: about a minute of
+compilation per row), explicit matmul VAE attention, the NHWC GroupNorm kernels. The levers measured
+and not adopted (Inductor's tuning options, weight freezing, fused QKV projections, cuDNN attention,
+CUDA-graph trees) have no rows here any more; their measurements stay in bench/results/.
 --select REGEX keeps the rows whose label matches.
 """
 from __future__ import annotations
@@ -39,10 +38,6 @@ from guidance.group_norm_nhwc import (  # noqa: E402
 )
 
 log = logging.getLogger(__name__)
-
-# The options diffusers' and Hugging Face's speed guides use for diffusion networks (Inductor config keys)
-TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
-                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
 
 
 def first_call_s(fn: Callable[[], object]) -> float:
@@ -94,67 +89,27 @@ def rate(tflop: float, ms: float, peak: float | None) -> str:
     return f"{achieved:.0f}{share}"
 
 
-def compiled(fn, **options):
-    return torch.compile(fn, dynamic=False, options=options or None)
-
-
-def compiled_graphs(fn):
-    """torch.compile with CUDA-graph trees (forward and backward replayed as graphs)."""
-    return torch.compile(fn, dynamic=False, mode="reduce-overhead")
-
-
-def graphed_step(fn):
-    """Mark a new step before each call: the graphs' outputs of the last call may then be overwritten."""
-    def call(*args):
-        torch.compiler.cudagraph_mark_step_begin()
-        return fn(*args)
-    return call
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
 
 
 def unet_variants(unet, use_compile: bool) -> list[tuple[str, Callable[[], Callable], object]]:
     """(label, factory of fn(latents, t, context) -> eps, memory format); factories run lazily."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     def eager(a, t, c):
         return unet(a, t, encoder_hidden_states=c).sample
 
-    def cudnn_attention(a, t, c):
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return eager(a, t, c)
-
-    def fused_qkv(**options):
-        def factory():
-            unet.fuse_qkv_projections()
-            return GraphedForward(compiled(eager, **options), "unet")
-        return factory
-
-    cl = torch.channels_last
+    contiguous, cl = torch.contiguous_format, torch.channels_last
     variants = [
-        ("eager", lambda: eager, torch.contiguous_format),
-        ("CUDA graph", lambda: GraphedForward(eager, "unet"), torch.contiguous_format),
-        ("CUDA graph, cuDNN attention", lambda: GraphedForward(cudnn_attention, "unet"), torch.contiguous_format),
+        ("eager", lambda: eager, contiguous),
+        ("CUDA graph", lambda: GraphedForward(eager, "unet"), contiguous),
     ]
     if use_compile:
         variants += [
-            ("compile", lambda: compiled(eager), torch.contiguous_format),
-            ("compile + CUDA graph", lambda: GraphedForward(compiled(eager), "unet"), torch.contiguous_format),
+            ("compile", lambda: compiled(eager), contiguous),
+            ("compile + CUDA graph", lambda: GraphedForward(compiled(eager), "unet"), contiguous),
             ("compile + CUDA graph, channels-last", lambda: GraphedForward(compiled(eager), "unet"), cl),
-            ("compile tuned + CUDA graph, channels-last",
-             lambda: GraphedForward(compiled(eager, **TUNED_INDUCTOR), "unet"), cl),
-            ("compile tuned + freezing + CUDA graph, channels-last",
-             lambda: GraphedForward(compiled(eager, **TUNED_INDUCTOR, freezing=True), "unet"), cl),
-            ("compile + CUDA graph, channels-last, fused QKV", fused_qkv(), cl),
-            ("compile tuned + CUDA graph, channels-last, fused QKV", fused_qkv(**TUNED_INDUCTOR), cl),
-            ("compile max-autotune + CUDA graph, channels-last",
-             lambda: GraphedForward(compiled(eager, max_autotune=True), "unet"), cl),
         ]
     return variants
-
-
-def unfuse_qkv(unet) -> None:
-    """diffusers' unfuse_qkv_projections raises on a UNet that was never fused."""
-    if getattr(unet, "original_attn_processors", None) is not None:
-        unet.unfuse_qkv_projections()
 
 
 def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: float, peak,
@@ -169,7 +124,6 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
             if not select.search(label) and ref is not None:  # the eager row stays: it is the reference
                 continue
             torch._dynamo.reset()
-            unfuse_qkv(unet)
             unet.to(memory_format=fmt)
             x = lat.contiguous(memory_format=fmt)
             try:
@@ -184,7 +138,6 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
             ref = out if ref is None else ref
             table.add(f"| UNet fwd B={b} | {label} | {ms:.2f} | {rate(tflop_per_sample * b, ms, peak)} | "
                       f"{rel_err(out, ref):.1e} | {first_s:.0f} |")
-        unfuse_qkv(unet)
         unet.to(memory_format=torch.contiguous_format)
 
 
@@ -207,7 +160,10 @@ def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak, s
         return fused
 
     contiguous, cl = torch.contiguous_format, torch.channels_last
-    plain, tuned = (lambda: compiled(module)), (lambda: compiled(module, **TUNED_INDUCTOR))
+
+    def plain():
+        return compiled(module)
+
     variants = [("eager, sdpa attention", lambda: module, contiguous, AttnProcessor2_0),
                 ("eager, matmul attention", lambda: module, contiguous, AttnProcessor)]
     if use_compile:
@@ -215,16 +171,12 @@ def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak, s
             ("compile, sdpa attention", plain, contiguous, AttnProcessor2_0),
             ("compile, matmul attention", plain, contiguous, AttnProcessor),
             ("compile, matmul attention, channels-last", plain, cl, AttnProcessor),
-            ("compile tuned, matmul attention", tuned, contiguous, AttnProcessor),
-            ("compile tuned, matmul attention, channels-last", tuned, cl, AttnProcessor),
         ]
     variants.append(("eager, matmul attention, channels-last, NHWC GroupNorm kernels", nhwc_norms(lambda: module),
                      cl, AttnProcessor))
     if use_compile:
         variants.append(("compile, matmul attention, channels-last, NHWC GroupNorm kernels", nhwc_norms(plain), cl,
                          AttnProcessor))
-        variants.append(("compile reduce-overhead (CUDA graphs), matmul attention, channels-last, NHWC GroupNorm "
-                         "kernels", nhwc_norms(lambda: graphed_step(compiled_graphs(module))), cl, AttnProcessor))
     ref = None
     for label, factory, fmt, processor in variants:
         if not select.search(label) and ref is not None:  # the first row stays: it is the reference

@@ -1,4 +1,4 @@
-"""A diffusion prior whose exact denoiser is known in closed form (DESIGN.md, "Analytic prior").
+"""A diffusion prior whose exact denoiser is known in closed form: a test bench for the whole pipeline.
 
 A hidden ground-truth Gaussian scene is rendered at the requested cameras. In pixel space
 (z = 2x - 1 at render resolution) the conditional distribution of a view is an isotropic

@@ -127,7 +127,7 @@ def sample_sctd_timesteps(
     generator: torch.Generator,
     margin: int = 10,
 ) -> SCTDTimesteps:
-    """Official SCTD timestep rule (reference section 7.2 step 5).
+    """Official SCTD timestep rule (zjhJOJO/SegmentDreamer `guidance/sctd_utils.py`, `timestep_setting`).
 
     t from the sliding window, s_m the segment start below it, t pushed to at least
     s_m + delta_t, then s ~ U[s_m + margin, t - margin).
@@ -155,7 +155,7 @@ def cds_timesteps(
     step: int, batch: int, t_start: int, t_end: int, anneal_iters: int, gap: tuple[int, int],
     generator: torch.Generator, lowest: int = 100, highest: int = 980,
 ) -> tuple[int, torch.Tensor]:
-    """Consistent3D's square-root annealed s and per-sample t = s + U[gap) (reference baseline section 4)."""
+    """Consistent3D's square-root annealed s and per-sample t = s + U[gap) (sail-sg/Consistent3D `anneal_t`)."""
     frac = min(step / anneal_iters, 1.0) if anneal_iters > 0 else 1.0
     s = int(t_start + (t_end - t_start) * math.sqrt(frac))
     s = min(max(s, lowest), highest - gap[0])

@@ -1,7 +1,9 @@
 """The trainable 3D Gaussian model: parameters, optimizer, densification, PLY and checkpoints.
 
-Follows the official SegmentDreamer / LucidDreamer `GaussianModel` (itself the 3DGS one), see
-`reference/segmentdreamer_official_code.md` sections 2, 5 (items 10-12), 7.5 and 11. Differences:
+Follows the official `GaussianModel` (zjhJOJO/SegmentDreamer and EnVision-Research/LucidDreamer
+`scene/gaussian_model.py`, itself the 3DGS one): `create_from_pcd`, `training_setup` and the learning-rate
+schedules, the per-tensor gradient clipping, densification and opacity reset as `train.py` calls them,
+`reset_brightness` (BEG) and the `save_ply` layout. Differences:
 
 - densification statistics come from every camera of a batch, not only the last one;
 - stored parameters are plain leaf tensors (no `nn.Module`), one Adam group per tensor;

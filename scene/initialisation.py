@@ -1,4 +1,5 @@
-"""Initial point clouds for the Gaussians (official `readCircleCamInfo`, reference section 2.1).
+"""Initial point clouds for the Gaussians (official `readCircleCamInfo`, zjhJOJO/SegmentDreamer
+`scene/dataset_readers.py`).
 
 `initial_points(camera_cfg, generator)` returns positions and colours for
 `GaussianModel.from_points`. Shapes (GenerateCamParams.init_shape):

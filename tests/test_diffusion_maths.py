@@ -22,8 +22,8 @@ def _t(v, b=3):
 
 
 def test_schedule_matches_reference_magnitudes(schedule):
-    # reference section 0 table: abar_t and w(t) = sigma_t / alpha_t at a few timesteps (1-based values
-    # there index alphas_cumprod directly, as ours do)
+    # known values of the SD schedule: abar_t and w(t) = sigma_t / alpha_t at a few timesteps (the official
+    # code's 1-based timesteps index alphas_cumprod directly, as ours do)
     for t, abar, w in [(100, 0.894, 0.34), (500, 0.276, 1.62), (979, 0.006, 12.97)]:
         assert schedule.alphas_cumprod[t].item() == pytest.approx(abar, abs=2e-3)
         assert schedule.snr_weight(_t(t, 1)).item() == pytest.approx(w, rel=0.02)

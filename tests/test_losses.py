@@ -94,7 +94,7 @@ class CountingPrior:
     ({"guidance_type": "gcs"}, [("null",), ("null",), ("neg", "pos", "null"), ("null",), ("neg", "pos")]),
 ])
 def test_denoiser_calls_per_loss(prior, views, variant, expected):
-    """Reference section 7.4 and baseline_losses.md: the calls each loss makes (branches batched per call)."""
+    """The denoiser calls each loss makes per step, as in the official `train_step`s (branches batched per call)."""
     cams, background, target = views
     counting = CountingPrior(prior)
     loss = build_loss(_cfg(**variant), counting, torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""View-dependent prompt weights against the official rule (reference section 4)."""
+"""View-dependent prompt weights against the official rule (official `train.py::adjust_text_embeddings`)."""
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """GCS: Guided Consistency Sampling (Connecting Consistency Distillation to Score Distillation,
-ECCV 2024) as its official code computes it (reference baseline_losses.md section 5).
+ECCV 2024) as its official code computes it (LMozart/ECCV2024-GCS-BEG `guidance/gcs_utils.py`,
+`train_step`; the loss as defined in the SegmentDreamer supplementary, Sec. A).
 
     L = lambda_g (w_cc L_CC + w_gc L_CG + w_cp L_CP)
 

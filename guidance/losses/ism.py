@@ -4,7 +4,7 @@
 
 x_s comes from DDIM inversion of the render with the empty prompt, starting at timestep 0
 and striding `xs_delta_t` up to s = t - delta_T; x_t is one more inversion step s -> t, and
-its noise prediction is the target (reference baseline_losses.md section 3).
+its noise prediction is the target (EnVision-Research/LucidDreamer `guidance/sd_utils.py`, `train_step`).
 """
 from __future__ import annotations
 

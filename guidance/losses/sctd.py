@@ -10,7 +10,7 @@ first-order step of Eq. 5 from t to the segment start s_m with the noise predict
 With z_t the forward-noised sample, bracket / c(t, s_m) is exactly the SDS residual
 eps_hat - eps (Supplementary C-D, Eq. 17-21); the loss injects weight(t) * bracket on z0.
 
-Defaults follow the official code (reference section 7.2 and 8):
+Defaults follow the official code (zjhJOJO/SegmentDreamer `guidance/sctd_utils.py`, `train_step`):
   * z_t comes from z_sm by one (t < t_threshold) or two (s_m -> s -> t) unconditional DDIM
     inversion steps (Eq. 11, with the inner step going s -> t);
   * G^m(z_t, t, empty) is approximated by z_sm (Sec. 4.4), saving a denoiser call;
@@ -63,7 +63,7 @@ class SCTDLoss(DistillationLoss):
         self.rgb_scale = float(cfg.rgb_scale)
 
     def make_noise_source(self) -> NoiseSource:
-        # The official fixed noise uses a smaller channel offset with Perp-Neg (reference 7.3).
+        # The official fixed noise uses a smaller channel offset with Perp-Neg (official `train_step_perpneg`).
         offset = 0.05 if (self.cfg.perpneg and self.cfg.fix_noise) else 0.1
         return NoiseSource(fixed=self.cfg.fix_noise, offset=offset, seed=self.cfg.noise_seed)
 
@@ -107,7 +107,7 @@ class SCTDLoss(DistillationLoss):
         return self.schedule.step(z_s, self.null_noise(z_s, s, cond), s, t)
 
     def _pixel_constraint(self, z_e, eps_e, g_t_y, e, cond) -> Tensor:
-        """Optional GCS-style pixel constraint of the official code (w_cp > 0, reference 7.2 step 8).
+        """Optional GCS-style pixel constraint of the official code (w_cp > 0, official `train_step`).
 
         Gradient on the image: 2 w_cp rgb_scale (D(x0_null) - D(x0_cond)) / B, with
         x0_cond from the guided prediction at (G^m(z_t, t, y), s_m) and x0_null from eps(z_sm, s_m, empty)

@@ -3,7 +3,7 @@
     g = lambda_g * sigma_t/alpha_t * (eps_hat(z_t, t) - eps),  z_t = alpha_t z0 + sigma_t eps
 
 with fresh noise every step (unless fix_noise) and LucidDreamer's timestep window
-(reference baseline_losses.md section 2, "SDS inside the LD 3DGS pipeline").
+(the `sds: true` switch of EnVision-Research/LucidDreamer `guidance/sd_utils.py`, inside its 3DGS pipeline).
 """
 from __future__ import annotations
 

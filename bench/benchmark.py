@@ -199,7 +199,8 @@ def format_table(results: list[Result], gpu: str, args) -> str:
     peak = dense_fp16_peak_tflops(gpu)
     lines = [
         f"GPU: {gpu}; torch {torch.__version__}; SD 2.1-base architecture (random weights), "
-        f"{args.precision}; B={args.batch} cameras (unless the mode sets another) at {args.resolution}x{args.resolution}; "
+        f"{args.precision}; B={args.batch} cameras (unless the mode sets another) at "
+        f"{args.resolution}x{args.resolution}; "
         f"~{args.gaussians} Gaussians at start; CFG 7.5; densification on; {args.steps} timed iterations "
         f"after {args.warmup} warm-up, from iteration {args.start_step}. TFLOP/it counts the UNet calls and "
         f"the VAE-encoder forward+backward (bench/flops.py); % of peak = TFLOP/it / median time / "
@@ -216,7 +217,8 @@ def format_table(results: list[Result], gpu: str, args) -> str:
         comparable = base and r.mode != "straightforward" and r.cameras == args.batch
         ratio = f"{base / med:.2f}x" if comparable else "-"
         lines.append(
-            f"| {r.mode} | {r.loss} | {r.cameras} | {med:.1f} | {percentile(r.step_ms, 0.1):.1f}-{percentile(r.step_ms, 0.9):.1f} "
+            f"| {r.mode} | {r.loss} | {r.cameras} | {med:.1f} | "
+            f"{percentile(r.step_ms, 0.1):.1f}-{percentile(r.step_ms, 0.9):.1f} "
             f"| {r.wall_ms:.1f} | {ratio} | {r.peak_gib:.2f} | {r.gaussians} | {r.tflop:.3g} "
             f"| {f'{100 * r.tflop / med / peak * 1e3:.0f}%' if peak else '-'} | {r.warmup_s:.0f} |"
         )

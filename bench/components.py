@@ -18,6 +18,7 @@ import argparse
 import logging
 import re
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -128,10 +129,10 @@ def unet_rows(table: Table, unet, batches, use_compile: bool, tflop_per_sample: 
             x = lat.contiguous(memory_format=fmt)
             try:
                 with torch.no_grad():
-                    fn = factory()
-                    first_s = first_call_s(lambda: fn(x, t, ctx))
-                    ms = timed(lambda: fn(x, t, ctx), warmup=3)
-                    out = fn(x, t, ctx).clone()
+                    call = partial(factory(), x, t, ctx)
+                    first_s = first_call_s(call)
+                    ms = timed(call, warmup=3)
+                    out = call().clone()
             except Exception as exc:  # a lever unsupported on this GPU/software must not lose the others
                 table.add(f"| UNet fwd B={b} | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
                 continue
@@ -187,10 +188,10 @@ def vae_rows(table: Table, vae, use_compile: bool, tflop_fwd_bwd: float, peak, s
         vae.to(memory_format=fmt)
         x = x0.contiguous(memory_format=fmt)
         try:
-            fn = factory()
-            first_s = first_call_s(lambda: fwd_bwd(fn, x))
-            ms = timed(lambda: fwd_bwd(fn, x), warmup=3)
-            out, grad = fwd_bwd(fn, x)
+            call = partial(fwd_bwd, factory(), x)
+            first_s = first_call_s(call)
+            ms = timed(call, warmup=3)
+            out, grad = call()
         except Exception as exc:  # a lever unsupported on this GPU/software must not lose the others
             table.add(f"| VAE enc fwd+bwd B=4 | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
             continue
@@ -239,13 +240,13 @@ def group_norm_rows(table: Table) -> None:
     for label, factory, v in rows:
         torch._dynamo.reset()
         try:
-            fn = factory()
-            ms = timed(lambda: run(fn, v), reps=10, warmup=2)
+            call = partial(run, factory(), v)
+            ms = timed(call, reps=10, warmup=2)
         except Exception as exc:  # keep the other rows
             table.add(f"| GroupNorm+SiLU fwd+bwd | {label} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
             continue
         table.add(f"| GroupNorm+SiLU fwd+bwd 4x128x512x512 | {label} | {ms:.2f} | {gigabytes / ms * 1e3:.0f} GB/s | "
-                  f"grad {rel_err(run(fn, v), ref):.1e} | |")
+                  f"grad {rel_err(call(), ref):.1e} | |")
     group_norm_nhwc.TILE_ELEMENTS, group_norm_nhwc.NUM_WARPS = 8192, 8
 
 

@@ -1,8 +1,9 @@
 """Stable Diffusion components with random weights, built from architecture configs only.
 
 Used by the GPU benchmark (full-size SD 2.1-base: the real model's cost); the tests' tiny models
-(tests/tiny_models.py) reuse the tokenizer. The tokenizer is a character-level CLIP BPE: prompts tokenise to valid ids, and the
-embeddings it yields are as meaningless as the random text encoder that consumes them.
+(tests/tiny_models.py) reuse the tokenizer. The tokenizer is a character-level CLIP BPE: prompts
+tokenise to valid ids, and the embeddings it yields are as meaningless as the random text encoder
+that consumes them.
 """
 from __future__ import annotations
 

@@ -49,7 +49,8 @@ class NoiseSchedule:
     def step(self, z: Tensor, eps: Tensor, t: Tensor, s: Tensor) -> Tensor:
         """First-order PF-ODE step from t to s with the noise prediction eps held fixed.
 
-        Eq. 5 (DPM-Solver-1): G(z_t, t, s) = (alpha_s/alpha_t) z_t - alpha_s eps int_{lambda_t}^{lambda_s} e^-lambda dlambda
+        Eq. 5 (DPM-Solver-1):
+            G(z_t, t, s) = (alpha_s/alpha_t) z_t - alpha_s eps int_{lambda_t}^{lambda_s} e^-lambda dlambda
         which is exactly deterministic DDIM: alpha_s * x0_hat + sigma_s * eps. It inverts (s > t)
         and denoises (s < t) with the same formula. Computed in float32 whatever the input dtype.
         """

@@ -17,6 +17,7 @@ rgb = 0.5 + C0 * U(0, 1) / 255. All randomness comes from the given torch genera
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from pathlib import Path
@@ -81,7 +82,9 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
 def spherical_points(radius: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
     """Official parameterisation r (sin t sin p, sin t cos p, cos t). [N] x 3 -> [N, 3]"""
     sin_theta = torch.sin(theta)
-    return torch.stack([radius * sin_theta * torch.sin(phi), radius * sin_theta * torch.cos(phi), radius * torch.cos(theta)], -1)
+    return torch.stack(
+        [radius * sin_theta * torch.sin(phi), radius * sin_theta * torch.cos(phi), radius * torch.cos(theta)], -1
+    )
 
 
 def _random_spherical(n: int, r_min: float, r_span: float, generator: torch.Generator) -> Tensor:
@@ -215,9 +218,9 @@ def _run_pointe(prompt: str, generator: torch.Generator) -> tuple[Tensor, Tensor
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        samples = None
-        for samples in sampler.sample_batch_progressive(batch_size=1, model_kwargs={"texts": [prompt]}):
-            pass
+        # the progressive sampler yields every denoising step; the last one is the result
+        steps = sampler.sample_batch_progressive(batch_size=1, model_kwargs={"texts": [prompt]})
+        samples = collections.deque(steps, maxlen=1).pop()
     cloud = sampler.output_to_point_clouds(samples)[0]
     coords = torch.from_numpy(np.asarray(cloud.coords, dtype=np.float64))
     colors = torch.from_numpy(np.stack([np.asarray(cloud.channels[c], dtype=np.float64) for c in "RGB"], axis=1))

@@ -18,8 +18,8 @@ from training.trainer import Trainer, apply_pipeline_options
 FAST = ["PipelineParams.render_per_camera=false", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
         "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true", "PipelineParams.vae_attention=matmul",
         "PipelineParams.vae_channels_last=false"]
-STRAIGHT = ["PipelineParams.render_per_camera=true", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
-            "PipelineParams.cuda_graphs=false", "PipelineParams.cudnn_benchmark=false",
+STRAIGHT = ["PipelineParams.render_per_camera=true", "PipelineParams.channels_last=false",
+            "PipelineParams.compile=false", "PipelineParams.cuda_graphs=false", "PipelineParams.cudnn_benchmark=false",
             "PipelineParams.vae_attention=sdpa", "PipelineParams.vae_channels_last=false"]
 
 

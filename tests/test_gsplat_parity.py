@@ -57,7 +57,8 @@ def _cameras(device):
 
 
 def _run(rasterize, scene, cams, bg, weights):
-    params = [t.detach().clone().requires_grad_(True) for t in (scene.means, scene.scales, scene.opacities, scene.sh_coeffs)]
+    params = [t.detach().clone().requires_grad_(True)
+              for t in (scene.means, scene.scales, scene.opacities, scene.sh_coeffs)]
     torch.cuda.synchronize()
     start = time.perf_counter()
     gaussians = GaussianTensors(params[0], scene.quats, params[1], params[2], params[3], scene.sh_degree)

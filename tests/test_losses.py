@@ -124,7 +124,8 @@ def test_sctd_paper_switches_change_the_direction(prior, views):
     z0 = prior.encode(target)
     cond = prior.condition(cams, background)
     official = build_loss(_cfg(guidance_type="sctd"), prior, torch.Generator().manual_seed(0))
-    paper = build_loss(_cfg(guidance_type="sctd", sctd_cross_prediction="cond"), prior, torch.Generator().manual_seed(0))
+    paper = build_loss(_cfg(guidance_type="sctd", sctd_cross_prediction="cond"), prior,
+                       torch.Generator().manual_seed(0))
     a = official(z0 + 0.3, cond, StepInfo(1, 0.0)).latent_grad
     b = paper(z0 + 0.3, cond, StepInfo(1, 0.0)).latent_grad
     assert not torch.allclose(a, b)

@@ -101,9 +101,10 @@ def test_alpha_cap_threshold_and_early_stop():
     dtype = torch.float64
     cams = _front_camera(dtype=dtype)
     bg = torch.tensor([0.0, 1.0, 0.0], dtype=dtype)
-    capped = render(_gaussians([[0.0, 0.0, 0.0]], 0.2, [0.999], [1.0, 0.0, 0.0], dtype=dtype), cams, bg, backend="torch")
+    red = [1.0, 0.0, 0.0]
+    capped = render(_gaussians([[0.0, 0.0, 0.0]], 0.2, [0.999], red, dtype=dtype), cams, bg, backend="torch")
     assert capped.alpha[0, 0, 16, 16].item() == pytest.approx(0.99, abs=1e-12)
-    faint = render(_gaussians([[0.0, 0.0, 0.0]], 0.2, [0.9 / 255], [1.0, 0.0, 0.0], dtype=dtype), cams, bg, backend="torch")
+    faint = render(_gaussians([[0.0, 0.0, 0.0]], 0.2, [0.9 / 255], red, dtype=dtype), cams, bg, backend="torch")
     assert faint.alpha.abs().max().item() == 0.0
     # Three 0.98-opaque Gaussians in a row: T = 0.02, 4e-4, then 8e-6 < 1e-4, so the third is skipped.
     colours = torch.eye(3, dtype=dtype)
@@ -327,7 +328,8 @@ def _stress_scene(dtype) -> GaussianTensors:
     behind = behind + torch.tensor([-0.5, 2.9, -0.5], dtype=dtype)  # y from 2.9 (near plane) to 4.9
     means = torch.cat([cluster, scattered, behind])
     n = means.shape[0]
-    opacities = torch.cat([0.3 + 0.69 * torch.rand(200, generator=g, dtype=dtype), 0.02 + 0.9 * torch.rand(100, generator=g, dtype=dtype)])
+    opacities = torch.cat([0.3 + 0.69 * torch.rand(200, generator=g, dtype=dtype),
+                           0.02 + 0.9 * torch.rand(100, generator=g, dtype=dtype)])
     return GaussianTensors(
         means=means,
         quats=torch.randn(n, 4, generator=g, dtype=dtype),

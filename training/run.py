@@ -41,7 +41,8 @@ def run_name(cfg: Config, opt_path: str | None) -> str:
     return f"{stem}_{cfg.guidance.guidance_type}_s{cfg.seed}"
 
 
-def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None) -> tuple[Config, Path, dict | None]:
+def open_run(cfg: Config, opt_path: str | None, argv: list[str],
+             resume: str | None) -> tuple[Config, Path, dict | None]:
     """A fresh run folder (never reusing one), or the folder and checkpoint of a run to resume."""
     if resume:
         run_dir = Path(resume)

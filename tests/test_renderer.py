@@ -318,6 +318,20 @@ def test_bad_background_backend_and_device():
         render(scene, cams, torch.zeros(3), backend="torch")
 
 
+def test_rasterize_inputs_check_the_cameras_and_broadcast_the_background():
+    scene = _random_scene(3, seed=9, sh_degree=0)
+    cams = _front_camera(size=8)
+    viewmats, ks = cams.world_to_camera, cams.intrinsics()
+    inputs = RasterizeInputs(scene, viewmats, ks, torch.tensor([0.1, 0.2, 0.3]), 8, 8)
+    assert inputs.backgrounds.shape == (1, 3) and inputs.backgrounds[0, 2].item() == pytest.approx(0.3)
+    with pytest.raises(ValueError, match=r"viewmats must be \[B, 4, 4\], got \(1, 3, 4\)"):
+        RasterizeInputs(scene, viewmats[:, :3], ks, torch.zeros(3), 8, 8)
+    with pytest.raises(ValueError, match=r"Ks must be \[B=1, 3, 3\], got \(2, 3, 3\)"):
+        RasterizeInputs(scene, viewmats, ks.expand(2, 3, 3), torch.zeros(3), 8, 8)
+    with pytest.raises(ValueError, match="image size must be positive, got 0x8"):
+        RasterizeInputs(scene, viewmats, ks, torch.zeros(3), 0, 8)
+
+
 def _stress_scene(dtype) -> GaussianTensors:
     """~300 Gaussians: an overlapping cluster (opaque enough for the early stop), Gaussians scattered
     partly or wholly off-screen, and some behind the front camera (at +y, radius 3)."""

@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from bench.flops import NetworkFlops, dense_fp16_peak_tflops, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
-from utils.config import Config, load_config  # noqa: E402
 from training.trainer import Trainer, apply_pipeline_options  # noqa: E402
+from utils.config import Config, load_config  # noqa: E402
 
 log = logging.getLogger("benchmark")
 

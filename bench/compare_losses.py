@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from utils.config import load_config  # noqa: E402
 from training.run import train  # noqa: E402
+from utils.config import load_config  # noqa: E402
 
 VARIANTS = {
     "sctd": [],

@@ -5,8 +5,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.flops import classify_kernel, dense_fp16_peak_tflops, kernel_classes, network_flops
-from tests.tiny_models import tiny_sd_pipeline
 from guidance.cuda_graphs import VAEMoments
+from tests.tiny_models import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

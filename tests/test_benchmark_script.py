@@ -4,8 +4,8 @@ import torch
 
 from bench import benchmark
 from bench.flops import network_flops
-from tests.tiny_models import tiny_sd_pipeline
 from guidance.stable_diffusion import SDComponents
+from tests.tiny_models import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
+from bench.random_sd import char_tokenizer
 from evaluation import clip_score
 from evaluation.clip_score import OPENAI_MEAN, OPENAI_STD, CLIPScorer
-from bench.random_sd import char_tokenizer
 from guidance.prior import ModelNotFoundError
 from scene.gaussian_model import GaussianModel
 from utils.config import load_config, save_config

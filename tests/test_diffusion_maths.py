@@ -8,7 +8,12 @@ from guidance.analytic_prior import mixture_eps, mixture_posterior_mean, stable_
 from guidance.diffusion import NoiseSchedule, cfg_combine, eps_from_v, perp_neg_combine, perpendicular
 from guidance.losses.sctd import consistency_terms
 from guidance.timesteps import (
-    TimestepWindow, monotonic_edges, sample_sctd_timesteps, segment_start, uniform_edges, warm_up_rate,
+    TimestepWindow,
+    monotonic_edges,
+    sample_sctd_timesteps,
+    segment_start,
+    uniform_edges,
+    warm_up_rate,
 )
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from guidance.stable_diffusion import StableDiffusionPrior
-from utils.config import load_config
 from training.trainer import Trainer, apply_pipeline_options
+from utils.config import load_config
 
 FAST = ["PipelineParams.render_per_camera=false", "PipelineParams.channels_last=false", "PipelineParams.compile=false",
         "PipelineParams.cuda_graphs=true", "PipelineParams.cudnn_benchmark=true", "PipelineParams.vae_attention=matmul",

@@ -11,8 +11,8 @@ import pytest
 import torch
 from plyfile import PlyData, PlyElement
 
-from scene.gaussian_model import SH_C0, GaussianModel
 import scene.initialisation as init
+from scene.gaussian_model import SH_C0, GaussianModel
 from scene.initialisation import POINTE_MISSING, initial_points
 
 

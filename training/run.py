@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from scene.camera_sampler import evaluation_ring, orbit_cameras
+from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
+from training.trainer import Trainer
 from utils.config import Config, load_config, save_config
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
 from utils.monitor import Monitor
-from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from utils.seeding import seed_everything
-from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

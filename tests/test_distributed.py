@@ -93,3 +93,39 @@ def test_two_processes_take_the_one_process_step(tmp_path, loss):
         assert got.shape == ref.shape, (name, got.shape, ref.shape)
         err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
         assert err < 1e-4, (name, err)
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, monkeypatch):
+    """Checkpoints hold no process count: a run stopped at step 7 by one process and resumed by two
+    (torchrun) ends where the uninterrupted one-process run ends."""
+    from training import run as run_module
+    from training.trainer import Trainer
+    from utils.config import load_config
+
+    reference = _gaussians(_train(tmp_path, "one", 1, []))
+    cfg = load_config(None, [f"output_dir={tmp_path / 'resumed'}", *SMALL])
+    original = Trainer.train_step
+
+    def crash_at_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.train(cfg, None, ["train.py"], quiet=True)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    (run_dir,) = [p for p in (tmp_path / "resumed" / "dist").iterdir() if p.is_dir()]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 6
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           "train.py", "--quiet", "--resume", str(run_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = _gaussians(run_dir)
+    for name, ref in reference.items():
+        if isinstance(ref, torch.Tensor) and ref.is_floating_point():
+            err = ((resumed[name] - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+            assert resumed[name].shape == ref.shape and err < 1e-4, (name, err)

@@ -219,13 +219,16 @@ class Trainer:
         """Clipping, densification, opacity reset, BEG, then the optimizer step (official order).
         With several processes, gradients are summed and screen-space statistics gathered first."""
         cfg, g = self.cfg.optim, self.gaussians
-        self.group.sum_gradients(list(g.params().values()))
+        with self.timer("communication"):
+            self.group.sum_gradients(list(g.params().values()))
         clip = gradient_clip_value(cfg.grad_clip, step)
         if clip is not None:
             g.clip_gradients(clip)
         if step < cfg.densify_until_iter:
-            g.add_densification_stats(self.group.gather_rows(out.means2d_grad(), shard),
-                                      self.group.gather_rows(out.radii, shard), out.rgb.shape[-1], out.rgb.shape[-2])
+            with self.timer("communication"):
+                means2d_grad = self.group.gather_rows(out.means2d_grad(), shard)  # [B, N, 2] whole batch
+                radii = self.group.gather_rows(out.radii, shard)  # [B, N]
+            g.add_densification_stats(means2d_grad, radii, out.rgb.shape[-1], out.rgb.shape[-2])
             if step > cfg.densify_from_iter and step % cfg.densification_interval == 0:
                 size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
                 counts = g.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent, size_threshold)

@@ -4,6 +4,7 @@
     python train.py --opt config/demo.yaml                       # offline, CPU, analytic prior
     python train.py --resume outputs/<workspace>/<run>           # continue an interrupted run
     python train.py --opt config/bagel.yaml GuidanceParams.guidance_type=ism OptimizationParams.iterations=3000
+    torchrun --nproc_per_node=2 train.py --opt config/bagel.yaml   # one asset, each step's cameras on 2 GPUs
 """
 from __future__ import annotations
 
@@ -24,17 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from guidance.prior import ModelNotFoundError
+    from training.distributed import ProcessGroup
     from training.run import train
 
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
+    group = ProcessGroup.from_environment()  # several processes under torchrun: one asset, cameras split
     try:
-        outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet)
+        outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group)
     except (ModelNotFoundError, FileNotFoundError) as exc:
         logging.getLogger("train").error("%s", exc)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("train").warning("interrupted: the last checkpoint in the run folder is intact")
         return 130
+    finally:
+        group.stop()
+    if outputs is None:  # a process other than rank 0 of a torchrun launch: rank 0 reports
+        return 0
     print(f"run folder:  {outputs.run_dir.resolve()}")
     print(f"point cloud: {outputs.point_cloud.resolve()}")
     if outputs.video is not None:

@@ -10,11 +10,16 @@ diffusers' default VAE attention, cuDNN autotuning off) so that speed-ups are ra
 
     python bench/benchmark.py --out bench/results.md            # on an H100/H200
     python bench/benchmark.py --tiny --steps 3 --warmup 1       # CPU smoke test of the script itself
+    torchrun --standalone --nproc_per_node=2 bench/benchmark.py --modes default --losses sctd
+                                                                # one asset on 2 GPUs (cameras split)
 
 Per configuration: median and p10/p90 of ms per iteration over --steps iterations after --warmup,
 the mean of each section (render, VAE encode, each UNet call, backward = VAE-encoder backward +
 rasterizer backward, optimizer + densification, the rest), peak GPU memory, the FLOPs of an
 iteration and their share of the GPU's peak, the warm-up time (compilation), and the GPU name.
+Under torchrun each process trains the same asset on its share of the cameras (training/distributed.py);
+rank 0 prints the table with the number of GPUs, the largest peak memory of any GPU and the time spent
+in communication (gradient all-reduce and gathering the densification statistics).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch  # noqa: E402
 from bench.flops import NetworkFlops, dense_fp16_peak_tflops, network_flops  # noqa: E402
 from bench.random_sd import random_sd_components  # noqa: E402
 from guidance.stable_diffusion import SDComponents, StableDiffusionPrior  # noqa: E402
+from training.distributed import ProcessGroup  # noqa: E402
 from training.trainer import Trainer, apply_pipeline_options  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
 
@@ -115,6 +121,7 @@ class Result:
     tflop: float  # UNet + VAE-encoder FLOPs per iteration (bench/flops.py)
     cameras: int  # camera batch of an iteration
     warmup_s: float  # wall time of the warm-up iterations: compilation, graph capture, cuDNN autotuning
+    gpus: int = 1  # processes (GPUs) sharing each step's cameras
     notes: list[str] = field(default_factory=list)
 
 
@@ -142,14 +149,16 @@ def make_prior(cfg, components, device, dtype) -> StableDiffusionPrior:
     )
 
 
-def run_config(loss: str, mode: str, components, args, device, dtype, flops: NetworkFlops) -> Result:
+def run_config(loss: str, mode: str, components, args, device, dtype, flops: NetworkFlops,
+               group: ProcessGroup | None = None) -> Result:
+    group = group or ProcessGroup()
     cfg = build_config(loss, mode, args)
     prior = make_prior(cfg, components, device, dtype)
     apply_pipeline_options(prior, cfg.pipeline)
     timer = EventTimer(device.type == "cuda")
     unet_counter = instrument_unet(prior, timer)
     torch.manual_seed(0)
-    trainer = Trainer(cfg, prior=prior, device=device)
+    trainer = Trainer(cfg, prior=prior, device=device, group=group)
     trainer.timer = timer
     start = args.start_step
     warm_start = time.perf_counter()
@@ -180,10 +189,14 @@ def run_config(loss: str, mode: str, components, args, device, dtype, flops: Net
     step_ms = [a.elapsed_time(b) for a, b in zip(boundaries, boundaries[1:])] or [wall_ms]
     sections = {k: v / args.steps for k, v in timer.totals().items()}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if group.distributed:  # the largest of any GPU
+        peaks = [None] * group.world_size
+        torch.distributed.all_gather_object(peaks, peak)
+        peak = max(peaks)
     tflop = (unet_counter["samples"] / args.steps * flops.unet_tflop_per_sample
              + cfg.guidance.C_batch_size * flops.vae_tflop_fwd_bwd_per_image)
     result = Result(mode, loss, step_ms, wall_ms, sections, peak, trainer.gaussians.num_points, tflop,
-                    cfg.guidance.C_batch_size, warmup_s)
+                    cfg.guidance.C_batch_size, warmup_s, group.world_size)
     del trainer, prior
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -206,9 +219,9 @@ def format_table(results: list[Result], gpu: str, args) -> str:
         f"the VAE-encoder forward+backward (bench/flops.py); % of peak = TFLOP/it / median time / "
         + (f"{peak:.0f} TFLOP/s (dense fp16 data-sheet peak)." if peak else "peak (unknown for this GPU)."),
         "",
-        ("| mode | loss | B | median ms/it | p10-p90 ms | mean wall ms/it | vs straightforward | peak GiB "
+        ("| mode | loss | GPUs | B | median ms/it | p10-p90 ms | mean wall ms/it | vs straightforward | peak GiB "
          "| Gaussians | TFLOP/it | % of peak | warm-up s |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     medians = {(r.mode, r.loss): statistics.median(r.step_ms) for r in results}
     for r in results:
@@ -217,7 +230,7 @@ def format_table(results: list[Result], gpu: str, args) -> str:
         comparable = base and r.mode != "straightforward" and r.cameras == args.batch
         ratio = f"{base / med:.2f}x" if comparable else "-"
         lines.append(
-            f"| {r.mode} | {r.loss} | {r.cameras} | {med:.1f} | "
+            f"| {r.mode} | {r.loss} | {r.gpus} | {r.cameras} | {med:.1f} | "
             f"{percentile(r.step_ms, 0.1):.1f}-{percentile(r.step_ms, 0.9):.1f} "
             f"| {r.wall_ms:.1f} | {ratio} | {r.peak_gib:.2f} | {r.gaussians} | {r.tflop:.3g} "
             f"| {f'{100 * r.tflop / med / peak * 1e3:.0f}%' if peak else '-'} | {r.warmup_s:.0f} |"
@@ -251,7 +264,19 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    group = ProcessGroup.from_environment()  # torchrun: one asset, each step's cameras split over the GPUs
+    device = group.device("auto") if group.distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    group.start(device)
+    try:
+        return benchmark(args, group, device)
+    finally:
+        group.stop()
+
+
+def benchmark(args, group: ProcessGroup, device: torch.device) -> int:
+    def report(text: str) -> None:  # rank 0 prints and writes
+        if group.is_writer:
+            print(text, flush=True)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     if args.tiny:
         from tests.tiny_models import tiny_sd_pipeline
@@ -264,7 +289,7 @@ def main(argv=None) -> int:
         components_fn = random_sd_components
     if device.type == "cpu":
         dtype = torch.float32
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none (CPU)"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU)"
     results, failures = [], []
     components, flops = None, None
     for mode in args.modes.split(","):
@@ -272,18 +297,18 @@ def main(argv=None) -> int:
         flops = flops or network_flops(components.unet, components.vae, args.resolution)
         for loss in args.losses.split(","):
             try:
-                r = run_config(loss, mode, components, args, device, dtype, flops)
+                r = run_config(loss, mode, components, args, device, dtype, flops, group)
             except Exception as exc:  # one failing configuration must not lose the others' numbers
                 log.exception("%s / %s failed", mode, loss)
                 failures.append(f"- {mode} / {loss} failed: {type(exc).__name__}: {exc}")
                 continue
-            print(f"{mode:16s} {loss:14s} median {statistics.median(r.step_ms):7.1f} ms  "
-                  f"peak {r.peak_gib:6.2f} GiB", flush=True)
+            report(f"{mode:16s} {loss:14s} median {statistics.median(r.step_ms):7.1f} ms  "
+                   f"peak {r.peak_gib:6.2f} GiB")
             results.append(r)
-            if args.out:  # rewritten after every configuration: a killed run keeps what it measured
+            if args.out and group.is_writer:  # rewritten after every configuration: a killed run keeps what it measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(format_table(results, gpu, args) + "".join(f"{x}\n" for x in failures))
-    print(format_table(results, gpu, args) + "".join(f"{line}\n" for line in failures))
+    report(format_table(results, gpu, args) + "".join(f"{line}\n" for line in failures))
     return 0
 
 

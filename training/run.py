@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from scene.camera_sampler import evaluation_ring, orbit_cameras
+from training.distributed import ProcessGroup
 from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from training.trainer import Trainer
 from utils.config import Config, load_config, save_config
@@ -152,9 +153,45 @@ class TrainingRun:
         return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics)
 
 
+def follow_steps(trainer: Trainer, iterations: int) -> None:
+    """A process other than rank 0 of a multi-process run: take its share of every step, write nothing."""
+    for step in range(trainer.step + 1, iterations + 1):
+        trainer.train_step(step)
+        trainer.step = step
+
+
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
-          quiet: bool = False, prior=None) -> RunOutputs:
-    """Build everything from cfg and run it (the body of train.py)."""
+          quiet: bool = False, prior=None, group: ProcessGroup | None = None) -> RunOutputs | None:
+    """Build everything from cfg and run it (the body of train.py). Under torchrun, the processes
+    share each step's cameras (training.distributed); rank 0 writes and returns the outputs, the
+    other ranks return None. `group` defaults to one process (train.py passes torchrun's group)."""
+    group = group or ProcessGroup()
+    if group.distributed:
+        device = group.device(cfg.pipeline.device)
+        group.start(device)
+        if not group.is_writer:
+            return _train_follower(cfg, resume, prior, group, device)
+    else:
+        device = None
+    return _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device)
+
+
+def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup, device) -> None:
+    run_dir = Path(group.broadcast_object(None))
+    checkpoint = None
+    if resume:
+        cfg = load_config(run_dir / "config.yaml", warn_no_effect=False)
+        checkpoint = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+    seed_everything(cfg.seed)
+    trainer = Trainer(cfg, prior=prior, device=device, group=group)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+    follow_steps(trainer, cfg.optim.iterations)
+    return None
+
+
+def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None, quiet: bool,
+                  prior, group: ProcessGroup, device) -> RunOutputs:
     from utils.monitor import setup_logging
 
     if prior is None and cfg.guidance.prior == "stable_diffusion" and not resume:
@@ -163,13 +200,15 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
         g = cfg.guidance
         check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
     cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
+    group.broadcast_object(str(run_dir))
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())
     seed_everything(cfg.seed)
-    trainer = Trainer(cfg, prior=prior)
+    trainer = Trainer(cfg, prior=prior, device=device, group=group)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         log.info("resumed from step %d", trainer.step)
-    log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s", cfg.guidance.guidance_type,
-             cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device)
+    log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s%s", cfg.guidance.guidance_type,
+             cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device,
+             f" and {group.world_size - 1} more processes" if group.distributed else "")
     return TrainingRun(cfg, run_dir, trainer, quiet).run()

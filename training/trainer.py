@@ -15,13 +15,14 @@ from torch import Tensor
 
 from gaussian_renderer import render, render_in_chunks
 from gaussian_renderer.types import RenderOutput
-from guidance.losses import StepInfo, build_loss
+from guidance.losses import BatchShard, StepInfo, build_loss
 from guidance.prior import Conditioning, DiffusionPrior
 from guidance.timesteps import warm_up_rate
 from scene.camera_sampler import OrbitCameraSampler, evaluation_ring
 from scene.cameras import Cameras
 from scene.gaussian_model import GaussianModel
 from scene.initialisation import initial_points
+from training.distributed import ProcessGroup
 from utils.config import Config
 from utils.losses import tv_loss
 from utils.seeding import global_rng_state, restore_global_rng_state
@@ -37,6 +38,7 @@ class StepResult:
     scalars: dict[str, Tensor | float]  # named terms for logging
     render: RenderOutput
     images: Tensor  # [B, 3, H, W] what the prior saw (rgb or depth), before flipping
+    shard: BatchShard | None = None  # this process's rows of the camera batch (None: all of them)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,8 +89,10 @@ def gradient_clip_value(grad_clip: list[float] | None, step: int) -> float | Non
 class Trainer:
     """Builds every part from a Config and runs the distillation loop."""
 
-    def __init__(self, cfg: Config, prior: DiffusionPrior | None = None, device: torch.device | None = None):
+    def __init__(self, cfg: Config, prior: DiffusionPrior | None = None, device: torch.device | None = None,
+                 group: ProcessGroup | None = None):
         self.cfg = cfg
+        self.group = group or ProcessGroup()  # processes sharing each step's cameras (training.distributed)
         self.device = device or resolve_device(cfg.pipeline.device)
         self.rng = torch.Generator().manual_seed(cfg.seed)  # CPU: augmentation and branch decisions
         self.prior = prior if prior is not None else build_prior(cfg, self.device)
@@ -140,11 +144,12 @@ class Trainer:
         as_latent = step < self.cfg.optim.geo_iter or self._uniform() < self.cfg.optim.as_latent_ratio
         return out.depth.expand(-1, 3, -1, -1) if as_latent else out.rgb
 
-    def distillation_surrogate(self, images: Tensor, cond: Conditioning, step: int) -> tuple[Tensor, dict]:
+    def distillation_surrogate(self, images: Tensor, cond: Conditioning, step: int,
+                               shard: BatchShard | None = None) -> tuple[Tensor, dict]:
         """<sg(g), z0> (+ <sg(g_px), x>): its gradient is the loss's direction (no backward through the prior)."""
         if self._uniform() < 0.5:
             images, cond = images.flip(-1), cond.hflip()
-        info = StepInfo(step, warm_up_rate(step, self.cfg.optim.warmup_iter))
+        info = StepInfo(step, warm_up_rate(step, self.cfg.optim.warmup_iter), shard)
         chunk = self.cfg.pipeline.encode_chunk
         if chunk and chunk < images.shape[0]:
             return self._chunked_surrogate(images, cond, info, chunk)
@@ -178,7 +183,7 @@ class Trainer:
         """One iteration: gradients, then clipping, densification and the optimizer step."""
         result = self.compute_gradients(step)
         with self.timer("optimizer_densify"):
-            self.after_backward(step, result.render)
+            self.after_backward(step, result.render, result.shard)
         return result
 
     def compute_gradients(self, step: int) -> StepResult:
@@ -190,28 +195,40 @@ class Trainer:
         self.sampler.update_ranges(step)
         cameras = self.sampler.sample(self.batch_size).to(self.device)
         background = self.backgrounds(len(cameras))
+        shard = self.group.shard(len(cameras))  # every process drew the whole batch; it keeps its rows
+        if shard is not None:
+            cameras, background = cameras[shard.start:shard.stop], shard.take(background)
         with self.timer("render"):
             out, scales = self.render_batch(cameras, background)
         images = self.guidance_images(out, step)
         cond = self.prior.condition(cameras, background)
-        surrogate, scalars = self.distillation_surrogate(images, cond, step)
+        surrogate, scalars = self.distillation_surrogate(images, cond, step, shard)
         loss_tv = tv_loss(out.rgb) + tv_loss(out.depth)
         loss_scale = scales.mean()
+        if shard is not None:  # after the gradient sum: tv is the whole batch's mean, scale counted once
+            loss_tv = loss_tv * (shard.size / shard.total)
+            loss_scale = loss_scale / self.group.world_size
         total = surrogate + cfg.optim.lambda_tv * loss_tv + cfg.optim.lambda_scale * loss_scale
         with self.timer("backward"):
             total.backward()
         scalars = {**scalars, "loss/tv": loss_tv.detach(), "loss/scale": loss_scale.detach(),
                    **{f"lr/{k}": v for k, v in lrs.items()}}
-        return StepResult(loss=total.detach(), scalars=scalars, render=out, images=images.detach())
+        return StepResult(loss=total.detach(), scalars=scalars, render=out, images=images.detach(), shard=shard)
 
-    def after_backward(self, step: int, out: RenderOutput) -> None:
-        """Clipping, densification, opacity reset, BEG, then the optimizer step (official order)."""
+    def after_backward(self, step: int, out: RenderOutput, shard: BatchShard | None = None) -> None:
+        """Clipping, densification, opacity reset, BEG, then the optimizer step (official order).
+        With several processes, gradients are summed and screen-space statistics gathered first."""
         cfg, g = self.cfg.optim, self.gaussians
+        with self.timer("communication"):
+            self.group.sum_gradients(list(g.params().values()))
         clip = gradient_clip_value(cfg.grad_clip, step)
         if clip is not None:
             g.clip_gradients(clip)
         if step < cfg.densify_until_iter:
-            g.add_densification_stats(out.means2d_grad(), out.radii, out.rgb.shape[-1], out.rgb.shape[-2])
+            with self.timer("communication"):
+                means2d_grad = self.group.gather_rows(out.means2d_grad(), shard)  # [B, N, 2] whole batch
+                radii = self.group.gather_rows(out.radii, shard)  # [B, N]
+            g.add_densification_stats(means2d_grad, radii, out.rgb.shape[-1], out.rgb.shape[-2])
             if step > cfg.densify_from_iter and step % cfg.densification_interval == 0:
                 size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
                 counts = g.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent, size_threshold)
@@ -219,11 +236,11 @@ class Trainer:
             if step % cfg.opacity_reset_interval == 0:
                 g.reset_opacity()
         if self.cfg.guidance.BEG and cfg.start_reset_iter < step < cfg.end_reset_iter:
-            self.brightness_equalization(out.rgb.detach())
+            self.brightness_equalization(out.rgb.detach(), shard)
         g.optimizer.step()
         g.optimizer.zero_grad(set_to_none=True)
 
-    def brightness_equalization(self, rgb: Tensor) -> None:
+    def brightness_equalization(self, rgb: Tensor, shard: BatchShard | None = None) -> None:
         """BEG (GCS): if the 0.85-quantile of the per-view bright-pixel quantiles exceeds lgt_thresh,
         scale every SH coefficient by reset_rate. The foreground mask is the official 'mean > 0'
         (it assumes the black training background). Runs its quantiles on the device; one sync."""
@@ -231,6 +248,7 @@ class Trainer:
         brightness = rgb.mean(1).flatten(1)  # [B, H*W]
         masked = torch.where(brightness > 0, brightness, torch.full_like(brightness, float("nan")))
         per_view = torch.nan_to_num(torch.nanquantile(masked, cfg.thresh, dim=1), nan=0.0)
+        per_view = self.group.gather_rows(per_view, shard)  # [B] over the whole batch
         if float(torch.quantile(per_view, cfg.thresh)) > cfg.lgt_thresh:
             self.gaussians.scale_colors(cfg.reset_rate)
 

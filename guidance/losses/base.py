@@ -26,9 +26,47 @@ class LossOutput:
 
 
 @dataclass(frozen=True)
+class BatchShard:
+    """The rows [start, stop) of a step's camera batch of `total` that this process handles.
+
+    With one asset trained on several processes, every process draws the randomness of the whole
+    batch (the same on every process) and keeps its rows, and batch-size normalisations use
+    `total`, so the union of the shards computes exactly the one-process step.
+    """
+
+    start: int
+    stop: int
+    total: int
+
+    def __post_init__(self):
+        if not 0 <= self.start <= self.stop <= self.total or self.total < 1:
+            raise ValueError(f"need 0 <= start <= stop <= total and total >= 1, got "
+                             f"start={self.start}, stop={self.stop}, total={self.total}")
+
+    @classmethod
+    def whole(cls, batch: int) -> "BatchShard":
+        return cls(0, batch, batch)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def take(self, x: Tensor) -> Tensor:
+        """This shard's rows of a tensor whose first dimension is the whole batch."""
+        if x.shape[0] != self.total:
+            raise ValueError(f"expected a whole batch of {self.total} rows, got {tuple(x.shape)}")
+        return x[self.start:self.stop]
+
+
+@dataclass(frozen=True)
 class StepInfo:
     step: int  # 1-based training iteration
     warm_up_rate: float  # 1 -> 0 over OptimizationParams.warmup_iter
+    shard: BatchShard | None = None  # this process's rows of the batch; None = the whole batch
+
+    def batch_total(self, local: int) -> int:
+        """The whole step's batch size (the normaliser of the official 1/B factors)."""
+        return local if self.shard is None else self.shard.total
 
 
 class NoiseSource:
@@ -54,12 +92,19 @@ class NoiseSource:
         offset = torch.randn((1, shape[1], 1, 1), generator=self._generator, device=device)
         return (base + self.offset * offset).expand(shape)
 
-    def __call__(self, like: Tensor) -> Tensor:
+    def __call__(self, like: Tensor, shard: BatchShard | None = None) -> Tensor:
+        """Noise shaped like `like` ([B, C, h, w]); with a shard, this shard's rows of the whole
+        batch's draw (so the stream does not depend on how the batch is split)."""
+        shape = like.shape if shard is None else torch.Size((shard.total, *like.shape[1:]))
+        if shard is not None and like.shape[0] != shard.size:
+            raise ValueError(f"a shard of {shard.size} rows got a batch of {like.shape[0]}")
         if not self.fixed:
-            return self._draw(like.shape, like.device)
-        if self._noise is None or self._noise.shape != like.shape or self._noise.device != like.device:
-            self._noise = self._draw(like.shape, like.device).contiguous()
-        return self._noise
+            noise = self._draw(shape, like.device)
+        else:
+            if self._noise is None or self._noise.shape != shape or self._noise.device != like.device:
+                self._noise = self._draw(shape, like.device).contiguous()
+            noise = self._noise
+        return noise if shard is None else shard.take(noise)
 
     def state_dict(self) -> dict:
         return {

@@ -33,14 +33,16 @@ class CDSLoss(DistillationLoss):
 
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
         b = z0.shape[0]
-        s_val, t_cpu = cds_timesteps(
-            info.step, b, self.cfg.cds_t_start, self.cfg.cds_t_end, self.cfg.cds_anneal_iters,
+        s_val, t_cpu = cds_timesteps(  # per-sample t drawn for the whole batch, then this shard's rows
+            info.step, info.batch_total(b), self.cfg.cds_t_start, self.cfg.cds_t_end, self.cfg.cds_anneal_iters,
             tuple(self.cfg.cds_gap), self.generator,
         )
+        if info.shard is not None:
+            t_cpu = info.shard.take(t_cpu)
         t, s = self.timesteps(t_cpu, b), self.timesteps(s_val, b)
         with torch.no_grad():
             z0 = z0.float()
-            x_t = self.schedule.add_noise(z0, self.noise(z0), t)
+            x_t = self.schedule.add_noise(z0, self.noise(z0, info.shard), t)
             eps_t, _, _ = self.guided_noise(x_t, t, cond)
             x_s = self.schedule.step(x_t, eps_t, t, s)
             eps_s, _, _ = self.guided_noise(x_s, s, cond)

@@ -42,11 +42,12 @@ class GCSLoss(DistillationLoss):
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
         t_val, s_val, e_val = self.sample_timesteps(info.warm_up_rate)
         b = z0.shape[0]
+        n = info.batch_total(b)  # the official 1/B is over the whole step's batch
         t, s, e = (self.timesteps(v, b) for v in (t_val, s_val, e_val))
         sched = self.schedule
         with torch.no_grad():
             z0 = z0.float()
-            noise = self.noise(z0) if cond.perp_neg else self.fresh_noise(z0)
+            noise = self.noise(z0, info.shard) if cond.perp_neg else self.fresh_noise(z0, info.shard)
             x_e = sched.add_noise(z0, noise, e)
             eps_e = self.null_noise(x_e, e, cond)
             x_s_inv = sched.step(x_e, eps_e, e, s)
@@ -60,14 +61,14 @@ class GCSLoss(DistillationLoss):
             x0_y = sched.pred_x0(x_e_guided, eps_hat_e, e)
             x0_null = sched.pred_x0(x_e, eps_e, e)
             alpha_e = sched.alpha[e].view(-1, 1, 1, 1)
-            g_cc = 2.0 * self.cfg.w_cc * alpha_e * (x_e_from_t - x_e_from_s) / b
-            g_cg = 2.0 * self.cfg.w_gc * (x0_null - x0_y) / b
+            g_cc = 2.0 * self.cfg.w_cc * alpha_e * (x_e_from_t - x_e_from_s) / n
+            g_cg = 2.0 * self.cfg.w_gc * (x0_null - x0_y) / n
             grad = torch.nan_to_num(self.lambda_guidance * (g_cc + g_cg))
             pixel_grad = None
             if self.cfg.w_cp > 0:
                 decoded = self.prior.decode(torch.cat([x0_null, x0_y]).to(z0.dtype)).float()
                 d_null, d_y = decoded.chunk(2)
-                scale = self.lambda_guidance * 2.0 * self.cfg.w_cp * self.cfg.rgb_scale / b
+                scale = self.lambda_guidance * 2.0 * self.cfg.w_cp * self.cfg.rgb_scale / n
                 pixel_grad = scale * (d_null - d_y)
         scalars = {
             "t": float(t_val), "s": float(s_val), "e": float(e_val),

@@ -36,7 +36,7 @@ class ISMLoss(DistillationLoss):
         sched = self.schedule
         with torch.no_grad():
             z0 = z0.float()
-            x = sched.add_noise(z0, self.noise(z0), self.timesteps(0, b))
+            x = sched.add_noise(z0, self.noise(z0, info.shard), self.timesteps(0, b))
             x_s = self._invert_to(x, s_val, cond)
             target = self.null_noise(x_s, s, cond)
             x_t = sched.step(x_s, target, s, t)

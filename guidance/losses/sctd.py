@@ -74,7 +74,7 @@ class SCTDLoss(DistillationLoss):
         sched = self.schedule
         with torch.no_grad():
             z0 = z0.float()
-            z_e = sched.add_noise(z0, self.noise(z0), e)
+            z_e = sched.add_noise(z0, self.noise(z0, info.shard), e)
             eps_e = self.null_noise(z_e, e, cond)
             z_t = self._invert(z_e, eps_e, e, s, t, cond, two_steps=ts.t >= self.t_threshold)
             extra = () if self.approximate_null else ("null",)
@@ -91,7 +91,8 @@ class SCTDLoss(DistillationLoss):
             if self.weighting == "paper":
                 weight = weight / sched.step_scale(t, e)
             grad = torch.nan_to_num(weight.view(-1, 1, 1, 1) * bracket)
-            pixel_grad = self._pixel_constraint(z_e, eps_e, g_t_y, e, cond) if self.w_cp > 0 else None
+            pixel_grad = (self._pixel_constraint(z_e, eps_e, g_t_y, e, cond, info.batch_total(b))
+                          if self.w_cp > 0 else None)
         scalars = {
             "t": float(ts.t), "s": float(ts.s), "s_m": float(ts.edge),
             "self_norm": per_sample_norm(self_term), "cross_norm": per_sample_norm(cross_term),
@@ -106,7 +107,7 @@ class SCTDLoss(DistillationLoss):
         z_s = self.schedule.step(z_e, eps_e, e, s)
         return self.schedule.step(z_s, self.null_noise(z_s, s, cond), s, t)
 
-    def _pixel_constraint(self, z_e, eps_e, g_t_y, e, cond) -> Tensor:
+    def _pixel_constraint(self, z_e, eps_e, g_t_y, e, cond, batch_total: int) -> Tensor:
         """Optional GCS-style pixel constraint of the official code (w_cp > 0, official `train_step`).
 
         Gradient on the image: 2 w_cp rgb_scale (D(x0_null) - D(x0_cond)) / B, with
@@ -119,4 +120,4 @@ class SCTDLoss(DistillationLoss):
         x0_null = sched.pred_x0(z_e, eps_e, e)
         decoded = self.prior.decode(torch.cat([x0_null, x0_cond]).to(z_e.dtype)).float()
         d_null, d_cond = decoded.chunk(2)
-        return 2.0 * self.w_cp * self.rgb_scale * (d_null - d_cond) / z_e.shape[0]
+        return 2.0 * self.w_cp * self.rgb_scale * (d_null - d_cond) / batch_total

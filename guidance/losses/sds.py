@@ -29,7 +29,7 @@ class SDSLoss(DistillationLoss):
         t = self.timesteps(t_val, z0.shape[0])
         with torch.no_grad():
             z0 = z0.float()
-            noise = self.noise(z0)
+            noise = self.noise(z0, info.shard)
             z_t = self.schedule.add_noise(z0, noise, t)
             eps_guided, _, _ = self.guided_noise(z_t, t, cond)
             weight = self.lambda_guidance * self.schedule.snr_weight(t)

@@ -36,9 +36,9 @@ def test_table_has_a_row_per_configuration_and_ratios_only_between_equal_batches
                            "--modes", "straightforward,default,large-gpu", "--out", str(out)]) == 0
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
     header, body = rows[0], rows[1:]
-    assert [c.strip() for c in header][:3] == ["mode", "loss", "B"]
+    assert [c.strip() for c in header][:4] == ["mode", "loss", "GPUs", "B"]
     by_mode = {r[0].strip(): [c.strip() for c in r] for r in body}
     assert set(by_mode) == {"straightforward", "default", "large-gpu"}
     ratio = header.index(" vs straightforward ")
     assert by_mode["default"][ratio].endswith("x") and by_mode["large-gpu"][ratio] == "-"
-    assert by_mode["large-gpu"][2] == "8"
+    assert by_mode["large-gpu"][3] == "8" and by_mode["default"][2] == "1"

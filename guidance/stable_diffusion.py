@@ -34,6 +34,7 @@ from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
 from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
+from guidance.timesteps import TimestepGrid
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
 
@@ -290,6 +291,15 @@ def encode_prompt(
     return transformer.final_layer_norm(hidden)
 
 
+def scheduler_timestep_grid(scheduler: DDIMScheduler) -> TimestepGrid:
+    """The official index -> timestep map: flip(scheduler.timesteps) after set_timesteps(num_train_timesteps)
+    (LucidDreamer / SegmentDreamer guidance `StableDiffusion.__init__`). It follows the config's
+    steps_offset and timestep_spacing: SD 2.1-base ("leading", steps_offset 1) gives index + 1."""
+    full = DDIMScheduler.from_config(scheduler.config)  # a copy: set_timesteps changes the scheduler's state
+    full.set_timesteps(full.config.num_train_timesteps)
+    return TimestepGrid(tuple(int(v) for v in full.timesteps.flip(0)))
+
+
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module.to(device=device, dtype=dtype)
     module.requires_grad_(False)
@@ -327,6 +337,7 @@ class StableDiffusionPrior(DiffusionPrior):
                 f"unsupported scheduler prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
             )
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)  # [T]
+        self._timestep_grid = scheduler_timestep_grid(self.scheduler)
         self._alpha = self.alphas_cumprod.sqrt()  # [T]
         self._sigma = (1.0 - self.alphas_cumprod).sqrt()  # [T]
         self.perpneg = bool(perpneg)
@@ -372,6 +383,10 @@ class StableDiffusionPrior(DiffusionPrior):
             device=device,
             dtype=dtype,
         )
+
+    @property
+    def timestep_grid(self) -> TimestepGrid:
+        return self._timestep_grid
 
     def _compute_embeddings(self, text: str, negative: str, inverse_text: str, clip_skip: int) -> dict[str, Tensor]:
         prompts = {view: f"{text}{suffix}" for view, suffix in VIEW_SUFFIXES.items()}

@@ -156,3 +156,31 @@ def test_background_augmentation_mixes_black_and_random_colours():
     bg = torch.cat([trainer.backgrounds(4) for _ in range(500)])
     black = (bg == 0).all(1).float().mean().item()
     assert 0.62 < black < 0.72  # official: black 1 - 0.66/2 = 0.67, random colour 0.33
+
+
+@pytest.mark.parametrize("chunk", [0, 1])
+@pytest.mark.parametrize("loss", ["sctd", "gcs"])
+def test_pixel_constraint_acts_on_the_rgb_render_when_the_prior_sees_depth(loss, chunk):
+    """The official L_cp compares the rendered RGB with its pixel target also when the depth map was encoded
+    (depth-as-latent): the pixel gradient reaches the RGB, the depth only gets the gradient through the
+    encoder (analytic prior: encode(x) = 2x - 1, so d/d depth = 2 g summed over the 3 repeated channels)."""
+    trainer = _tiny_trainer(f"GuidanceParams.guidance_type={loss}", "GuidanceParams.w_cp=0.5",
+                            f"PipelineParams.encode_chunk={chunk}")
+    outputs, direction = [], trainer.loss
+    trainer.loss = lambda z0, cond, info: outputs.append(direction(z0, cond, info)) or outputs[-1]
+    rgb = torch.rand(2, 3, 32, 32, requires_grad=True)
+    depth = torch.rand(2, 1, 32, 32, requires_grad=True)
+    cond = trainer.prior.condition(trainer.sampler.sample(2), torch.zeros(2, 3))
+    flips = set()
+    for step in range(1, 7):
+        rgb.grad = depth.grad = None
+        surrogate, _ = trainer.distillation_surrogate(depth.expand(-1, 3, -1, -1), rgb, cond, step)
+        surrogate.backward()
+        out = outputs[-1]
+        assert out.pixel_grad.norm() > 0
+        flipped = not torch.allclose(rgb.grad, out.pixel_grad)
+        orient = (lambda x: x.flip(-1)) if flipped else (lambda x: x)
+        assert torch.allclose(rgb.grad, orient(out.pixel_grad), atol=1e-7)
+        assert torch.allclose(depth.grad, orient(2 * out.latent_grad.sum(1, keepdim=True)), atol=1e-6)
+        flips.add(flipped)
+    assert flips == {True, False}  # both flip branches were checked

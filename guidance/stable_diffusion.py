@@ -259,11 +259,20 @@ def apply_adapters(
     return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, components.scheduler)
 
 
+def prompt_length(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> int:
+    """Tokens per prompt: the tokenizer's model_max_length, capped by the text encoder's position table.
+
+    A tokenizer folder whose tokenizer_config.json lacks model_max_length (some converted or fine-tuned
+    models) reports transformers' "unset" sentinel, an int too big for padding to; the text encoder's
+    max_position_embeddings (77 for CLIP) is then the length."""
+    return min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
+
+
 @torch.no_grad()
 def encode_prompt(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str, clip_skip: int = 1
 ) -> Tensor:
-    """Prompt -> [1, L, D] text embeddings (L = tokenizer.model_max_length, padded/truncated).
+    """Prompt -> [1, L, D] text embeddings (L = prompt_length(...), padded/truncated).
 
     clip_skip follows the official / A1111 convention: 1 = last layer (the usual last hidden state),
     2 = penultimate layer passed through the final layer norm, which equals the official reload of
@@ -271,7 +280,7 @@ def encode_prompt(
     is this clip_skip=2.)
     """
     prompt = TextualInversionLoaderMixin().maybe_convert_prompt(prompt, tokenizer)
-    max_length = tokenizer.model_max_length
+    max_length = prompt_length(tokenizer, text_encoder)
     n_tokens = len(tokenizer(prompt).input_ids)
     if n_tokens > max_length:
         logger.warning("prompt %r has %d tokens: truncated to %d", prompt, n_tokens, max_length)
@@ -389,6 +398,10 @@ class StableDiffusionPrior(DiffusionPrior):
         return self._timestep_grid
 
     def _compute_embeddings(self, text: str, negative: str, inverse_text: str, clip_skip: int) -> dict[str, Tensor]:
+        if self.tokenizer.model_max_length > self.text_encoder.config.max_position_embeddings:
+            logger.warning("the tokenizer gives no usable model_max_length (%d): prompts use the text encoder's "
+                           "%d positions", self.tokenizer.model_max_length,
+                           self.text_encoder.config.max_position_embeddings)
         prompts = {view: f"{text}{suffix}" for view, suffix in VIEW_SUFFIXES.items()}
         prompts.update(neg=negative, null=inverse_text)
         return {

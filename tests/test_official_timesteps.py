@@ -273,3 +273,8 @@ def test_sctd_equals_the_official_computation_for_explicit_timesteps(sd_prior, t
     for got, ref in ((out.latent_grad.double(), want), (out.pixel_grad.double(), want_pixel)):
         assert ref.norm() > 0
         assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_uniform_edges_need_a_first_index():
+    with pytest.raises(ValueError, match=r"GuidanceParams.t_range\[0\]"):
+        uniform_edges(5, TimestepGrid.with_offset(1000, 1), first=0)

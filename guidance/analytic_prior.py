@@ -24,11 +24,17 @@ from torch import Tensor
 
 from gaussian_renderer import render
 from guidance.prior import Conditioning, DiffusionPrior
+from guidance.timesteps import TimestepGrid
 from scene.cameras import Cameras
 from scene.gaussian_model import GaussianModel, rgb_to_sh
 from scene.gaussian_tensors import GaussianTensors
 
 PROCEDURAL_SCENES = ("blobs", "snowman", "dumbbell")
+
+
+# The steps_offset of SD 1.x/2.x's scheduler config: with SD's noise schedule and SD's index -> timestep
+# grid, a timestep draw means the same noise level here as with Stable Diffusion.
+STABLE_DIFFUSION_STEPS_OFFSET = 1
 
 
 def stable_diffusion_alphas_cumprod(num_timesteps: int = 1000) -> Tensor:
@@ -131,7 +137,8 @@ class AnalyticPrior(DiffusionPrior):
     """Closed-form prior around renders of a hidden scene (see module docstring)."""
 
     def __init__(self, scene: GaussianTensors, std: float = 0.05, num_distractors: int = 2, seed: int = 0,
-                 device: torch.device | str = "cpu", backend: str = "auto"):
+                 device: torch.device | str = "cpu", backend: str = "auto",
+                 steps_offset: int = STABLE_DIFFUSION_STEPS_OFFSET):
         if std <= 0:
             raise ValueError(f"GuidanceParams.analytic_std must be > 0, got {std}")
         if num_distractors < 0:
@@ -141,6 +148,7 @@ class AnalyticPrior(DiffusionPrior):
         self.std = float(std)
         self.backend = backend
         self.alphas_cumprod = stable_diffusion_alphas_cumprod().to(self.device)
+        self._timestep_grid = TimestepGrid.with_offset(self.alphas_cumprod.shape[0], steps_offset)
         g = torch.Generator().manual_seed(seed)
         # Distractors: the target with a strong constant colour shift per component (in z units).
         self.distractor_shifts = (0.6 * (2 * torch.rand(num_distractors, 3, generator=g) - 1)).to(self.device)
@@ -150,6 +158,11 @@ class AnalyticPrior(DiffusionPrior):
         scene = load_hidden_scene(guidance_cfg.analytic_scene, guidance_cfg.analytic_seed)
         return cls(scene, guidance_cfg.analytic_std, guidance_cfg.analytic_distractors,
                    guidance_cfg.analytic_seed, device, backend)
+
+    @property
+    def timestep_grid(self) -> TimestepGrid:
+        """SD's "leading" grid (index + steps_offset); no scheduler config of its own."""
+        return self._timestep_grid
 
     def encode(self, images: Tensor) -> Tensor:
         return images * 2.0 - 1.0

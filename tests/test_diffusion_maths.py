@@ -8,6 +8,7 @@ from guidance.analytic_prior import mixture_eps, mixture_posterior_mean, stable_
 from guidance.diffusion import NoiseSchedule, cfg_combine, eps_from_v, perp_neg_combine, perpendicular
 from guidance.losses.sctd import consistency_terms
 from guidance.timesteps import (
+    TimestepGrid,
     TimestepWindow,
     monotonic_edges,
     sample_sctd_timesteps,
@@ -15,6 +16,8 @@ from guidance.timesteps import (
     uniform_edges,
     warm_up_rate,
 )
+
+SD_GRID = TimestepGrid.with_offset(1000, 1)  # SD 2.1's scheduler: index i -> timestep i + 1
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,7 @@ def test_cfg_and_perp_neg():
     (5, [20, 212, 404, 596, 788, 980]), (4, [20, 260, 500, 740, 980]), (6, [20, 180, 340, 500, 660, 820, 980]),
 ])
 def test_uniform_edges_official_values(n, edges):
-    assert uniform_edges(n) == edges
+    assert uniform_edges(n, SD_GRID) == edges
     assert all(b - a == (980 - 20) / n for a, b in zip(edges, edges[1:]))
 
 
@@ -117,15 +120,15 @@ def test_sctd_timesteps_respect_segment_rules():
     cfg = type("G", (), {"t_range": [0.02, 0.5], "max_t_range": 0.98})()
     window = TimestepWindow.from_config(cfg, 1000, slide_lower=True)
     assert window.bounds(1.0) == (500, 980) and window.bounds(0.0) == (20, 500)
-    edges = uniform_edges(5)
+    edges = uniform_edges(5, SD_GRID)
     g = torch.Generator().manual_seed(0)
     for rate in (1.0, 0.5, 0.0):
         low, high = window.bounds(rate)
         for _ in range(200):
-            ts = sample_sctd_timesteps(window, edges, rate, 80, g)
+            ts = sample_sctd_timesteps(window, edges, rate, 80, SD_GRID, g)
             assert ts.edge in edges[:-1] and ts.edge == segment_start(edges, ts.t)
             assert ts.t >= ts.edge + 80 and ts.edge + 10 <= ts.s < ts.t - 10
-            assert ts.t >= low and ts.t < max(high, ts.edge + 81)
+            assert ts.t >= low + 1 and ts.t < max(high + 1, ts.edge + 81)  # values = indices + 1
 
 
 def test_warm_up_rate():

@@ -83,6 +83,10 @@ class CountingPrior:
     def num_train_timesteps(self):
         return self.inner.num_train_timesteps
 
+    @property
+    def timestep_grid(self):
+        return self.inner.timestep_grid
+
 
 @pytest.mark.parametrize("variant,expected", [
     ({"guidance_type": "sctd", "t_threshold": 0}, [("null",), ("null",), ("neg", "pos"), ("null",)]),
@@ -103,7 +107,8 @@ def test_denoiser_calls_per_loss(prior, views, variant, expected):
 
 
 def test_ism_inversion_calls_follow_the_interval(prior, views):
-    """x_s comes from ceil(s / xs_delta_t) empty-prompt inversion steps from timestep 0, plus the target call."""
+    """x_s comes from ceil(i_s / xs_delta_t) empty-prompt inversion steps from index 0 (timestep 1), plus the
+    target call; indices i map to timesteps i + 1."""
     cams, background, target = views
     counting = CountingPrior(prior)
     loss = build_loss(_cfg(guidance_type="ism"), counting, torch.Generator().manual_seed(3))
@@ -112,8 +117,8 @@ def test_ism_inversion_calls_follow_the_interval(prior, views):
         counting.calls.clear()
         out = loss(prior.encode(target), prior.condition(cams, background), StepInfo(step=step, warm_up_rate=1.0))
         t, s = int(out.scalars["t"]), int(out.scalars["s"])
-        assert s == max(t - 100, 0)  # delta_T = 100 at the start of the warm-up
-        n_inv = math.ceil(s / 200)
+        assert s == max(t - 100, 1)  # delta_T = 100 at the start of the warm-up, i_s = max(i_t - 100, 0)
+        n_inv = math.ceil((s - 1) / 200)
         assert counting.calls == [("null",)] * (n_inv + 1) + [("neg", "pos")]
         seen.add(n_inv)
     assert len(seen) >= 3  # several interval lengths were exercised

@@ -338,3 +338,30 @@ def test_lora_without_peft_fails_before_loading(make_guidance_cfg):
     cfg = make_guidance_cfg(model_key=None, LoRA_path="/some/lora.safetensors")
     with pytest.raises(RuntimeError, match="peft"):
         StableDiffusionPrior.from_config(cfg, "cpu")
+
+
+def test_tokenizer_without_model_max_length_falls_back_to_text_encoder_positions(tiny_sd_dir, tmp_path,
+                                                                                  make_guidance_cfg, prior):
+    """A tokenizer_config.json without model_max_length makes transformers report a huge sentinel, which
+    padding cannot use (OverflowError); prompts then use the text encoder's max_position_embeddings."""
+    import json
+    import shutil
+
+    from guidance.losses import StepInfo, build_loss
+    from utils.config import load_config
+
+    folder = tmp_path / "converted-sd"
+    shutil.copytree(tiny_sd_dir, folder)
+    config_path = folder / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("model_max_length")
+    config_path.write_text(json.dumps(config))
+    converted = StableDiffusionPrior.from_config(make_guidance_cfg(model_key=str(folder)), "cpu")
+    assert converted.tokenizer.model_max_length > 10**20  # the sentinel that used to crash every loss
+    for name, embedding in prior.embeddings.items():
+        assert converted.embeddings[name].shape == (1, 77, 32)
+        assert torch.allclose(converted.embeddings[name], embedding)
+    loss = build_loss(load_config(None, ["GuidanceParams.fix_noise=true"], warn_no_effect=False).guidance,
+                      converted, torch.Generator().manual_seed(0))
+    out = loss(torch.randn(2, 4, 8, 8), converted.condition(make_cameras([0.0, 90.0])), StepInfo(1, 0.5))
+    assert out.latent_grad.shape == (2, 4, 8, 8) and torch.isfinite(out.latent_grad).all()

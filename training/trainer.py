@@ -144,28 +144,32 @@ class Trainer:
         as_latent = step < self.cfg.optim.geo_iter or self._uniform() < self.cfg.optim.as_latent_ratio
         return out.depth.expand(-1, 3, -1, -1) if as_latent else out.rgb
 
-    def distillation_surrogate(self, images: Tensor, cond: Conditioning, step: int,
+    def distillation_surrogate(self, images: Tensor, rgb: Tensor, cond: Conditioning, step: int,
                                shard: BatchShard | None = None) -> tuple[Tensor, dict]:
-        """<sg(g), z0> (+ <sg(g_px), x>): its gradient is the loss's direction (no backward through the prior)."""
+        """<sg(g), z0> (+ <sg(g_px), rgb>): its gradient is the loss's direction (no backward through the prior).
+
+        images: [B, 3, H, W] what the prior encodes (the RGB, or the depth map); rgb: [B, 3, H, W] the
+        rendered RGB, which a pixel constraint acts on whichever the prior saw (official `train_step`'s L_cp).
+        """
         if self._uniform() < 0.5:
-            images, cond = images.flip(-1), cond.hflip()
+            images, rgb, cond = images.flip(-1), rgb.flip(-1), cond.hflip()
         info = StepInfo(step, warm_up_rate(step, self.cfg.optim.warmup_iter), shard)
         chunk = self.cfg.pipeline.encode_chunk
         if chunk and chunk < images.shape[0]:
-            return self._chunked_surrogate(images, cond, info, chunk)
+            return self._chunked_surrogate(images, rgb, cond, info, chunk)
         with self.timer("encode"):
             z0 = self.prior.encode(images)
         with self.timer("guidance"):
             out = self.loss(z0.detach(), cond, info)
         surrogate = (out.latent_grad.float() * z0.float()).sum()
         if out.pixel_grad is not None:
-            surrogate = surrogate + (out.pixel_grad.float() * images.float()).sum()
+            surrogate = surrogate + (out.pixel_grad.float() * rgb.float()).sum()
         return surrogate, out.scalars
 
-    def _chunked_surrogate(self, images: Tensor, cond: Conditioning, info: StepInfo, chunk: int):
+    def _chunked_surrogate(self, images: Tensor, rgb: Tensor, cond: Conditioning, info: StepInfo, chunk: int):
         """Low-memory variant: encode without a graph, get the direction, then run the encoder's
-        forward+backward `chunk` images at a time. Returns <dL/dx, x>, whose gradient on the
-        images is exactly the one the unchunked surrogate gives."""
+        forward+backward `chunk` images at a time. Returns <dL/dx, x> (+ <g_px, rgb>), whose gradient
+        on the images (and the RGB) is exactly the one the unchunked surrogate gives."""
         parts = range(0, images.shape[0], chunk)
         with self.timer("encode"), torch.no_grad():
             z0 = torch.cat([self.prior.encode(images[i:i + chunk]) for i in parts])
@@ -176,8 +180,10 @@ class Trainer:
             for i in parts:
                 z = self.prior.encode(leaf[i:i + chunk])
                 (out.latent_grad[i:i + chunk].float() * z.float()).sum().backward()
-        image_grad = leaf.grad if out.pixel_grad is None else leaf.grad + out.pixel_grad
-        return (image_grad.detach().float() * images.float()).sum(), out.scalars
+        surrogate = (leaf.grad.detach().float() * images.float()).sum()
+        if out.pixel_grad is not None:
+            surrogate = surrogate + (out.pixel_grad.float() * rgb.float()).sum()
+        return surrogate, out.scalars
 
     def train_step(self, step: int) -> StepResult:
         """One iteration: gradients, then clipping, densification and the optimizer step."""
@@ -202,7 +208,7 @@ class Trainer:
             out, scales = self.render_batch(cameras, background)
         images = self.guidance_images(out, step)
         cond = self.prior.condition(cameras, background)
-        surrogate, scalars = self.distillation_surrogate(images, cond, step, shard)
+        surrogate, scalars = self.distillation_surrogate(images, out.rgb, cond, step, shard)
         loss_tv = tv_loss(out.rgb) + tv_loss(out.depth)
         loss_scale = scales.mean()
         if shard is not None:  # after the gradient sum: tv is the whole batch's mean, scale counted once

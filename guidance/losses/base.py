@@ -2,7 +2,7 @@
 
 A loss receives the working-space samples z0 of the current renders (detached) and returns
 the gradient direction it injects on z0 (and, for the pixel constraints of GCS/SCTD, on the
-images). The trainer turns that into a surrogate loss <sg(g), z0> (+ <sg(g_px), x>) whose
+rendered RGB). The trainer turns that into a surrogate loss <sg(g), z0> (+ <sg(g_px), x>) whose
 backward runs through the encoder and the renderer. No loss ever back-propagates through the
 denoiser, so every prior call runs without autograd.
 """
@@ -16,12 +16,13 @@ from torch import Tensor
 
 from guidance.diffusion import NoiseSchedule, cfg_combine, perp_neg_combine
 from guidance.prior import Conditioning, DiffusionPrior
+from guidance.timesteps import TimestepWindow
 
 
 @dataclass
 class LossOutput:
     latent_grad: Tensor  # [B, C, h, w] dL/dz0 injected on the working-space samples
-    pixel_grad: Tensor | None = None  # [B, 3, H, W] dL/dx injected on the encoded images, or None
+    pixel_grad: Tensor | None = None  # [B, 3, H, W] dL/dx on the rendered RGB (even when the prior saw depth), or None
     scalars: dict[str, Tensor | float] = field(default_factory=dict)  # logged every log_interval
 
 
@@ -129,6 +130,7 @@ class DistillationLoss:
         self.prior = prior
         self.schedule = NoiseSchedule(prior.alphas_cumprod).to(prior.device)
         self.generator = generator  # CPU generator for timesteps
+        self.grid = prior.timestep_grid  # sampled index -> timestep value
         self.guidance_scale = float(cfg.guidance_scale)
         self.lambda_guidance = float(cfg.lambda_guidance)
         self.noise = self.make_noise_source()
@@ -138,6 +140,12 @@ class DistillationLoss:
 
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
         raise NotImplementedError
+
+    def make_window(self, slide_lower: bool) -> TimestepWindow:
+        """The annealed index window of the config, checked against the model's timestep grid."""
+        window = TimestepWindow.from_config(self.cfg, len(self.grid), slide_lower)
+        self.grid.check_reaches(window.upper_limit - 1, self.prior.num_train_timesteps)
+        return window
 
     def timesteps(self, value: int | Tensor, batch: int) -> Tensor:
         """[B] long tensor on the prior's device (no host sync)."""

@@ -5,9 +5,9 @@
 with one fixed noise map shared by the whole batch, s annealed with a square root from
 cds_t_start to cds_t_end over cds_anneal_iters, t = s + U[cds_gap) per sample, uniform
 weighting and the element-wise clamp c(k) rising 2 -> 8 over the annealing (official coarse
-stage: sail-sg/Consistent3D `threestudio/models/guidance/stable_diffusion_guidance.py`,
-`compute_grad_consistency`). Official CDS has no Perp-Neg; here the guided prediction uses
-Perp-Neg when it is on (our extension).
+stage of Consistent3D's threestudio/models/guidance/stable_diffusion_guidance.py). Its timesteps are
+used as values, without a scheduler grid, as threestudio does. Official CDS has no Perp-Neg; here the guided
+prediction uses Perp-Neg when it is on (our extension).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ ECCV 2024) as its official code computes it (LMozart/ECCV2024-GCS-BEG `guidance/
 with e < s < t, x_e = alpha_e z0 + sigma_e n, x_t from two empty-prompt inversion steps e -> s -> t,
   L_CC = |Phi(x_t, t->e; eps_0) - sg Phi(Phi(x_t, t->s; eps_hat), s->e; eps_0)|^2 / B   (compact consistency)
   L_CG = |x0(x_e, e; eps_0) - sg x0(Phi(x_t, t->e; eps_hat), e; eps_hat_e)|^2 / B      (conditional guidance)
-  L_CP = |x - sg(x + D(x0_y) - D(x0_0))|^2 / B                                         (pixel constraint)
+  L_CP = |x - sg(x + D(x0_y) - D(x0_0))|^2 / B, x the rendered RGB                     (pixel constraint)
 Their gradients on z0 (treating denoiser outputs as constants, dx_t/dz0 = alpha_t):
   2 w_cc alpha_e (x_e^(t) - x_e^(s)) / B  and  2 w_gc (x0_0 - x0_y) / B; on the image 2 w_cp (D(x0_0) - D(x0_y)) / B.
 Noise is fresh every step without Perp-Neg and fixed with it (an official quirk, kept).
@@ -20,7 +20,7 @@ from torch import Tensor
 from guidance.losses.base import DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import TimestepWindow, _randint, gcs_interval
+from guidance.timesteps import _randint, gcs_interval
 
 
 @register
@@ -29,15 +29,17 @@ class GCSLoss(DistillationLoss):
 
     def __init__(self, cfg, prior, generator):
         super().__init__(cfg, prior, generator)
-        self.window = TimestepWindow.from_config(cfg, prior.num_train_timesteps, slide_lower=True)
+        self.window = self.make_window(slide_lower=True)
         self.fresh_noise = NoiseSource(fixed=False, offset=0.1, seed=cfg.noise_seed)
 
     def sample_timesteps(self, rate: float) -> tuple[int, int, int]:
+        """(t, s, e) timestep values: indices drawn as in GCS guidance/gcs_utils.py (`train_step`), each
+        mapped through the scheduler's grid."""
         delta = gcs_interval(rate, self.cfg.delta_t, self.cfg.delta_t_start)
         t = max(self.window.sample(rate, self.generator), delta + 1)
         s = t - delta
-        e = _randint(max(t - 2 * delta, 0), max(t - delta - 10, 1), self.generator)
-        return t, s, max(e, 1)
+        e = max(_randint(max(t - 2 * delta, 0), max(t - delta - 10, 1), self.generator), 1)
+        return self.grid(t), self.grid(s), self.grid(e)
 
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
         t_val, s_val, e_val = self.sample_timesteps(info.warm_up_rate)

@@ -10,7 +10,11 @@ first-order step of Eq. 5 from t to the segment start s_m with the noise predict
 With z_t the forward-noised sample, bracket / c(t, s_m) is exactly the SDS residual
 eps_hat - eps (Supplementary C-D, Eq. 17-21); the loss injects weight(t) * bracket on z0.
 
-Defaults follow the official code (zjhJOJO/SegmentDreamer `guidance/sctd_utils.py`, `train_step`):
+Timesteps (SegmentDreamer guidance/sctd_utils.py, `timestep_setting`): an index drawn from the sliding
+window is mapped to the scheduler's timestep t (index + 1 for SD 2.1); the segment edges s_m are
+timestep values, and s ~ U[s_m + 10, t - 10) is drawn as a value.
+
+Defaults follow the official code (SegmentDreamer guidance/sctd_utils.py, `train_step`):
   * z_t comes from z_sm by one (t < t_threshold) or two (s_m -> s -> t) unconditional DDIM
     inversion steps (Eq. 11, with the inner step going s -> t);
   * G^m(z_t, t, empty) is approximated by z_sm (Sec. 4.4), saving a denoiser call;
@@ -25,10 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidance.losses.base import DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
+from guidance.losses.base import BatchShard, DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import TimestepWindow, sample_sctd_timesteps, segment_edges
+from guidance.timesteps import SCTDTimesteps, sample_sctd_timesteps, segment_edges
 
 
 def consistency_terms(
@@ -51,8 +55,9 @@ class SCTDLoss(DistillationLoss):
 
     def __init__(self, cfg, prior, generator):
         super().__init__(cfg, prior, generator)
-        self.edges = segment_edges(cfg.t_mode, cfg.phase_num, cfg.t_threshold)
-        self.window = TimestepWindow.from_config(cfg, prior.num_train_timesteps, slide_lower=True)
+        self.window = self.make_window(slide_lower=True)
+        self.edges = segment_edges(cfg.t_mode, cfg.phase_num, cfg.t_threshold, self.grid,
+                                   self.window.min_step, self.window.upper_limit)
         self.t_threshold = int(cfg.t_threshold)
         self.delta_t = int(cfg.delta_t)
         self.cross_prediction = cfg.sctd_cross_prediction
@@ -63,18 +68,26 @@ class SCTDLoss(DistillationLoss):
         self.rgb_scale = float(cfg.rgb_scale)
 
     def make_noise_source(self) -> NoiseSource:
-        # The official fixed noise uses a smaller channel offset with Perp-Neg (official `train_step_perpneg`).
+        # The official fixed noise uses a smaller channel offset with Perp-Neg (`train_step_perpneg`).
         offset = 0.05 if (self.cfg.perpneg and self.cfg.fix_noise) else 0.1
         return NoiseSource(fixed=self.cfg.fix_noise, offset=offset, seed=self.cfg.noise_seed)
 
+    def sample_timesteps(self, rate: float) -> SCTDTimesteps:
+        return sample_sctd_timesteps(self.window, self.edges, rate, self.delta_t, self.grid, self.generator)
+
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
-        ts = sample_sctd_timesteps(self.window, self.edges, info.warm_up_rate, self.delta_t, self.generator)
+        return self.direction(z0, cond, self.sample_timesteps(info.warm_up_rate), info.shard)
+
+    def direction(self, z0: Tensor, cond: Conditioning, ts: SCTDTimesteps,
+                  shard: BatchShard | None = None) -> LossOutput:
+        """The injected gradient for explicit timestep values (t, s, s_m); `shard`: these rows of a larger
+        batch (their noise is those rows of the whole batch's noise, 1/B is over the whole batch)."""
         b = z0.shape[0]
         t, s, e = (self.timesteps(v, b) for v in (ts.t, ts.s, ts.edge))
         sched = self.schedule
         with torch.no_grad():
             z0 = z0.float()
-            z_e = sched.add_noise(z0, self.noise(z0, info.shard), e)
+            z_e = sched.add_noise(z0, self.noise(z0, shard), e)
             eps_e = self.null_noise(z_e, e, cond)
             z_t = self._invert(z_e, eps_e, e, s, t, cond, two_steps=ts.t >= self.t_threshold)
             extra = () if self.approximate_null else ("null",)
@@ -91,7 +104,7 @@ class SCTDLoss(DistillationLoss):
             if self.weighting == "paper":
                 weight = weight / sched.step_scale(t, e)
             grad = torch.nan_to_num(weight.view(-1, 1, 1, 1) * bracket)
-            pixel_grad = (self._pixel_constraint(z_e, eps_e, g_t_y, e, cond, info.batch_total(b))
+            pixel_grad = (self._pixel_constraint(z_e, eps_e, g_t_y, e, cond, b if shard is None else shard.total)
                           if self.w_cp > 0 else None)
         scalars = {
             "t": float(ts.t), "s": float(ts.s), "s_m": float(ts.edge),
@@ -108,9 +121,10 @@ class SCTDLoss(DistillationLoss):
         return self.schedule.step(z_s, self.null_noise(z_s, s, cond), s, t)
 
     def _pixel_constraint(self, z_e, eps_e, g_t_y, e, cond, batch_total: int) -> Tensor:
-        """Optional GCS-style pixel constraint of the official code (w_cp > 0, official `train_step`).
+        """Optional GCS-style pixel constraint of the official code (w_cp > 0, `train_step`'s L_cp).
 
-        Gradient on the image: 2 w_cp rgb_scale (D(x0_null) - D(x0_cond)) / B, with
+        Gradient on the rendered RGB (also when the prior saw the depth map):
+        2 w_cp rgb_scale (D(x0_null) - D(x0_cond)) / B, with
         x0_cond from the guided prediction at (G^m(z_t, t, y), s_m) and x0_null from eps(z_sm, s_m, empty)
         (which the inversion already computed).
         """

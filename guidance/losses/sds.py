@@ -2,8 +2,9 @@
 
     g = lambda_g * sigma_t/alpha_t * (eps_hat(z_t, t) - eps),  z_t = alpha_t z0 + sigma_t eps
 
-with fresh noise every step (unless fix_noise) and LucidDreamer's timestep window
-(the `sds: true` switch of EnVision-Research/LucidDreamer `guidance/sd_utils.py`, inside its 3DGS pipeline).
+with fresh noise every step (unless fix_noise) and LucidDreamer's timestep window: t is the
+scheduler's timestep of an index drawn from U[min_step, max_step + k) (LucidDreamer
+guidance/sd_utils.py, `train_step` with `sds: true`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from torch import Tensor
 from guidance.losses.base import DistillationLoss, LossOutput, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import TimestepWindow
 
 
 @register
@@ -22,10 +22,10 @@ class SDSLoss(DistillationLoss):
 
     def __init__(self, cfg, prior, generator):
         super().__init__(cfg, prior, generator)
-        self.window = TimestepWindow.from_config(cfg, prior.num_train_timesteps, slide_lower=False)
+        self.window = self.make_window(slide_lower=False)
 
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
-        t_val = self.window.sample(info.warm_up_rate, self.generator)
+        t_val = self.grid(self.window.sample(info.warm_up_rate, self.generator))
         t = self.timesteps(t_val, z0.shape[0])
         with torch.no_grad():
             z0 = z0.float()

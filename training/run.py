@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from scene.camera_sampler import evaluation_ring, orbit_cameras
+from scene.init_preview import record_initial_cloud
 from utils.config import Config, load_config, save_config
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
@@ -117,6 +118,7 @@ class TrainingRun:
         monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
         try:
             if start == 0:
+                record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
                 metrics["initial"] = self.evaluate(0, monitor)
                 atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
             t0 = time.perf_counter()
@@ -158,6 +160,10 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
 
         g = cfg.guidance
         check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
+    if cfg.camera.init_shape == "shapee" and not resume:
+        from scene.text_to_3d_init import check_shapee_available
+
+        check_shapee_available(cfg.camera.shapee_model_key)
     cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())

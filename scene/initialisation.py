@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 POINTE_MISSING = (
     "GenerateCamParams.init_shape: pointe needs the point-e package (not on PyPI): see "
-    "submodules/README.md to install it, or set init_shape to one of sphere, box, rectangle_x, "
-    "rectangle_z, ply"
+    "submodules/README.md to install it, or set init_shape to shapee (Shap-E through diffusers), mesh "
+    "(a mesh or point-cloud file in init_path), ply, or one of sphere, box, rectangle_x, rectangle_z"
 )
 POINTE_POINTS = 4096  # base40M-textvec (1024) + upsample (3072)
 BALL_RADIUS = 0.05

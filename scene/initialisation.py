@@ -52,7 +52,7 @@ def initial_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor,
     """Initial point cloud for `camera_cfg.init_shape`.
 
     camera_cfg: GenerateCamParams section (init_shape, init_num_pts, init_prompt, init_path,
-        use_pointe_rgb, radius_range).
+        use_pointe_rgb, radius_range, shapee_model_key, mesh_up_axis, mesh_fit_radius).
     Returns xyz [N, 3] and rgb [N, 3] (float32, CPU).
     """
     shape = camera_cfg.init_shape

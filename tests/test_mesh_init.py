@@ -203,3 +203,33 @@ def test_a_run_from_a_mesh_file_records_its_start(tmp_path):
     assert xyz.shape == (MESH_POINTS, 3) and rgb.std() > 0.2  # the cube's coloured surface, one point per ball
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert "init/point_cloud" in events.Tags()["images"]
+
+
+def test_resume_reads_the_gaussians_from_the_checkpoint_not_the_mesh_file(tmp_path):
+    import train
+
+    path = write_obj(tmp_path / "cube.obj", CUBE_VERTS, CUBE_FACES, CUBE_COLOURS)
+    args = ["--quiet", f"output_dir={tmp_path / 'out'}", "GuidanceParams.prior=analytic", "save_video=false",
+            "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "OptimizationParams.iterations=1",
+            "GenerateCamParams.init_shape=mesh", f"GenerateCamParams.init_path={path}",
+            "GenerateCamParams.init_num_pts=5000"]
+    assert train.main(args) == 0
+    (run,) = [p for p in (tmp_path / "out").glob("*/*") if p.is_dir()]
+    path.unlink()  # a resumed run must not need the initial shape again (nor re-run Point-E / Shap-E)
+    assert train.main(["--quiet", "--resume", str(run)]) == 0
+
+
+def test_config_requires_the_inputs_of_each_initial_shape():
+    from utils.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="init_shape is 'mesh' but GenerateCamParams.init_path is not set"):
+        load_config(None, ["GenerateCamParams.init_shape=mesh"], warn_no_effect=False)
+    with pytest.raises(ConfigError, match="init_shape is 'shapee' but GenerateCamParams.init_prompt is empty"):
+        load_config(None, ["GenerateCamParams.init_shape=shapee"], warn_no_effect=False)
+    with pytest.raises(ConfigError, match="GenerateCamParams.mesh_up_axis"):
+        load_config(None, ["GenerateCamParams.mesh_up_axis=x"], warn_no_effect=False)
+    with pytest.raises(ConfigError, match="GenerateCamParams.mesh_fit_radius"):
+        load_config(None, ["GenerateCamParams.mesh_fit_radius=-1"], warn_no_effect=False)
+    cfg = load_config(None, ["GenerateCamParams.init_shape=shapee", "GenerateCamParams.init_prompt=a cat."],
+                      warn_no_effect=False)
+    assert cfg.camera.shapee_model_key == "openai/shap-e"

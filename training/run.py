@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -150,6 +150,12 @@ class TrainingRun:
         return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics)
 
 
+def resumed_trainer_config(cfg: Config) -> Config:
+    """A resumed run's Gaussians come from its checkpoint: its Trainer starts from a sphere instead of
+    running the configured generator (Point-E, Shap-E) or reading init_path again."""
+    return replace(cfg, camera=replace(cfg.camera, init_shape="sphere"))
+
+
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
           quiet: bool = False, prior=None) -> RunOutputs:
     """Build everything from cfg and run it (the body of train.py)."""
@@ -168,7 +174,7 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())
     seed_everything(cfg.seed)
-    trainer = Trainer(cfg, prior=prior)
+    trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         log.info("resumed from step %d", trainer.step)

@@ -35,17 +35,16 @@ class ColouredMesh:
 
 
 def _vertex_colours(geometry) -> np.ndarray | None:
-    """[V, 3] in [0, 1] from a trimesh geometry's visual, or None when it carries no colour."""
-    visual = getattr(geometry, "visual", None)
-    if visual is None and getattr(geometry, "colors", None) is not None and len(geometry.colors):
-        return np.asarray(geometry.colors, dtype=np.float64)[:, :3] / 255.0  # PointCloud
-    kind = getattr(visual, "kind", None)
+    """[V, 3] in [0, 1] from a trimesh mesh's or point cloud's visual, or None when it carries no colour."""
+    visual = geometry.visual
+    kind = visual.kind
     if kind == "texture":
-        visual = visual.to_color()  # the texture read at each vertex's UV coordinate
+        visual = visual.to_color()  # the texture read at each vertex's UV (or the material's single colour)
         kind = visual.kind
     if kind not in ("vertex", "face"):
         return None
-    return np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
+    rgba = np.asarray(visual.vertex_colors, dtype=np.float64)
+    return np.broadcast_to(rgba[..., :3], (len(geometry.vertices), 3)) / 255.0
 
 
 def load_mesh_file(path: str | Path) -> ColouredMesh:

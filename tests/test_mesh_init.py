@@ -233,3 +233,19 @@ def test_config_requires_the_inputs_of_each_initial_shape():
     cfg = load_config(None, ["GenerateCamParams.init_shape=shapee", "GenerateCamParams.init_prompt=a cat."],
                       warn_no_effect=False)
     assert cfg.camera.shapee_model_key == "openai/shap-e"
+
+
+def test_material_colour_and_uncoloured_files(tmp_path):
+    import trimesh
+
+    box = trimesh.creation.box()
+    box.visual = trimesh.visual.TextureVisuals(
+        material=trimesh.visual.material.PBRMaterial(baseColorFactor=[200, 50, 50, 255]))
+    box.export(str(tmp_path / "material.glb"))
+    mesh = load_mesh_file(tmp_path / "material.glb")
+    expected = torch.tensor([200, 50, 50], dtype=torch.float64) / 255
+    assert torch.allclose(mesh.colours, expected.expand_as(mesh.colours))
+    trimesh.creation.box().export(str(tmp_path / "plain.glb"))
+    assert load_mesh_file(tmp_path / "plain.glb").colours is None
+    _, rgb = initial_points(mesh_cfg(tmp_path / "plain.glb", init_num_pts=5000), gen())
+    assert (rgb - 0.5).abs().max() < 0.002  # use_pointe_rgb with nothing to keep: grey

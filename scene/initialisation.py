@@ -46,6 +46,7 @@ BALL_DIVISOR = 5000  # points per ball = int(init_num_pts / 5000)
 SHAPEE_MAX_VERTICES = 10000  # official: above this, POINTE_POINTS vertices are drawn
 MESH_POINTS = POINTE_POINTS  # surface samples of a mesh file: the density the Point-E settings were tuned for
 GENERATOR_SHIFT_Z = 0.15
+IN_GENERATOR_FRAME = ("pointe", "shapee")  # shapes whose points need generator_to_training_frame
 
 
 def initial_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -176,7 +177,7 @@ def _generated_points(shape: str, camera_cfg: Any, generator: torch.Generator) -
     """Base points of a generator or file, expanded to balls (official `readCircleCamInfo`)."""
     per_point = _points_per_ball(camera_cfg)  # fail before running a generator
     coords, colors = GENERATED[shape](camera_cfg, generator)  # [P, 3], [P, 3] or None
-    if shape != "mesh":
+    if shape in IN_GENERATOR_FRAME:
         coords = generator_to_training_frame(coords)
     xyz, rgb = expand_to_balls(coords, colors, per_point, bool(camera_cfg.use_pointe_rgb), generator)
     logger.info("Initial point cloud: %s (%d base points), %d points", shape, coords.shape[0], xyz.shape[0])

@@ -76,18 +76,15 @@ def _polygons(pattern: int) -> list[list[int]]:
             neighbours.setdefault(a, []).append(b)
             neighbours.setdefault(b, []).append(a)
     loops, seen = [], set()
-    for start in sorted(neighbours):
+    for start in sorted(neighbours):  # every crossed edge has exactly two neighbours: follow the cycle
         if start in seen:
             continue
-        loop, previous, current = [start], None, start
-        seen.add(start)
-        while True:
-            nxt = next(n for n in neighbours[current] if n != previous) if previous is not None else neighbours[current][0]
-            if nxt == start:
-                break
-            loop.append(nxt)
-            seen.add(nxt)
-            previous, current = current, nxt
+        loop, previous, current = [], neighbours[start][1], start
+        while not loop or current != start:
+            loop.append(current)
+            first, second = neighbours[current]
+            previous, current = current, (second if first == previous else first)
+        seen.update(loop)
         loops.append(loop)
     return loops
 

@@ -83,7 +83,9 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         random_shap_e_pipeline("tiny" if args.tiny else "full").save_pretrained(folder)
         seconds, peak, pipe = timed(lambda: shapee.load_shapee_pipeline(folder, device), device, args.repeats)
-        rows.append(dict(row="load", seconds=seconds, peak=peak, note=f"{sum(p.numel() for p in pipe.components['prior'].parameters()) / 1e6:.0f}M-parameter prior, {pipe.dtype}"))
+        prior_millions = sum(p.numel() for p in pipe.prior.parameters()) / 1e6
+        rows.append(dict(row="load", seconds=seconds, peak=peak,
+                         note=f"{prior_millions:.0f}M-parameter prior, {pipe.dtype}"))
         generator = torch.Generator(device=device)
 
         def sample():
@@ -91,9 +93,13 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
                         generator=generator.manual_seed(0), output_type="latent").images
 
         seconds, peak, latents = timed(sample, device, args.repeats)
-        rows.append(dict(row="sample", seconds=seconds, peak=peak, note=f"{args.steps} steps, CFG {shapee.GUIDANCE_SCALE}"))
-        seconds, peak, mesh = timed(lambda: pipe.shap_e_renderer.decode_to_mesh(latents[:1], device, grid_size=args.grid),
-                                    device, args.repeats)
+        rows.append(dict(row="sample", seconds=seconds, peak=peak,
+                         note=f"{args.steps} steps, CFG {shapee.GUIDANCE_SCALE}"))
+
+        def decode():
+            return pipe.shap_e_renderer.decode_to_mesh(latents[:1], device, grid_size=args.grid)
+
+        seconds, peak, mesh = timed(decode, device, args.repeats)
         rows.append(dict(row="decode", seconds=seconds, peak=peak,
                          note=f"{args.grid}^3 grid, {mesh.verts.shape[0]} vertices, {mesh.faces.shape[0]} faces"))
         del pipe, latents, mesh

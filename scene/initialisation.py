@@ -44,7 +44,7 @@ POINTE_POINTS = 4096  # base40M-textvec (1024) + upsample (3072)
 BALL_RADIUS = 0.05
 BALL_DIVISOR = 5000  # points per ball = int(init_num_pts / 5000)
 SHAPEE_MAX_VERTICES = 10000  # official: above this, POINTE_POINTS vertices are drawn
-MESH_POINTS = POINTE_POINTS  # surface samples of a mesh file: the density the Point-E settings were tuned for
+MESH_POINTS = POINTE_POINTS  # surface samples of a mesh file: the Point-E density the settings were tuned for
 GENERATOR_SHIFT_Z = 0.15
 IN_GENERATOR_FRAME = ("pointe", "shapee")  # shapes whose points need generator_to_training_frame
 

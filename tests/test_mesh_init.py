@@ -194,8 +194,9 @@ def test_a_run_from_a_mesh_file_records_its_start(tmp_path):
 
     path = write_obj(tmp_path / "cube.obj", CUBE_VERTS, CUBE_FACES, CUBE_COLOURS)
     code = train.main(["--quiet", f"output_dir={tmp_path / 'out'}", "GuidanceParams.prior=analytic",
-                       "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "OptimizationParams.iterations=1",
-                       "save_video=false", "GenerateCamParams.init_shape=mesh", f"GenerateCamParams.init_path={path}",
+                       "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32",
+                       "OptimizationParams.iterations=1", "save_video=false", "GenerateCamParams.init_shape=mesh",
+                       f"GenerateCamParams.init_path={path}",
                        "GenerateCamParams.init_num_pts=5000", "GenerateCamParams.use_pointe_rgb=true"])
     assert code == 0
     (run,) = [p for p in (tmp_path / "out").glob("*/*") if p.is_dir()]

@@ -157,3 +157,15 @@ def test_benchmark_script_smoke(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["load", "sample", "decode", "init"]
     assert all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_cuda_mesh_is_deterministic_and_in_range(tiny_shapee_dir, small_decode):
+    """On CUDA the pipeline runs in fp16 (the official sampler's precision); the mesh comes back on the CPU."""
+    cuda = shapee.load_shapee_pipeline(str(tiny_shapee_dir), torch.device("cuda"))
+    assert cuda.prior.dtype == torch.float16
+    a = shapee.generate_mesh(cuda, PROMPT, seed=3)
+    b = shapee.generate_mesh(cuda, PROMPT, seed=3)
+    assert a.verts.shape[0] > 100 and a.verts.device.type == "cpu" and torch.equal(a.verts, b.verts)
+    assert a.verts.abs().max() <= 1.0 and 0 <= a.colours.min() and a.colours.max() <= 1

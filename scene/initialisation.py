@@ -9,11 +9,16 @@
     rectangle_x  x in [-0.3, 0.3], y in [-0.6, 0.6], z in [-0.25, 0.25]
     rectangle_z  x in [-0.4, 0.4], y in [-0.3, 0.3], z in [-0.6, 0.6]
     scene        shell, r in [3 radius_range[1], 3 radius_range[1] + 1)
-    ply          points and colours of GenerateCamParams.init_path (point cloud or 3DGS PLY)
-    pointe       Point-E text-to-point-cloud (optional package), each point expanded to a ball
+    ply          points and colours of GenerateCamParams.init_path (point cloud or 3DGS PLY), as they are
+    pointe       Point-E text-to-point-cloud (optional package): 4096 points
+    shapee       Shap-E text-to-mesh (diffusers): its vertices, 4096 drawn when it has more than 10,000
+    mesh         4096 points on the surface of the mesh / point cloud in init_path (PLY, OBJ, GLB, ...)
 
-Primitives and Point-E (unless use_pointe_rgb) get the official near-grey colour
-rgb = 0.5 + C0 * U(0, 1) / 255. All randomness comes from the given torch generator.
+pointe, shapee and mesh expand each of their points into the same ball of int(init_num_pts / 5000)
+points of radius 0.05 (official); pointe and shapee are also mirrored in y and raised by 0.15 in z
+(official: their generators' frame to the training cameras' frame). Primitives, and the others unless
+use_pointe_rgb, get the official near-grey colour rgb = 0.5 + C0 * U(0, 1) / 255. All randomness comes
+from the given torch generator.
 """
 from __future__ import annotations
 
@@ -34,34 +39,32 @@ logger = logging.getLogger(__name__)
 
 POINTE_MISSING = (
     "GenerateCamParams.init_shape: pointe needs the point-e package (not on PyPI): see "
-    "submodules/README.md to install it, or set init_shape to one of sphere, box, rectangle_x, "
-    "rectangle_z, ply"
-)
-SHAPEE_UNSUPPORTED = (
-    "GenerateCamParams.init_shape: shapee is not supported (Shap-E is not packaged here): see "
-    "submodules/README.md; use init_shape pointe, or export a Shap-E result as a coloured point-cloud "
-    "PLY and use init_shape ply with init_path"
+    "submodules/README.md to install it, or set init_shape to shapee (Shap-E through diffusers), mesh "
+    "(a mesh or point-cloud file in init_path), ply, or one of sphere, box, rectangle_x, rectangle_z"
 )
 POINTE_POINTS = 4096  # base40M-textvec (1024) + upsample (3072)
-POINTE_BALL_RADIUS = 0.05
+BALL_RADIUS = 0.05
+BALL_DIVISOR = 5000  # points per ball = int(init_num_pts / 5000)
+SHAPEE_MAX_VERTICES = 10000  # official: above this, POINTE_POINTS vertices are drawn
+MESH_POINTS = POINTE_POINTS  # surface samples of a mesh file: the Point-E density the settings were tuned for
+GENERATOR_SHIFT_Z = 0.15
+IN_GENERATOR_FRAME = ("pointe", "shapee")  # shapes whose points need generator_to_training_frame
 
 
 def initial_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Initial point cloud for `camera_cfg.init_shape`.
 
     camera_cfg: GenerateCamParams section (init_shape, init_num_pts, init_prompt, init_path,
-        use_pointe_rgb, radius_range).
+        use_pointe_rgb, radius_range, shapee_model_key, mesh_up_axis, mesh_fit_radius).
     Returns xyz [N, 3] and rgb [N, 3] (float32, CPU).
     """
     shape = camera_cfg.init_shape
     if shape == "ply":
         return _ply_points(camera_cfg.init_path)
-    if shape == "pointe":
-        return _pointe_points(camera_cfg, generator)
-    if shape == "shapee":
-        raise RuntimeError(SHAPEE_UNSUPPORTED)
+    if shape in GENERATED:
+        return _generated_points(shape, camera_cfg, generator)
     if shape not in PRIMITIVES:
-        valid = ", ".join([*PRIMITIVES, "ply", "pointe"])
+        valid = ", ".join([*PRIMITIVES, "ply", *GENERATED])
         raise ValueError(f"GenerateCamParams.init_shape must be one of {valid}; got {shape!r}")
     n = int(camera_cfg.init_num_pts)
     if n <= 0:
@@ -163,32 +166,114 @@ def _stack(vertex, names: tuple[str, ...]) -> np.ndarray:
     return np.stack([np.asarray(vertex[name], dtype=np.float64) for name in names], axis=1)
 
 
-# ---------------------------------------------------------------------- Point-E
+# ---------------------------------------------------------------------- generated shapes
+
+
+def _points_per_ball(camera_cfg: Any) -> int:
+    per_point = int(camera_cfg.init_num_pts / BALL_DIVISOR)
+    if per_point < 1:
+        raise ValueError(f"GenerateCamParams.init_num_pts must be >= {BALL_DIVISOR} for init_shape "
+                         f"{camera_cfg.init_shape}, got {camera_cfg.init_num_pts}")
+    return per_point
+
+
+def _generated_points(shape: str, camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Base points of a generator or file, expanded to balls (official `readCircleCamInfo`)."""
+    per_point = _points_per_ball(camera_cfg)  # fail before running a generator
+    coords, colors = GENERATED[shape](camera_cfg, generator)  # [P, 3], [P, 3] or None
+    if shape in IN_GENERATOR_FRAME:
+        coords = generator_to_training_frame(coords)
+    xyz, rgb = expand_to_balls(coords, colors, per_point, bool(camera_cfg.use_pointe_rgb), generator)
+    logger.info("Initial point cloud: %s (%d base points), %d points", shape, coords.shape[0], xyz.shape[0])
+    return xyz, rgb
+
+
+def generator_to_training_frame(coords: Tensor) -> Tensor:
+    """Point-E / Shap-E frame -> training frame: y mirrored, z + 0.15 (official). [P, 3] -> [P, 3]"""
+    out = coords.clone()
+    out[:, 1] = -out[:, 1]
+    out[:, 2] = out[:, 2] + GENERATOR_SHIFT_Z
+    return out
+
+
+def expand_to_balls(coords: Tensor, colors: Tensor | None, per_point: int, keep_colors: bool,
+                    generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Each point replaced by the same pattern of `per_point` points in a ball of radius 0.05 (official).
+
+    coords [P, 3], colors [P, 3] or None -> xyz [P * per_point, 3], rgb [P * per_point, 3] (float32).
+    rgb: the points' colours plus U(0, 1e-4) jitter when keep_colors and colours exist, else near-grey.
+    """
+    ball = _random_spherical(per_point, 0.0, BALL_RADIUS, generator)  # [M, 3]
+    xyz = (coords[:, None, :] + ball[None, :, :]).reshape(-1, 3)
+    if keep_colors and colors is None:
+        logger.warning("GenerateCamParams.use_pointe_rgb: the initial shape has no colours; using grey")
+    if keep_colors and colors is not None:
+        jitter = _uniform((coords.shape[0], per_point, 3), generator) * 1e-4
+        rgb = (colors[:, None, :] + jitter).reshape(-1, 3).float()
+    else:
+        rgb = grey_colors(xyz.shape[0], generator)
+    return xyz.float(), rgb
 
 
 def _pointe_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Official Point-E initialisation: 4096 points, mirrored in y, z + 0.15, each replaced by the
-    same pattern of int(init_num_pts / 5000) points in a ball of radius 0.05."""
+    """Official Point-E initialisation: 4096 points and their colours (Point-E's frame)."""
     try:
         import point_e  # noqa: F401
     except ImportError as error:
         raise RuntimeError(POINTE_MISSING) from error
-    per_point = int(camera_cfg.init_num_pts / 5000)
-    if per_point < 1:
-        raise ValueError(f"GenerateCamParams.init_num_pts must be >= 5000 for pointe, got {camera_cfg.init_num_pts}")
-    coords, colors = _run_pointe(str(camera_cfg.init_prompt), generator)  # [P, 3] each
-    coords[:, 1] = -coords[:, 1]
-    coords[:, 2] = coords[:, 2] + 0.15
-    ball = _random_spherical(per_point, 0.0, POINTE_BALL_RADIUS, generator)  # [M, 3]
-    xyz = (coords[:, None, :] + ball[None, :, :]).reshape(-1, 3)
-    n = xyz.shape[0]
-    if camera_cfg.use_pointe_rgb:
-        jitter = _uniform((coords.shape[0], per_point, 3), generator) * 1e-4
-        rgb = (colors[:, None, :] + jitter).reshape(-1, 3).float()
-    else:
-        rgb = grey_colors(n, generator)
-    logger.info("Initial point cloud: Point-E %r, %d points", camera_cfg.init_prompt, n)
-    return xyz.float(), rgb
+    return _run_pointe(str(camera_cfg.init_prompt), generator)
+
+
+def _shapee_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Official Shap-E initialisation: the mesh's vertices, POINTE_POINTS of them drawn without replacement
+    when there are more than SHAPEE_MAX_VERTICES (Shap-E's frame)."""
+    from scene.text_to_3d_init import shapee_mesh
+
+    mesh = shapee_mesh(str(camera_cfg.init_prompt), camera_cfg.shapee_model_key, generator)
+    verts, colours = mesh.verts, mesh.colours
+    if verts.shape[0] > SHAPEE_MAX_VERTICES:
+        index = torch.randperm(verts.shape[0], generator=generator)[:POINTE_POINTS]
+        verts, colours = verts[index], colours[index]
+    return verts, colours
+
+
+def _mesh_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """MESH_POINTS points on the surface of the init_path file, oriented and fitted as configured."""
+    from scene.mesh_file import load_mesh_file, sample_surface
+
+    if not camera_cfg.init_path:
+        raise ValueError("GenerateCamParams.init_path must name a mesh or point-cloud file when init_shape is mesh")
+    xyz, rgb = sample_surface(load_mesh_file(camera_cfg.init_path), MESH_POINTS, generator)
+    xyz = to_z_up(xyz, camera_cfg.mesh_up_axis)
+    if camera_cfg.mesh_fit_radius > 0:
+        xyz = fit_to_radius(xyz, float(camera_cfg.mesh_fit_radius))
+    return xyz, rgb
+
+
+def to_z_up(xyz: Tensor, up_axis: str) -> Tensor:
+    """A y-up file (glTF convention: y up, front +z) rotated into the z-up training frame with its front
+    towards the azimuth-0 camera (+y): (x, y, z) -> (-x, z, y), a proper rotation. [N, 3] -> [N, 3]"""
+    if up_axis == "z":
+        return xyz
+    if up_axis == "y":
+        return torch.stack([-xyz[:, 0], xyz[:, 2], xyz[:, 1]], dim=1)
+    raise ValueError(f"GenerateCamParams.mesh_up_axis must be 'z' or 'y', got {up_axis!r}")
+
+
+def fit_to_radius(xyz: Tensor, radius: float) -> Tensor:
+    """Centre the bounding box on the origin and scale the farthest point to `radius`. [N, 3] -> [N, 3]"""
+    centred = xyz - 0.5 * (xyz.amin(0) + xyz.amax(0))
+    extent = float(centred.norm(dim=1).max())
+    if extent == 0.0:
+        raise ValueError("GenerateCamParams.mesh_fit_radius: the mesh's points all coincide")
+    return centred * (radius / extent)
+
+
+GENERATED: dict[str, Callable[[Any, torch.Generator], tuple[Tensor, Tensor | None]]] = {
+    "pointe": _pointe_points,
+    "shapee": _shapee_points,
+    "mesh": _mesh_points,
+}
 
 
 def _run_pointe(prompt: str, generator: torch.Generator) -> tuple[Tensor, Tensor]:

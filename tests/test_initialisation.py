@@ -1,4 +1,5 @@
-"""Tests of scene/initialisation.py: primitive shapes, PLY input, Point-E/Shap-E errors, reproducibility."""
+"""Tests of scene/initialisation.py: primitive shapes, PLY input, Point-E post-processing and errors, reproducibility
+(Shap-E: tests/test_text_to_3d_init.py; mesh files: tests/test_mesh_init.py)."""
 from __future__ import annotations
 
 import builtins
@@ -122,9 +123,7 @@ def test_pointe_missing_points_to_the_readme(monkeypatch):
     assert str(info.value) == POINTE_MISSING
 
 
-def test_shapee_and_unknown_shapes_are_rejected():
-    with pytest.raises(RuntimeError, match="shapee is not supported"):
-        initial_points(camera_cfg(init_shape="shapee"), generator())
+def test_unknown_shapes_are_rejected():
     with pytest.raises(ValueError, match="init_shape must be one of"):
         initial_points(camera_cfg(init_shape="torus"), generator())
     with pytest.raises(ValueError, match="init_num_pts"):

@@ -124,6 +124,15 @@ class ProcessGroup:
             rows.append(part[:stop - start])
         return torch.cat(rows)
 
+    @torch.no_grad()
+    def broadcast_tensors(self, tensors: list[Tensor]) -> None:
+        """Overwrite `tensors` in place with rank 0's values (e.g. the initial Gaussians, so that a
+        start from a generator whose GPU sampling may differ between processes is the same everywhere)."""
+        if not self.distributed:
+            return
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
     def broadcast_object(self, value):
         """Rank 0's `value` on every process (e.g. the run folder's path)."""
         if not self.distributed:

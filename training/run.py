@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from scene.camera_sampler import evaluation_ring, orbit_cameras
+from scene.init_preview import record_initial_cloud
 from training.distributed import ProcessGroup
 from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from training.trainer import Trainer
@@ -122,6 +123,7 @@ class TrainingRun:
         monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
         try:
             if start == 0:
+                record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
                 metrics["initial"] = self.evaluate(0, monitor)
                 atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
             t0 = time.perf_counter()
@@ -151,6 +153,12 @@ class TrainingRun:
         video = self.write_turntable() if cfg.save_video else None
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
         return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics)
+
+
+def resumed_trainer_config(cfg: Config) -> Config:
+    """A resumed run's Gaussians come from its checkpoint: its Trainer starts from a sphere instead of
+    running the configured generator (Point-E, Shap-E) or reading init_path again."""
+    return replace(cfg, camera=replace(cfg.camera, init_shape="sphere"))
 
 
 def follow_steps(trainer: Trainer, iterations: int) -> None:
@@ -183,7 +191,9 @@ def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup,
         cfg = load_config(run_dir / "config.yaml", warn_no_effect=False)
         checkpoint = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
     seed_everything(cfg.seed)
-    trainer = Trainer(cfg, prior=prior, device=device, group=group)
+    trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior, device=device,
+                      group=group)
+    group.broadcast_tensors(list(trainer.gaussians.params().values()))  # rank 0's initial Gaussians
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
     follow_steps(trainer, cfg.optim.iterations)
@@ -199,12 +209,18 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
 
         g = cfg.guidance
         check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
+    if cfg.camera.init_shape == "shapee" and not resume:
+        from scene.text_to_3d_init import check_shapee_available
+
+        check_shapee_available(cfg.camera.shapee_model_key)
     cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
     group.broadcast_object(str(run_dir))
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())
     seed_everything(cfg.seed)
-    trainer = Trainer(cfg, prior=prior, device=device, group=group)
+    trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior, device=device,
+                      group=group)
+    group.broadcast_tensors(list(trainer.gaussians.params().values()))  # the same start on every process
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         log.info("resumed from step %d", trainer.step)

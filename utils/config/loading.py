@@ -331,8 +331,10 @@ def _check_cross(cfg: Config) -> None:
     _require(g.cds_t_end <= g.cds_t_start,
              "GuidanceParams.cds_t_end must be <= GuidanceParams.cds_t_start, "
              f"got {g.cds_t_end} > {g.cds_t_start}")
-    _require(c.init_shape != "ply" or bool(c.init_path),
-             "GenerateCamParams.init_shape is 'ply' but GenerateCamParams.init_path is not set")
+    _require(c.init_shape not in ("ply", "mesh") or bool(c.init_path),
+             f"GenerateCamParams.init_shape is {c.init_shape!r} but GenerateCamParams.init_path is not set")
+    _require(c.init_shape not in ("pointe", "shapee") or bool(c.init_prompt.strip()),
+             f"GenerateCamParams.init_shape is {c.init_shape!r} but GenerateCamParams.init_prompt is empty")
 
 
 def validate_config(cfg: Config) -> Config:

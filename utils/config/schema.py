@@ -201,7 +201,7 @@ class GuidanceParams:
     analytic_seed: int = param(0, "analytic prior: seed of the hidden scene and distractors", min=0)
 
 
-_INIT_SHAPES = ("sphere", "box", "rectangle_x", "rectangle_z", "scene", "ply", "pointe", "shapee")
+_INIT_SHAPES = ("sphere", "box", "rectangle_x", "rectangle_z", "scene", "ply", "pointe", "shapee", "mesh")
 _PI = math.pi
 
 
@@ -211,8 +211,17 @@ class GenerateCamParams:
 
     init_shape: str = param("sphere", "initial point cloud", choices=_INIT_SHAPES)
     init_prompt: str = param("", "prompt of the Point-E/Shap-E initialisation")
-    use_pointe_rgb: bool = param(False, "keep the colours of the Point-E initialisation")
-    init_path: Optional[str] = param(None, "ply file used when init_shape is 'ply'")
+    use_pointe_rgb: bool = param(False, "keep the colours of the pointe, shapee and mesh initialisations "
+                                        "(false: the official near-grey)")
+    init_path: Optional[str] = param(None, "file used when init_shape is 'ply' (point-cloud or 3DGS PLY) or "
+                                           "'mesh' (mesh or point cloud: PLY, OBJ, GLB, ...)")
+    shapee_model_key: str = param("openai/shap-e", "Shap-E weights for init_shape 'shapee': local diffusers "
+                                                   "folder or hub id")
+    mesh_up_axis: str = param("z", "up axis of the init_shape 'mesh' file; 'y' (glTF/GLB convention) is "
+                                   "rotated to z up with its +z front facing the azimuth-0 camera",
+                              choices=("z", "y"))
+    mesh_fit_radius: float = param(0.0, "init_shape 'mesh': 0 keeps the file's coordinates; > 0 centres its "
+                                        "bounding box and scales its farthest point to this radius", min=0.0)
     radius_range: list[float] = param([5.2, 5.5], "initial [low, high] camera distance", length=2, gt=0.0, pair=True)
     max_radius_range: list[float] = param([3.5, 5.0], "final [low, high] camera distance after expansion",
                                           length=2, gt=0.0, pair=True)

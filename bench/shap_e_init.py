@@ -102,7 +102,7 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         seconds, peak, mesh = timed(decode, device, args.repeats)
         rows.append(dict(row="decode", seconds=seconds, peak=peak,
                          note=f"{args.grid}^3 grid, {mesh.verts.shape[0]} vertices, {mesh.faces.shape[0]} faces"))
-        del pipe, latents, mesh
+        pipe = latents = mesh = None  # free the model before the end-to-end row
         cfg = SimpleNamespace(init_shape="shapee", init_prompt=PROMPT, shapee_model_key=folder,
                               init_num_pts=args.init_num_pts, use_pointe_rgb=False)
         seconds, peak, (xyz, _) = timed(lambda: initial_points(cfg, torch.Generator().manual_seed(0)), device,

@@ -151,6 +151,10 @@ class AnalyticPrior(DiffusionPrior):
         return cls(scene, guidance_cfg.analytic_std, guidance_cfg.analytic_distractors,
                    guidance_cfg.analytic_seed, device, backend)
 
+    def set_prompts(self, text: str, negative: str = "") -> None:
+        """No-op: the analytic prior's target is its hidden scene (GuidanceParams.analytic_*), not a text,
+        so a prompt changes nothing here, exactly as GuidanceParams.text does when the prior is built."""
+
     def encode(self, images: Tensor) -> Tensor:
         return images * 2.0 - 1.0
 

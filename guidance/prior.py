@@ -92,6 +92,11 @@ class DiffusionPrior(ABC):
         Returns [len(branches), B, C, h, w], always epsilon whatever the model predicts.
         """
 
+    @abstractmethod
+    def set_prompts(self, text: str, negative: str = "") -> None:
+        """Re-target the prior to another prompt and negative prompt, keeping the loaded model: a sweep
+        trains many prompts with one prior. Afterwards the prior behaves exactly as one built with them."""
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]

@@ -41,8 +41,10 @@ def run_name(cfg: Config, opt_path: str | None) -> str:
     return f"{stem}_{cfg.guidance.guidance_type}_s{cfg.seed}"
 
 
-def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None) -> tuple[Config, Path, dict | None]:
-    """A fresh run folder (never reusing one), or the folder and checkpoint of a run to resume."""
+def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None,
+             run_dir: Path | None = None) -> tuple[Config, Path, dict | None]:
+    """A fresh run folder (never reusing one; `run_dir` names it, and must then be new or empty), or the
+    folder and checkpoint of a run to resume."""
     if resume:
         run_dir = Path(resume)
         checkpoint = run_dir / CHECKPOINT_NAME
@@ -50,7 +52,12 @@ def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | N
             raise FileNotFoundError(f"--resume {resume}: no checkpoint at {checkpoint.resolve()}")
         cfg = load_config(run_dir / "config.yaml", warn_no_effect=False)
         return cfg, run_dir, torch.load(checkpoint, map_location="cpu", weights_only=False)
-    run_dir = new_run_dir(Path(cfg.output_dir), cfg.model.workspace, run_name(cfg, opt_path))
+    if run_dir is None:
+        run_dir = new_run_dir(Path(cfg.output_dir), cfg.model.workspace, run_name(cfg, opt_path))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if any(run_dir.iterdir()):
+            raise FileExistsError(f"run folder {run_dir.resolve()} is not empty: pass resume= to continue it")
     save_config(cfg, run_dir / "config.yaml")
     write_run_metadata(run_dir, argv)
     return cfg, run_dir, None
@@ -149,8 +156,9 @@ class TrainingRun:
 
 
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
-          quiet: bool = False, prior=None) -> RunOutputs:
-    """Build everything from cfg and run it (the body of train.py)."""
+          quiet: bool = False, prior=None, run_dir: Path | None = None) -> RunOutputs:
+    """Build everything from cfg and run it (the body of train.py). A sweep passes its loaded `prior`
+    (already set to cfg's prompts) and a fixed `run_dir` instead of a fresh timestamped one."""
     from utils.monitor import setup_logging
 
     if prior is None and cfg.guidance.prior == "stable_diffusion" and not resume:
@@ -158,7 +166,7 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
 
         g = cfg.guidance
         check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
-    cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
+    cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume, run_dir)
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())
     seed_everything(cfg.seed)

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from training.claims import Claim, ClaimStore, Heartbeat
-from training.sweep_markers import FAILED, failed_in, is_done, mark_done, mark_failed
+from training.sweep_markers import failed_in, is_done, mark_done, mark_failed
 from training.sweep_plan import LOSSES, SweepPlan, SweepRun
 from utils.config import Config, ConfigError, config_to_dict, load_config
 
@@ -168,10 +168,11 @@ class SweepWorker:
     """Trains the plan's runs that it can claim, back to back, with one prior."""
 
     def __init__(self, plan: SweepPlan, store: ClaimStore, env: WorkerEnv, argv: list[str],
-                 make_prior: Callable | None = None, poll_s: float = 5.0):
+                 make_prior: Callable | None = None, poll_s: float = 5.0, log_file: Path | None = None):
         from training.trainer import build_prior
 
         self.plan, self.store, self.env, self.argv, self.poll_s = plan, store, env, argv, poll_s
+        self.log_file = log_file  # this worker's log: where a failure before the run's train.log is told
         self.make_prior = make_prior or build_prior
         self.prior, self.prior_key = None, None
         self.model_load_seconds = 0.0
@@ -249,12 +250,15 @@ class SweepWorker:
         except Exception as exc:  # noqa: BLE001 - one failed run never stops the sweep
             seconds = time.perf_counter() - t0
             log_path = folder / "train.log"
-            logging.getLogger("training.run").error("run failed:\n%s", traceback.format_exc())
+            if log_path.is_file():  # the traceback into the run's own log (the root logger points at it)
+                logging.getLogger("training.run").error("run failed:\n%s", traceback.format_exc())
+            else:
+                log_path = self.log_file
+                log.error("%s failed:\n%s", run.name, traceback.format_exc())
             mark_failed(folder, {"name": run.name, "error": f"{type(exc).__name__}: {exc}", "log": str(log_path),
                                  "launch": self.env.launch, "host": socket.gethostname(), "rank": self.env.rank,
                                  "seconds": seconds})
-            log.error("FAILED %s after %.1f s: %s: %s (log: %s)", run.name, seconds, type(exc).__name__, exc,
-                      log_path if log_path.is_file() else folder / FAILED)
+            log.error("FAILED %s after %.1f s: %s: %s (log: %s)", run.name, seconds, type(exc).__name__, exc, log_path)
             return RunResult(run, False, seconds)
         finally:
             from utils.monitor import setup_logging
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {paths[0].resolve()}")
         return 0
     plan.write_manifest()
-    setup_sweep_logging(plan.root, env)
+    log_file = setup_sweep_logging(plan.root, env)
     signal.signal(signal.SIGTERM, raise_system_exit)
     store = ClaimStore(plan.root / ".claims", args.stale_after, args.heartbeat,
                        owner={"rank": env.rank, "launch": env.launch})
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
              len(plan.runs) // len(plan.source["losses"]) // len(plan.source["seeds"]), len(plan.source["losses"]),
              len(plan.source["seeds"]), plan.root, env.rank, env.world_size, env.launch)
     progress = SweepProgress(plan, enabled=env.rank == 0)
-    worker = SweepWorker(plan, store, env, argv, poll_s=args.poll)
+    worker = SweepWorker(plan, store, env, argv, poll_s=args.poll, log_file=log_file)
     try:
         results = worker.run_all(progress)
     finally:

@@ -60,7 +60,10 @@ def test_plan_names_every_run_and_sets_its_prompt_loss_and_seed(tmp_path):
     run = next(r for r in plan.runs if r.name == "sds/a_blue_car_on_a_road_s3")
     cfg = plan.config(run)
     assert (cfg.guidance.text, cfg.guidance.guidance_type, cfg.seed) == ("a blue car on a road", "sds", 3)
-    assert cfg.guidance.negative == "ugly" and cfg.camera.image_w == 32
+    assert cfg.guidance.negative == "ugly" and cfg.camera.image_w == 32 and cfg.camera.init_prompt == ""
+    pointe = SweepPlan.build(tmp_path / "sw2", write_prompts(tmp_path), ["sctd"], [0],
+                             overrides=["GenerateCamParams.init_shape=pointe", "GenerateCamParams.init_prompt=a bagel"])
+    assert pointe.config(pointe.runs[1]).camera.init_prompt == "a blue car on a road"
     assert plan.folder(run) == tmp_path / "sw" / "sds" / "a_blue_car_on_a_road_s3"
 
 
@@ -210,6 +213,7 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert len(rows) == 3 and "failed" in rows[1] and "done" in rows[2]
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumes_from_the_checkpoint_and_skips_finished_runs(tmp_path, monkeypatch):
     from training.trainer import Trainer
 

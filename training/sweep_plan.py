@@ -133,9 +133,13 @@ class SweepPlan:
         return self.root / run.name
 
     def config(self, run: SweepRun) -> Config:
-        """The base config with this run's prompt, loss and seed; output_dir/workspace point at its folder."""
+        """The base config with this run's prompt, loss and seed; output_dir/workspace point at its folder.
+        A text-conditioned initialisation (Point-E) gets the run's prompt too: the base config's
+        init_prompt names the base config's object."""
         cfg = copy.deepcopy(self.base)
         cfg.guidance.text = run.prompt.text
+        if cfg.camera.init_shape in ("pointe", "shapee"):
+            cfg.camera.init_prompt = run.prompt.text
         if run.prompt.negative is not None:
             cfg.guidance.negative = run.prompt.negative
         cfg.guidance.guidance_type = run.loss

@@ -166,7 +166,8 @@ def format_table(runs: list[RunTiming], summary: dict, gpu: str, args) -> str:
         process = "-" if r.process_s is None else f"{r.process_s:.1f}"
         peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         lines.append(f"| {r.mode} | {r.index} | {r.prompt[:40]} | {r.wall_s:.1f} | {r.loop_s:.1f} | "
-                     f"{r.ms_per_it:.1f} | {r.fixed_s:.1f} | {warmup:.1f} | {r.model_load_s:.1f} | {process} | {peak} |")
+                     f"{r.ms_per_it:.1f} | {r.fixed_s:.1f} | {warmup:.1f} | {r.model_load_s:.1f} | {process} "
+                     f"| {peak} |")
     lines += ["", f"Warm ms/it {ms_it:.1f}; fixed cost per asset {summary['fixed_s']:.1f} s; paid once per worker "
               f"(model load + compile warm-up) {summary['paid_once_s']:.1f} s.",
               f"Minutes per {ASSET_ITERATIONS}-iteration asset in a sweep of {args.assets} assets: "

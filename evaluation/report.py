@@ -29,7 +29,7 @@ from training.sweep_markers import DONE, FAILED, read_marker
 log = logging.getLogger(__name__)
 
 RUN_COLUMNS = ("name", "loss", "prompt", "seed", "status", "minutes", "peak_gpu_gib", "psnr_heldout", "clip_l",
-               "image_reward", "log")
+               "image_reward", "error", "log")
 LOSS_COLUMNS = ("loss", "finished", "failed", "unfinished", "clip_l_mean", "clip_l_std", "image_reward_mean",
                 "image_reward_std", "fid", "psnr_mean", "psnr_std", "minutes_per_asset", "peak_gpu_gib")
 
@@ -129,17 +129,20 @@ def score_asset(run_dir: Path, cfg, done: dict, scorers: Scorers) -> dict:
 
     options = scorers.options
     cache_path, features_path = run_dir / "evaluation.json", run_dir / "fid_features.pt"
+    clip, reward, inception = scorers.clip(), scorers.image_reward(), scorers.inception()
+    wanted = {name for name, scorer in (("clip_l", clip), ("image_reward", reward)) if scorer is not None}
     cached = read_marker(run_dir, "evaluation.json")
     key = {**_settings(options), "finished": done.get("finished")}
-    if cached and cached.get("settings") == key:
+    if (cached and cached.get("settings") == key and wanted <= set(cached["scores"])
+            and (inception is None or features_path.is_file())):
         return cached["scores"]
     images = render_ring(asset_ply(run_dir), cfg.camera, options.views, options.resolution, scorers.device)
     scores = {}
-    if (clip := scorers.clip()) is not None:
+    if clip is not None:
         scores["clip_l"] = clip.score(images, cfg.guidance.text).mean().item()
-    if (reward := scorers.image_reward()) is not None:
+    if reward is not None:
         scores["image_reward"] = reward.score(images, cfg.guidance.text).mean().item()
-    if (inception := scorers.inception()) is not None:
+    if inception is not None:
         torch.save(inception(resize_for_inception(images)), features_path)
     from training.claims import write_atomically
 

@@ -1,7 +1,6 @@
 """The sweep in one process: prompt lists, the plan and its run names, claims, prompt swapping with one
 prior (same results as runs started alone), failures that do not stop the sweep, and the report."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 
 import train
 from evaluation.report import ReportOptions, write_report
-from training.claims import Claim, ClaimStore
+from training.claims import ClaimStore
 from training.sweep import SweepWorker, WorkerEnv, main as sweep_main, prior_fingerprint, worker_env
 from training.sweep_markers import DONE, FAILED
 from training.sweep_plan import Prompt, SweepPlan, load_prompts, slugify, unique_slugs

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from evaluation import fid
-from tests.sweep_helpers import PROMPTS, TINY_ANALYTIC, assert_same_result, tiny_sd, write_prompts
+from tests.sweep_helpers import TINY_ANALYTIC, assert_same_result, tiny_sd, write_prompts
 from tests.test_sweep import _alone
 from tests.tiny_models import save_tiny_clip, save_tiny_inception
 from training.sweep_markers import DONE

@@ -6,8 +6,9 @@ O_CREAT | O_EXCL, which exactly one process can win (also on NFS v3+ and Lustre,
 atomic on the server). The owner refreshes a heartbeat in it every `heartbeat_s` seconds from a thread.
 A claim is stale when its owner's pid is gone on this same host, or when its heartbeat is older than
 `stale_after_s` (another host: the clocks must roughly agree, as NTP keeps them). Taking a stale claim
-over is a second O_EXCL race, on <claim>.takeover-<stale token>: only one worker wins the right to
-replace that particular stale claim, so two workers never both take it.
+over is a second O_EXCL race, on <claim>.takeover-<stale token> (kept afterwards): only one worker
+ever wins the right to replace that particular stale claim, so two workers never both take it, even
+one that judged it stale late.
 
 What is left: an owner that is alive but stalled past `stale_after_s` (e.g. a frozen NFS mount) can
 lose its claim to another worker, and both may then train the same run; the run folder's checkpoints
@@ -116,16 +117,16 @@ class ClaimStore:
             return self.try_claim(name)
         if not self.is_stale(record, path):
             return None
-        stale_token = record.get("token") or f"unwritten-{path.stat().st_mtime_ns}"
-        lock = path.with_name(f"{path.name}.takeover-{stale_token}")
         try:
+            stale_token = record.get("token") or f"unwritten-{path.stat().st_mtime_ns}"
+            # kept afterwards: a worker that judged the same stale claim late must still lose
+            lock = path.with_name(f"{path.name}.takeover-{stale_token}")
             os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return None  # another worker won this takeover
+        except (FileExistsError, FileNotFoundError):
+            return None  # another worker won this takeover, or the claim was just released
         log.warning("taking over stale claim %s (owner %s pid %s, heartbeat %.0f s ago)", name, record.get("host"),
                     record.get("pid"), time.time() - float(record.get("heartbeat", 0.0)))
         write_atomically(path, self._record(token))
-        lock.unlink(missing_ok=True)
         return Claim(name, path, token)
 
     def owns(self, claim: Claim) -> bool:

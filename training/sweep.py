@@ -189,12 +189,11 @@ class SweepWorker:
         start = len(pending) * self.env.rank // self.env.world_size
         return pending[start:] + pending[:start]
 
-    def next_claim(self) -> tuple[SweepRun, Claim] | None | bool:
-        """(run, claim) to train now; True when runs remain but live workers hold them all; None when the
-        sweep is complete."""
-        pending = [r for r in self.plan.runs if not self.terminal(r)]
-        if not pending:
-            return None
+    def pending(self) -> list[SweepRun]:
+        return [r for r in self.plan.runs if not self.terminal(r)]
+
+    def claim_next(self, pending: list[SweepRun]) -> tuple[SweepRun, Claim] | None:
+        """The first pending run this worker can claim (None: live workers hold them all)."""
         for run in self.order(pending):
             claim = self.store.try_claim(run.name)
             if claim is None:
@@ -203,19 +202,17 @@ class SweepWorker:
                 self.store.release(claim)
                 continue
             return run, claim
-        return True
+        return None
 
     def run_all(self, progress: SweepProgress | None = None) -> list[RunResult]:
-        """Until every run is done (or failed in this launch): claim, train, release; wait when live workers
-        hold the remaining runs, to take them over should their owners die."""
-        while True:
-            nxt = self.next_claim()
-            if nxt is None:
-                return self.results
-            if nxt is True:
+        """Until every run is done (or failed in this launch): claim, train, release; wait while live
+        workers hold the remaining runs, to take them over should their owners die."""
+        while pending := self.pending():
+            claimed = self.claim_next(pending)
+            if claimed is None:
                 time.sleep(self.poll_s)
                 continue
-            run, claim = nxt
+            run, claim = claimed
             try:
                 with Heartbeat(self.store, claim):
                     self.results.append(self.execute(run))
@@ -223,6 +220,7 @@ class SweepWorker:
                 self.store.release(claim)
             if progress is not None:
                 progress.refresh()
+        return self.results
 
     # ------------------------------------------------------------------ one run
 

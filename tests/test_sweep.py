@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from evaluation.report import ReportOptions, write_report
+from evaluation.report import ReportOptions, main as report_main, write_report
 from training.claims import ClaimStore
 from training.sweep import SweepWorker, WorkerEnv, main as sweep_main, prior_fingerprint, worker_env
 from training.sweep_markers import DONE, FAILED
@@ -239,3 +239,6 @@ def test_an_interrupted_sweep_resumes_from_the_checkpoint_and_skips_finished_run
     assert_same_result(second, _alone(tmp_path, second))
     assert "resumed from step 2" in (second / "train.log").read_text()
     assert (tmp_path / "sw" / "report.md").is_file() and (tmp_path / "sw" / "report.csv").is_file()
+    (tmp_path / "sw" / "report.md").unlink()
+    assert report_main([str(tmp_path / "sw"), "--clip-model", ""]) == 0
+    assert "2 of 2 runs finished, 0 failed" in (tmp_path / "sw" / "report.md").read_text()

@@ -3,6 +3,7 @@ prior (same results as runs started alone), failures that do not stop the sweep,
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import train
 from evaluation.report import ReportOptions, main as report_main, write_report
-from training.claims import ClaimStore
+from training.claims import ClaimStore, Heartbeat
 from training.sweep import SweepWorker, WorkerEnv, main as sweep_main, prior_fingerprint, worker_env
 from training.sweep_markers import DONE, FAILED
 from training.sweep_plan import Prompt, SweepPlan, load_prompts, slugify, unique_slugs
@@ -139,6 +140,18 @@ def test_a_claim_without_heartbeat_goes_stale_and_its_owner_notices(tmp_path):
     assert owner.heartbeat(claim) is False  # lost: the heartbeat writes nothing
     with pytest.raises(ValueError, match="heartbeat_s"):
         ClaimStore(tmp_path, 1, 1)
+
+
+def test_the_heartbeat_refreshes_the_claim_and_notices_a_takeover(tmp_path):
+    store = ClaimStore(tmp_path, 10, 0.05)
+    claim = store.try_claim("run")
+    first = json.loads(claim.path.read_text())["heartbeat"]
+    with Heartbeat(store, claim) as beat:
+        time.sleep(0.3)
+        assert json.loads(claim.path.read_text())["heartbeat"] > first
+        claim.path.write_text(json.dumps({"token": "other", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
+        time.sleep(0.3)
+    assert beat.lost and json.loads(claim.path.read_text())["token"] == "other"
 
 
 # ---------------------------------------------------------------------- runs: same as alone, failures

@@ -164,6 +164,10 @@ class AnalyticPrior(DiffusionPrior):
         """SD's "leading" grid (index + steps_offset); no scheduler config of its own."""
         return self._timestep_grid
 
+    def set_prompts(self, text: str, negative: str = "") -> None:
+        """No-op: the analytic prior's target is its hidden scene (GuidanceParams.analytic_*), not a text,
+        so a prompt changes nothing here, exactly as GuidanceParams.text does when the prior is built."""
+
     def encode(self, images: Tensor) -> Tensor:
         return images * 2.0 - 1.0
 

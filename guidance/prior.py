@@ -117,6 +117,11 @@ class DiffusionPrior(ABC):
         `background` [B, 3] is the background to render them on (black when None).
         """
 
+    @abstractmethod
+    def set_prompts(self, text: str, negative: str = "") -> None:
+        """Re-target the prior to another prompt and negative prompt, keeping the loaded model: a sweep
+        trains many prompts with one prior. Afterwards the prior behaves exactly as one built with them."""
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]

@@ -9,9 +9,9 @@ A model that cannot be found raises `ModelNotFoundError` before any weight is re
 says what was tried and how to point the key at a local copy (the official SD 2.1 repositories
 are gone from the Hub; the configs name the community mirror).
 
-Everything is frozen. The text embeddings (official `train.py::prepare_embeddings`) are computed once at
-construction; `condition` only mixes them per view. `encode` and `predict_noise` return float32
-whatever the model dtype: the prior casts to its own dtype on entry.
+Everything is frozen. The text embeddings (official `train.py::prepare_embeddings`) are computed at
+construction (and again by `set_prompts`); `condition` only mixes them per view. `encode` and
+`predict_noise` return float32 whatever the model dtype: the prior casts to its own dtype on entry.
 """
 from __future__ import annotations
 
@@ -359,8 +359,8 @@ class StableDiffusionPrior(DiffusionPrior):
         # what predict_noise / encode call: eager here, compiled and/or CUDA-graphed by enable_fast_path
         self._unet_runner: Callable[[Tensor, Tensor, Tensor], Tensor] = self._unet_eps
         self._encoder_runner: Callable[[Tensor], Tensor] = self._moments
-        self.embeddings = self._compute_embeddings(text, negative, inverse_text, clip_skip)
-        self._views = torch.cat([self.embeddings[k] for k in VIEW_SUFFIXES])  # [3, L, D] front, side, back
+        self.inverse_text, self.clip_skip = inverse_text, clip_skip
+        self.set_prompts(text, negative)
 
     @classmethod
     def from_config(
@@ -397,6 +397,20 @@ class StableDiffusionPrior(DiffusionPrior):
     @property
     def timestep_grid(self) -> TimestepGrid:
         return self._timestep_grid
+
+    def set_prompts(self, text: str, negative: str = "") -> None:
+        """Recompute the text embeddings for a new prompt / negative prompt (the empty-prompt branch keeps
+        inverse_text). The embeddings are inputs of the UNet calls, never baked into a compiled program or
+        CUDA graph, so a sweep swaps prompts without recompiling. The text encoder, moved off the GPU by
+        enable_fast_path, comes back to the prior's device for this call so that the numbers are those of
+        a prior built with these prompts."""
+        encoder_device = self.text_encoder.device
+        self.text_encoder.to(self.device)
+        try:
+            self.embeddings = self._compute_embeddings(text, negative, self.inverse_text, self.clip_skip)
+        finally:
+            self.text_encoder.to(encoder_device)
+        self._views = torch.cat([self.embeddings[k] for k in VIEW_SUFFIXES])  # [3, L, D] front, side, back
 
     def _compute_embeddings(self, text: str, negative: str, inverse_text: str, clip_skip: int) -> dict[str, Tensor]:
         if self.tokenizer.model_max_length > self.text_encoder.config.max_position_embeddings:

@@ -65,3 +65,36 @@ def tiny_sd_pipeline(prediction_type: str = "epsilon"):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_tiny_clip(folder) -> None:
+    """A tiny random CLIPModel (32x32 images, width 32) and the char tokenizer, saved as a model folder."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=100, max_position_embeddings=77, **layers),
+        vision_config=dict(image_size=32, patch_size=8, **layers),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    char_tokenizer(100).save_pretrained(folder)
+
+
+class TinyInception(torch.nn.Module):
+    """Stands in for the FID Inception TorchScript file: the same call, detector(images_0_255,
+    return_features=True) -> [N, 8] features, with its own resize inside."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(img / 255.0, size=(32, 32), mode="bilinear", align_corners=False)
+        return self.conv(x).relu().mean(dim=(2, 3))
+
+
+def save_tiny_inception(path) -> None:
+    torch.jit.script(TinyInception()).save(str(path))

@@ -43,9 +43,10 @@ def run_name(cfg: Config, opt_path: str | None) -> str:
     return f"{stem}_{cfg.guidance.guidance_type}_s{cfg.seed}"
 
 
-def open_run(cfg: Config, opt_path: str | None, argv: list[str],
-             resume: str | None) -> tuple[Config, Path, dict | None]:
-    """A fresh run folder (never reusing one), or the folder and checkpoint of a run to resume."""
+def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None,
+             run_dir: Path | None = None) -> tuple[Config, Path, dict | None]:
+    """A fresh run folder (never reusing one; `run_dir` names it, and must then be new or empty), or the
+    folder and checkpoint of a run to resume."""
     if resume:
         run_dir = Path(resume)
         checkpoint = run_dir / CHECKPOINT_NAME
@@ -53,7 +54,12 @@ def open_run(cfg: Config, opt_path: str | None, argv: list[str],
             raise FileNotFoundError(f"--resume {resume}: no checkpoint at {checkpoint.resolve()}")
         cfg = load_config(run_dir / "config.yaml", warn_no_effect=False)
         return cfg, run_dir, torch.load(checkpoint, map_location="cpu", weights_only=False)
-    run_dir = new_run_dir(Path(cfg.output_dir), cfg.model.workspace, run_name(cfg, opt_path))
+    if run_dir is None:
+        run_dir = new_run_dir(Path(cfg.output_dir), cfg.model.workspace, run_name(cfg, opt_path))
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if any(run_dir.iterdir()):
+            raise FileExistsError(f"run folder {run_dir.resolve()} is not empty: pass resume= to continue it")
     save_config(cfg, run_dir / "config.yaml")
     write_run_metadata(run_dir, argv)
     return cfg, run_dir, None
@@ -169,10 +175,13 @@ def follow_steps(trainer: Trainer, iterations: int) -> None:
 
 
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
-          quiet: bool = False, prior=None, group: ProcessGroup | None = None) -> RunOutputs | None:
+          quiet: bool = False, prior=None, group: ProcessGroup | None = None,
+          run_dir: Path | None = None) -> RunOutputs | None:
     """Build everything from cfg and run it (the body of train.py). Under torchrun, the processes
     share each step's cameras (training.distributed); rank 0 writes and returns the outputs, the
-    other ranks return None. `group` defaults to one process (train.py passes torchrun's group)."""
+    other ranks return None. `group` defaults to one process (train.py passes torchrun's group).
+    A sweep passes its loaded `prior` (already set to cfg's prompts) and a fixed `run_dir` instead of
+    a fresh timestamped one."""
     group = group or ProcessGroup()
     if group.distributed:
         device = group.device(cfg.pipeline.device)
@@ -181,7 +190,7 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
             return _train_follower(cfg, resume, prior, group, device)
     else:
         device = None
-    return _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device)
+    return _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device, run_dir)
 
 
 def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup, device) -> None:
@@ -201,7 +210,7 @@ def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup,
 
 
 def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None, quiet: bool,
-                  prior, group: ProcessGroup, device) -> RunOutputs:
+                  prior, group: ProcessGroup, device, run_dir: Path | None) -> RunOutputs:
     from utils.monitor import setup_logging
 
     if prior is None and cfg.guidance.prior == "stable_diffusion" and not resume:
@@ -213,7 +222,7 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
         from scene.text_to_3d_init import check_shapee_available
 
         check_shapee_available(cfg.camera.shapee_model_key)
-    cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
+    cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume, run_dir)
     group.broadcast_object(str(run_dir))
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())

@@ -1,0 +1,175 @@
+"""What a sweep trains: a prompt list x losses x seeds on one base config, and where each run lives.
+
+Every (prompt, loss, seed) is an ordinary run folder, at a name a person can find:
+
+    <sweep>/<loss>/<prompt-slug>_s<seed>          e.g. outputs/table1/sctd/a_ripe_strawberry_s0
+
+The plan is pure (no model, no file written): it loads and validates every run's config up front, so
+that a typo in an override or an empty prompt fails before any worker loads a model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from utils.config import Config, ConfigError, config_to_dict, load_config, validate_config
+
+LOSSES = ("sctd", "ism", "sds", "cds", "gcs")
+SLUG_LENGTH = 60
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    negative: str | None = None  # None: the base config's GuidanceParams.negative
+
+
+def _prompt_entry(entry, where: str) -> Prompt:
+    if isinstance(entry, str):
+        entry = {"text": entry}
+    if not isinstance(entry, dict) or set(entry) - {"text", "negative"}:
+        raise ConfigError(f"{where}: a prompt is a string or a mapping with keys text (and negative), got {entry!r}")
+    text, negative = entry.get("text"), entry.get("negative")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{where}: prompt text must be a non-empty string, got {text!r}")
+    if negative is not None and not isinstance(negative, str):
+        raise ConfigError(f"{where}: negative must be a string, got {negative!r}")
+    return Prompt(text.strip(), negative)
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """A text file (one prompt per line; blank lines and lines starting with '#' skipped) or a YAML file:
+    a list (or {prompts: list}) of strings or {text, negative} mappings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt list {path.resolve()} does not exist")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and set(data) == {"prompts"}:
+            data = data["prompts"]
+        if not isinstance(data, list):
+            raise ConfigError(f"{path}: expected a list of prompts (or a mapping 'prompts: [...]')")
+        prompts = [_prompt_entry(e, f"{path} item {i + 1}") for i, e in enumerate(data)]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts = [Prompt(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts")
+    seen = set()
+    for p in prompts:
+        if p.text in seen:
+            raise ConfigError(f"{path}: prompt {p.text!r} is listed twice")
+        seen.add(p.text)
+    return prompts
+
+
+def slugify(text: str, length: int = SLUG_LENGTH) -> str:
+    """'A DSLR photo of a red-eyed frog!' -> 'a_dslr_photo_of_a_red_eyed_frog' (lower case, [a-z0-9_])."""
+    slug = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return slug[:length].rstrip("_") or "prompt"
+
+
+def unique_slugs(prompts: Sequence[Prompt]) -> list[str]:
+    """One slug per prompt; prompts whose slugs collide get _2, _3, ... in list order."""
+    out, used = [], set()
+    for p in prompts:
+        base = slug = slugify(p.text)
+        k = 2
+        while slug in used:
+            slug, k = f"{base}_{k}", k + 1
+        used.add(slug)
+        out.append(slug)
+    return out
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    loss: str
+    prompt: Prompt
+    seed: int
+    slug: str
+
+    @property
+    def name(self) -> str:
+        """<loss>/<slug>_s<seed>: the run folder relative to the sweep folder (and the claim's name)."""
+        return f"{self.loss}/{self.slug}_s{self.seed}"
+
+
+@dataclass
+class SweepPlan:
+    root: Path
+    base: Config  # base config with the sweep's overlays and overrides applied
+    runs: list[SweepRun]
+    source: dict  # what the plan was made from (written to sweep.json)
+
+    @classmethod
+    def build(cls, root: str | Path, prompts_path: str | Path, losses: Sequence[str], seeds: Sequence[int],
+              opt: str | None = None, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> "SweepPlan":
+        unknown = [loss for loss in losses if loss not in LOSSES]
+        if unknown or not losses:
+            raise ConfigError(f"--losses must name some of {LOSSES}, got {list(losses)}")
+        if not seeds or any(s < 0 for s in seeds):
+            raise ConfigError(f"--seeds must be non-negative integers, got {list(seeds)}")
+        base = load_config(opt, list(overrides), overlays=list(overlays))
+        prompts = load_prompts(prompts_path)
+        runs = [SweepRun(loss, p, int(seed), slug)
+                for loss in dict.fromkeys(losses) for p, slug in zip(prompts, unique_slugs(prompts))
+                for seed in dict.fromkeys(seeds)]
+        source = {"opt": opt, "overlays": list(overlays), "overrides": list(overrides),
+                  "prompts": str(prompts_path), "losses": list(dict.fromkeys(losses)),
+                  "seeds": [int(s) for s in dict.fromkeys(seeds)]}
+        plan = cls(Path(root), base, runs, source)
+        for run in runs:  # every run's config is valid before any work starts
+            plan.config(run)
+        return plan
+
+    def folder(self, run: SweepRun) -> Path:
+        return self.root / run.name
+
+    def config(self, run: SweepRun) -> Config:
+        """The base config with this run's prompt, loss and seed; output_dir/workspace point at its folder.
+        A text-conditioned initialisation (Point-E) gets the run's prompt too: the base config's
+        init_prompt names the base config's object."""
+        cfg = copy.deepcopy(self.base)
+        cfg.guidance.text = run.prompt.text
+        if cfg.camera.init_shape in ("pointe", "shapee"):
+            cfg.camera.init_prompt = run.prompt.text
+        if run.prompt.negative is not None:
+            cfg.guidance.negative = run.prompt.negative
+        cfg.guidance.guidance_type = run.loss
+        cfg.seed = run.seed
+        cfg.output_dir = str(self.root)
+        cfg.model.workspace = run.loss
+        return validate_config(cfg)
+
+    def manifest(self) -> dict:
+        """sweep.json: the sources, the resolved base config and every run (name, prompt, loss, seed)."""
+        return {"source": self.source, "base_config": config_to_dict(self.base),
+                "runs": [{"name": r.name, "loss": r.loss, "prompt": r.prompt.text, "negative": r.prompt.negative,
+                          "seed": r.seed} for r in self.runs]}
+
+    def write_manifest(self) -> Path:
+        """Write (or check) <sweep>/sweep.json: a second launch of the same sweep must plan the same runs."""
+        from training.run_dir import atomic_write_text
+
+        path = self.root / "sweep.json"
+        text = json.dumps(self.manifest(), indent=2) + "\n"
+        if path.is_file() and json.loads(path.read_text()) != json.loads(text):
+            raise ConfigError(f"{path} describes another sweep (other prompts, losses, seeds or config); "
+                              "use another sweep folder, or delete sweep.json to redefine this one")
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+        return path
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / "sweep.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a sweep folder written by python -m training.sweep")
+    return json.loads(path.read_text())

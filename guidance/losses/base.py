@@ -94,6 +94,14 @@ class DistillationLoss:
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """The random state a resumed run needs: the timestep generator and the noise source(s)."""
+        return {"generator": self.generator.get_state(), "noise": self.noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.noise.load_state_dict(state["noise"], self.prior.device)
+
     def timesteps(self, value: int | Tensor, batch: int) -> Tensor:
         """[B] long tensor on the prior's device (no host sync)."""
         if isinstance(value, Tensor):

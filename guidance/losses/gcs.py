@@ -31,6 +31,13 @@ class GCSLoss(DistillationLoss):
         self.window = TimestepWindow.from_config(cfg, prior.num_train_timesteps, slide_lower=True)
         self.fresh_noise = NoiseSource(fixed=False, offset=0.1, seed=cfg.noise_seed)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "fresh_noise": self.fresh_noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.fresh_noise.load_state_dict(state["fresh_noise"], self.prior.device)
+
     def sample_timesteps(self, rate: float) -> tuple[int, int, int]:
         delta = gcs_interval(rate, self.cfg.delta_t, self.cfg.delta_t_start)
         t = max(self.window.sample(rate, self.generator), delta + 1)

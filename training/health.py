@@ -84,7 +84,8 @@ class NonFiniteGuard:
         self._reported = int(state["reported"])
 
 
-def stop_message(report: HealthReport, step: int, patience: int, lrs: dict[str, float]) -> str:
+def stop_message(report: HealthReport, step: int, patience: int, lrs: dict[str, float],
+                 checkpoint_step: int | None) -> str:
     """Why the run stops and what to change, naming the learning rates in effect."""
     rates = ", ".join(f"{name} {value:.3g}" for name, value in lrs.items())
     if not report.parameters_finite:
@@ -94,4 +95,6 @@ def stop_message(report: HealthReport, step: int, patience: int, lrs: dict[str, 
     return (f"training stopped at step {step}: {what}; every such step was skipped, {report.skipped_total} in all. "
             f"The usual cause is a learning rate too high for this scene (current: {rates}; see "
             "OptimizationParams.*_lr), or a too large GuidanceParams.lambda_guidance. "
-            "No point cloud was written for the broken state; checkpoints/last.pt holds the last good step.")
+            "No point cloud or checkpoint was written for the broken state; "
+            + (f"checkpoints/last.pt holds step {checkpoint_step}, the last good one." if checkpoint_step is not None
+               else "there is no earlier checkpoint."))

@@ -79,10 +79,11 @@ def check_analytic_scene(cfg: Config) -> None:
     from scene.gaussian_model import GaussianModel
 
     scene = cfg.guidance.analytic_scene
-    if not scene.endswith(".ply"):
-        require(scene in PROCEDURAL_SCENES, f"GuidanceParams.analytic_scene must be one of {list(PROCEDURAL_SCENES)} "
-                                            f"or a path ending in .ply, got {scene!r}")
+    if scene in PROCEDURAL_SCENES:
         return
+    require(scene.endswith(".ply") or Path(scene).expanduser().is_file(),
+            f"GuidanceParams.analytic_scene must be one of {list(PROCEDURAL_SCENES)} or a path ending in .ply, "
+            f"got {scene!r}")
     try:
         GaussianModel.load_ply(Path(scene).expanduser())
     except (OSError, ValueError) as exc:

@@ -81,6 +81,7 @@ class TrainingRun:
         self.metrics_path = run_dir / "metrics.json"
         self.metrics = json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else {}
         self.steps_done = 0  # iterations completed in this session
+        self.checkpoint_step = trainer.step if trainer.step > 0 else None  # step of checkpoints/last.pt
         self.lrs: dict[str, float] = {}
 
     def write_metrics(self) -> None:
@@ -134,6 +135,7 @@ class TrainingRun:
     def save_checkpoint(self) -> None:
         if self.healthy_state("checkpoint"):
             atomic_torch_save(self.trainer.state_dict(), self.run_dir / CHECKPOINT_NAME)
+            self.checkpoint_step = self.trainer.step
 
     def save_point_cloud(self, path: Path) -> None:
         self.trainer.gaussians.save_ply(path, pad_sh_degree=self.cfg.ply_sh_degree)
@@ -155,7 +157,7 @@ class TrainingRun:
     def stop_if_broken(self, step: int, report: HealthReport) -> None:
         patience = self.cfg.nonfinite_patience
         if not report.parameters_finite or report.worst_streak >= patience:
-            raise NonFiniteTrainingError(stop_message(report, step, patience, self.lrs))
+            raise NonFiniteTrainingError(stop_message(report, step, patience, self.lrs, self.checkpoint_step))
 
     def after_step(self, step: int, result, monitor: Monitor) -> None:
         """Logging, evaluation, point clouds and checkpoints due at this step."""
@@ -252,6 +254,11 @@ def _remove_unstarted(run_dir: Path, quiet: bool) -> None:
     """A fresh run that failed before its first step leaves nothing behind."""
     setup_logging(None, quiet)  # closes train.log before the folder goes
     shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):  # the workspace and output folders, if now empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
     log.info("removed %s: the run failed before its first step", run_dir)
 
 

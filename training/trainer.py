@@ -225,8 +225,8 @@ class Trainer:
             means2d_grad = torch.where(skip > 0, 0.0, out.means2d_grad())
             g.add_densification_stats(means2d_grad, out.radii, out.rgb.shape[-1], out.rgb.shape[-2])
             densify_now = step > cfg.densify_from_iter and step % cfg.densification_interval == 0
-            # densification syncs anyway; NaN/Inf Gaussians cannot be split (the run stops at the next report)
-            if densify_now and bool(self.health.params_ok):
+            # densification syncs anyway; a skipped step's statistics are not trusted, NaN/Inf Gaussians not split
+            if densify_now and not bool(skip):
                 size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
                 counts = self.densify_and_prune(step, size_threshold)
                 log.debug("step %d densify: %s -> %d Gaussians", step, counts, g.num_points)

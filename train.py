@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.run import train
     from training.stop import TrainingInterrupted
     from training.threads import configure_threads
+    from utils.monitor import setup_logging
 
     try:
         configure_threads()
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted: the last checkpoint in the run folder is intact")
         return 130
+    finally:
+        setup_logging(None, args.quiet)  # closes the run's train.log (after the messages above reached it)
     print(f"run folder:  {outputs.run_dir.resolve()}")
     print(f"point cloud: {outputs.point_cloud.resolve()}")
     if outputs.video is not None:

@@ -272,12 +272,12 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
     preflight(cfg, resume=bool(resume), prior_given=prior is not None)
     run_dir = Path(resume) if resume else new_run_dir(Path(cfg.output_dir).expanduser(), cfg.model.workspace,
                                                      run_name(cfg, opt_path))
+    checkpoint = checkpoint_for(cfg, run_dir) if resume else None  # a refused resume leaves the folder untouched
     run = None
     with RunLock(run_dir), StopRequest() as stop:
         try:
             setup_logging(run_dir, quiet)
             log.info("run folder: %s", run_dir.resolve())
-            checkpoint = checkpoint_for(cfg, run_dir) if resume else None
             save_config(cfg, run_dir / "config.yaml")
             (append_command if resume else write_run_metadata)(run_dir, argv)
             run = _build(cfg, run_dir, checkpoint, quiet, prior)

@@ -16,8 +16,7 @@ from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.health import HealthReport, NonFiniteTrainingError, stop_message
 from training.lock import RunLock
 from training.preflight import preflight
-from training.run_dir import (append_command, atomic_torch_save, atomic_write_text, new_run_dir,
-                              write_run_metadata)
+from training.run_dir import append_command, atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from training.stop import StopRequest, TrainingInterrupted
 from training.trainer import Trainer
 from utils.config import Config, ConfigError, save_config

@@ -2,7 +2,8 @@
 
 `Trainer` owns the parts built from one `Config` and runs iterations. Each iteration is
 host-sync free (timesteps, augmentations and branch decisions come from CPU generators;
-logging scalars are read only every `log_interval` iterations).
+logging scalars are read only every `log_interval` iterations; a step with NaN/Inf is skipped on
+the device, see training/health.py); densification iterations sync once, as they always did.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from gaussian_renderer.types import RenderOutput
 from guidance.losses import StepInfo, build_loss
 from guidance.prior import Conditioning, DiffusionPrior
 from guidance.timesteps import warm_up_rate
-from scene.camera_sampler import OrbitCameraSampler, evaluation_ring
+from scene.camera_sampler import OrbitCameraSampler
 from scene.cameras import Cameras
 from scene.gaussian_model import AllPrunedError, GaussianModel
 from scene.initialisation import initial_points
@@ -266,9 +267,6 @@ class Trainer:
         """Render many cameras in chunks (evaluation; no augmentation, active SH degree)."""
         return render_in_chunks(self.gaussians.gaussian_tensors(), cameras, background, chunk,
                                 backend=self.cfg.pipeline.renderer)
-
-    def test_cameras(self) -> Cameras:
-        return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45)
 
     # ------------------------------------------------------------------ checkpoints
 

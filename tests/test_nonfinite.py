@@ -92,7 +92,6 @@ def test_a_single_nan_step_is_skipped_logged_and_the_run_finishes(tmp_path, monk
     assert all(torch.isfinite(torch.as_tensor(vertex[n])).all() for n in vertex.data.dtype.names)
 
 
-@pytest.mark.slow
 def test_persistent_nan_from_a_huge_learning_rate_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     code = _run(tmp_path, "OptimizationParams.iterations=40", "checkpoint_interval=1", "log_interval=5",
                 "nonfinite_patience=5", "OptimizationParams.scaling_lr=1e6", "OptimizationParams.scaling_lr_final=1e6",

@@ -15,6 +15,7 @@ import train
 from tests.test_train import TINY
 from training.lock import LOCK_NAME
 from training.run_dir import unique_temp_path
+from training.stop import StopRequest
 from training.trainer import Trainer
 
 EXTRA = ("save_video=false", "OptimizationParams.iterations=4", "checkpoint_interval=2")
@@ -93,6 +94,24 @@ def test_damaged_checkpoint_is_a_message(finished_run, caplog):
     assert _resume(finished_run, "OptimizationParams.iterations=6") == 2
     assert f"checkpoint {checkpoint} is damaged" in caplog.text and "start a new run" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_checkpoint_of_another_format_version_is_a_message(finished_run, caplog):
+    checkpoint = finished_run / "checkpoints/last.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "version": 1}, checkpoint)
+    assert _resume(finished_run, "OptimizationParams.iterations=6") == 2
+    assert "has format version 1, this train.py reads version 2" in caplog.text
+
+
+def test_stop_request_first_signal_asks_second_ctrl_c_aborts():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before  # the previous handlers are back
 
 
 def test_damaged_config_is_a_message(finished_run, caplog):

@@ -12,13 +12,13 @@ import torch
 
 from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
-from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from training.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from training.health import HealthReport, NonFiniteTrainingError, stop_message
 from training.lock import RunLock
 from training.preflight import preflight
 from training.run_dir import append_command, atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from training.stop import StopRequest, TrainingInterrupted
-from training.trainer import Trainer
+from training.trainer import CHECKPOINT_VERSION, Trainer
 from utils.config import Config, ConfigError, save_config
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
@@ -57,6 +57,10 @@ def evaluation_size(cfg: Config) -> tuple[int, int]:
 def checkpoint_for(cfg: Config, run_dir: Path) -> dict:
     """The checkpoint of a run to resume; ConfigError when it has nothing left to train."""
     checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} has format version {checkpoint.get('version')}, "
+                              f"this train.py reads version {CHECKPOINT_VERSION}: resume it with the version of the "
+                              "code that wrote it (environment.json records its git commit)")
     step, iters = int(checkpoint["step"]), cfg.optim.iterations
     if step > iters:
         raise ConfigError(f"--resume {run_dir}: OptimizationParams.iterations={iters} is below the checkpoint's "
@@ -242,7 +246,11 @@ def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, pri
     seed_everything(cfg.seed)
     trainer = Trainer(cfg, prior=prior)
     if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
+        try:
+            trainer.load_state_dict(checkpoint)
+        except (KeyError, ValueError, RuntimeError) as exc:  # e.g. a file from an edited config or other code
+            raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} does not fit this run's configuration "
+                                  f"({type(exc).__name__}: {exc})") from None
         log.info("resumed from step %d", trainer.step)
     log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s", cfg.guidance.guidance_type,
              cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device)

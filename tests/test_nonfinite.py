@@ -3,7 +3,6 @@ stops with a message naming the learning rates, and no non-finite PLY or checkpo
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from plyfile import PlyData
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -88,6 +88,8 @@ def check_analytic_scene(cfg: Config) -> None:
         GaussianModel.load_ply(Path(scene).expanduser())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"GuidanceParams.analytic_scene: {exc}") from None
+    require(scene.endswith(".ply"), f"GuidanceParams.analytic_scene {scene!r} is a 3DGS PLY: name it with the "
+                                    "suffix .ply (lower case) so it is not taken for a procedural scene name")
 
 
 def text_encoder_layers(model_key: str) -> int | None:

@@ -3,8 +3,13 @@
     python train.py --opt config/bagel.yaml --guidance_type sctd --phase_num 5 --num_ddim_timesteps 50 --guid_scale 7.5
     python train.py --opt config/demo.yaml                       # offline, CPU, analytic prior
     python train.py --resume outputs/<workspace>/<run>           # continue an interrupted run
+    python train.py --resume outputs/<workspace>/<run> OptimizationParams.iterations=8000   # train further
     python train.py --opt config/bagel.yaml GuidanceParams.guidance_type=ism OptimizationParams.iterations=3000
     torchrun --nproc_per_node=2 train.py --opt config/bagel.yaml   # one asset, each step's cameras on 2 GPUs
+
+Exit codes: 0 done; 2 a user error (the message says which key or file and what to do; nothing is
+left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned); 130
+stopped by Ctrl-C or SIGTERM (a checkpoint of the last completed step is saved).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import sys
 
 from utils.config import ConfigError, parse_cli
 
+log = logging.getLogger("train")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -20,26 +27,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_cli(argv)
     except ConfigError as exc:
-        logging.getLogger("train").error("%s", exc)
+        log.error("%s", exc)
         return 2
     import torch
 
     from guidance.prior import ModelNotFoundError
+    from training.checkpoint import CheckpointError
     from training.distributed import ProcessGroup
+    from training.health import TrainingStopped
+    from training.lock import RunLockedError
     from training.run import train
+    from training.stop import TrainingInterrupted
+    from training.threads import configure_threads
+    from utils.monitor import setup_logging
 
+    try:
+        configure_threads()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
     group = ProcessGroup.from_environment()  # several processes under torchrun: one asset, cameras split
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group)
-    except (ModelNotFoundError, FileNotFoundError) as exc:
-        logging.getLogger("train").error("%s", exc)
+    except (ConfigError, ModelNotFoundError, CheckpointError, RunLockedError, FileNotFoundError) as exc:
+        log.error("%s", exc)
         return 2
+    except TrainingStopped as exc:
+        log.error("%s", exc)
+        return 1
+    except TrainingInterrupted as exc:
+        log.warning("%s: checkpoint saved; continue with: python train.py --resume <run folder>", exc)
+        return 130
     except KeyboardInterrupt:
-        logging.getLogger("train").warning("interrupted: the last checkpoint in the run folder is intact")
+        log.warning("interrupted: the last checkpoint in the run folder is intact")
         return 130
     finally:
         group.stop()
+        setup_logging(None, args.quiet)  # closes the run's train.log (after the messages above reached it)
     if outputs is None:  # a process other than rank 0 of a torchrun launch: rank 0 reports
         return 0
     print(f"run folder:  {outputs.run_dir.resolve()}")

@@ -33,6 +33,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
 from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
+from guidance.model_folder import check_model_folder
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
 from guidance.timesteps import TimestepGrid
 from guidance.view_prompts import perp_neg_weights, view_embeddings
@@ -148,6 +149,7 @@ def _check_folder(key_name: str, folder: str) -> None:
         raise _not_found(key_name, folder, [
             f"local folder {folder!r}: exists, but lacks the subfolders {missing}",
         ])
+    check_model_folder(key_name, folder, weights=key_name == "model_key")
 
 
 def _locate(key_name: str, key: str | None) -> tuple[str, bool]:

@@ -37,6 +37,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from scene.gaussian_tensors import GaussianTensors
+from scene.ply_format import read_ply
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ PARAM_NAMES: dict[str, str] = {
 }
 SCHEDULED_GROUPS = ("xyz", "f_dc", "scaling", "rotation")
 CHECKPOINT_VERSION = 1
+
+
+class AllPrunedError(RuntimeError):
+    """Pruning would leave no Gaussian; the model is left unchanged."""
 
 
 def rgb_to_sh(rgb: Tensor) -> Tensor:
@@ -112,9 +117,10 @@ def knn_mean_sq_dist(points: np.ndarray, k: int = 3) -> np.ndarray:
     return np.mean(dist[:, 1:] ** 2, axis=1)
 
 
-def _adam_fused(device: torch.device) -> bool | None:
-    """Fused Adam where torch has the kernel (CUDA); the default implementation elsewhere."""
-    return True if device.type == "cuda" else None
+def _adam_fused(device: torch.device) -> bool:
+    """Fused Adam (CUDA and CPU kernels): one kernel per step, and the only implementation that can
+    skip a step on the device from a `found_inf` flag (see `GaussianModel.optimizer_step`)."""
+    return device.type in ("cuda", "cpu")
 
 
 def _as_float_tensor(value: Tensor | np.ndarray, name: str, device: torch.device) -> Tensor:
@@ -296,6 +302,17 @@ class GaussianModel:
             lrs[name] = float(group["lr"])
         return lrs
 
+    def optimizer_step(self, skip: Tensor | None = None) -> None:
+        """Adam step, then clear the gradients.
+
+        skip: 0-dim float tensor on the model's device; 1.0 skips the update on the device, without a
+            host sync (parameters, moments and step counts stay as they were), 0.0 applies it.
+        """
+        optimizer, _ = self._require_optimizer()
+        optimizer.found_inf = skip  # read by fused Adam's step (the flag torch's GradScaler sets)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def _require_optimizer(self) -> tuple[torch.optim.Adam, dict[str, Any]]:
         if self.optimizer is None or self._lr_schedule is None:
             raise RuntimeError("call setup_optimizer (or load_state_dict of a checkpoint) first")
@@ -440,7 +457,11 @@ class GaussianModel:
             if screen_size_prune:
                 prune[:n] |= radii > max_screen_size
         prune &= ~removed
-        counts = torch.stack([clone_mask.sum(), split_mask.sum(), prune.sum()]).tolist()
+        counts = torch.stack([clone_mask.sum(), split_mask.sum(), prune.sum(), (removed | prune).sum()]).tolist()
+        if counts[3] == self.num_points:
+            raise AllPrunedError(f"densify_and_prune would remove all {self.num_points} Gaussians (opacity below "
+                                 f"{min_opacity}, or larger than 0.1 x extent {extent:g} when max_screen_size is set)")
+        counts = counts[:3]
         self._prune_params(~(removed | prune))
         self.reset_densification_stats()
         result = dict(zip(("cloned", "split", "pruned"), counts))
@@ -583,12 +604,7 @@ def _indexed(prefix: str, count: int) -> list[str]:
 
 
 def _read_vertex(path: str | os.PathLike):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no PLY file at {path}")
-    ply = PlyData.read(str(path))
-    if "vertex" not in [element.name for element in ply.elements]:
-        raise ValueError(f"{path}: no 'vertex' element")
-    return ply["vertex"]
+    return read_ply(path, "3DGS PLY")["vertex"]
 
 
 def _ply_sh_degree(vertex, path: str | os.PathLike) -> int:
@@ -600,7 +616,8 @@ def _ply_sh_degree(vertex, path: str | os.PathLike) -> int:
     optional = {"nx", "ny", "nz"}
     missing = [name for name in ply_attribute_names(degrees[0]) if name not in names and name not in optional]
     if missing:
-        raise ValueError(f"{path}: not a 3DGS PLY, missing properties {missing}")
+        raise ValueError(f"{path}: not a 3DGS PLY, missing properties {missing} (a plain point cloud? use it "
+                         "with GenerateCamParams.init_shape=ply as an initialisation instead)")
     return degrees[0]
 
 

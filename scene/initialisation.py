@@ -30,10 +30,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from plyfile import PlyData
 from torch import Tensor
 
 from scene.gaussian_model import sh_to_rgb
+from scene.ply_format import read_ply
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,7 @@ def _ply_points(init_path: str | None) -> tuple[Tensor, Tensor]:
     if not init_path:
         raise ValueError("GenerateCamParams.init_path must name a PLY file when init_shape is ply")
     path = Path(init_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"GenerateCamParams.init_path: no such file {str(path)!r}")
-    ply = PlyData.read(str(path))
-    if "vertex" not in [element.name for element in ply.elements]:
-        raise ValueError(f"GenerateCamParams.init_path {str(path)!r}: the PLY has no 'vertex' element")
-    vertex = ply["vertex"]
+    vertex = read_ply(path, "GenerateCamParams.init_path")["vertex"]
     names = [prop.name for prop in vertex.properties]
     if not {"x", "y", "z"} <= set(names):
         raise ValueError(f"GenerateCamParams.init_path {str(path)!r}: no x, y, z properties (found {names})")

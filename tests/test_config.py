@@ -287,13 +287,13 @@ def test_published_command_parses(tmp_path, monkeypatch):
 
 def test_cli_flags_and_intermixed_overrides(tmp_path, caplog):
     argv = ["seed=1", "--opt", str(_write(tmp_path, BAGEL_YAML)), "GuidanceParams.text=a cat",
-            "--output", "runs", "--resume", "runs/x", "--test_ratio", "4", "--save_video", "false",
+            "--output", "runs", "--test_ratio", "4", "--save_video", "false",
             "--ip", "0.0.0.0", "--quiet", "--detect_anomaly"]
     with caplog.at_level(logging.WARNING, logger="utils.config"):
         cfg, args = parse_cli(argv)
     assert (cfg.seed, cfg.guidance.text, cfg.output_dir) == (1, "a cat", "runs")
     assert (cfg.test_ratio, cfg.save_video) == (4, False)
-    assert args.resume == "runs/x" and args.quiet and args.detect_anomaly
+    assert args.resume is None and args.quiet and args.detect_anomaly
     assert any("--ip has no effect" in r.getMessage() for r in caplog.records)
     assert build_arg_parser().parse_args([]).seed is None
     with pytest.raises(ConfigError, match="GuidanceParams.phase_num must be an integer"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -10,19 +11,23 @@ from pathlib import Path
 import torch
 
 from scene.camera_sampler import evaluation_ring, orbit_cameras
+from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
+from training.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from training.distributed import ProcessGroup
-from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
-from training.trainer import Trainer
-from utils.config import Config, load_config, save_config
+from training.health import HealthReport, NonFiniteTrainingError, stop_message
+from training.lock import RunLock
+from training.preflight import preflight
+from training.run_dir import append_command, atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
+from training.stop import StopRequest, TrainingInterrupted
+from training.trainer import CHECKPOINT_VERSION, Trainer
+from utils.config import Config, ConfigError, save_config
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
-from utils.monitor import Monitor
+from utils.monitor import Monitor, setup_logging
 from utils.seeding import seed_everything
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "checkpoints/last.pt"
 
 
 @dataclass
@@ -43,26 +48,29 @@ def run_name(cfg: Config, opt_path: str | None) -> str:
     return f"{stem}_{cfg.guidance.guidance_type}_s{cfg.seed}"
 
 
-def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None,
-             run_dir: Path | None = None) -> tuple[Config, Path, dict | None]:
-    """A fresh run folder (never reusing one; `run_dir` names it, and must then be new or empty), or the
-    folder and checkpoint of a run to resume."""
-    if resume:
-        run_dir = Path(resume)
-        checkpoint = run_dir / CHECKPOINT_NAME
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint at {checkpoint.resolve()}")
-        cfg = load_config(run_dir / "config.yaml", warn_no_effect=False)
-        return cfg, run_dir, torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if run_dir is None:
-        run_dir = new_run_dir(Path(cfg.output_dir), cfg.model.workspace, run_name(cfg, opt_path))
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if any(run_dir.iterdir()):
-            raise FileExistsError(f"run folder {run_dir.resolve()} is not empty: pass resume= to continue it")
-    save_config(cfg, run_dir / "config.yaml")
-    write_run_metadata(run_dir, argv)
-    return cfg, run_dir, None
+def evaluation_size(cfg: Config) -> tuple[int, int]:
+    """(width, height) of test views and videos: eval_resolution as the height (aspect kept), or the training size."""
+    cam = cfg.camera
+    if cfg.eval_resolution is None:
+        return int(cam.image_w), int(cam.image_h)
+    return max(1, round(cfg.eval_resolution * cam.image_w / cam.image_h)), int(cfg.eval_resolution)
+
+
+def checkpoint_for(cfg: Config, run_dir: Path) -> dict:
+    """The checkpoint of a run to resume; ConfigError when it has nothing left to train."""
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} has format version {checkpoint.get('version')}, "
+                              f"this train.py reads version {CHECKPOINT_VERSION}: resume it with the version of the "
+                              "code that wrote it (environment.json records its git commit)")
+    step, iters = int(checkpoint["step"]), cfg.optim.iterations
+    if step > iters:
+        raise ConfigError(f"--resume {run_dir}: OptimizationParams.iterations={iters} is below the checkpoint's "
+                          f"step {step}")
+    if step == iters:
+        raise ConfigError(f"--resume {run_dir}: the run already finished its {iters} iterations; to train further "
+                          f"add e.g. OptimizationParams.iterations={2 * iters} after --resume")
+    return checkpoint
 
 
 class TrainingRun:
@@ -73,12 +81,23 @@ class TrainingRun:
         iters = cfg.optim.iterations
         self.test_steps = {1} | schedule_points(iters, cfg.test_ratio)
         self.save_steps = schedule_points(iters, cfg.save_ratio)
-        self.white = torch.ones(3, device=trainer.device)
+        self.background = (torch.ones(3) if cfg.model.white_background else torch.zeros(3)).to(trainer.device)
+        self.width, self.height = evaluation_size(cfg)
+        self.metrics_path = run_dir / "metrics.json"
+        self.metrics = json.loads(self.metrics_path.read_text()) if self.metrics_path.exists() else {}
+        self.steps_done = 0  # iterations completed in this session
+        self.checkpoint_step = trainer.step if trainer.step > 0 else None  # step of checkpoints/last.pt
+        self.lrs: dict[str, float] = {}
+
+    def write_metrics(self) -> None:
+        atomic_write_text(self.metrics_path, json.dumps(self.metrics, indent=2) + "\n")
+
+    def test_cameras(self) -> Cameras:
+        return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45, self.width, self.height)
 
     def evaluate(self, step: int, monitor: Monitor | None) -> dict:
-        """Test views (white background) to disk and TensorBoard; PSNR against the hidden scene if known."""
-        cams = self.trainer.test_cameras()
-        out = self.trainer.render_views(cams, self.white)
+        """Test views to disk and TensorBoard; PSNR against the hidden scene if known."""
+        out = self.trainer.render_views(self.test_cameras(), self.background)
         folder = self.run_dir / "test_views" / f"iter_{step:05d}"
         save_images(out.rgb, folder, "rgb")
         save_images(out.depth, folder, "depth")
@@ -87,8 +106,8 @@ class TrainingRun:
         if heldout_psnr is not None:
             metrics["psnr_heldout"] = heldout_psnr
         if monitor is not None:
-            monitor.log_images("test/rgb", out.rgb[:8], step)
-            monitor.log_images("test/depth", out.depth[:8], step)
+            monitor.log_images("test/rgb", out.rgb, step)
+            monitor.log_images("test/depth", out.depth, step)
             for name, value in metrics.items():
                 monitor.writer.add_scalar(f"test/{name}", value, step)
         return metrics
@@ -100,71 +119,183 @@ class TrainingRun:
         azimuth = torch.arange(n, dtype=torch.float32) * (360.0 / n) + 22.5
         polar = torch.full((n,), 0.5 * (cam.theta_range[0] + cam.theta_range[1]))
         return orbit_cameras(torch.full((n,), float(cam.default_radius)), polar, azimuth,
-                             torch.full((n,), float(cam.default_fovy)), cam.image_w, cam.image_h)
+                             torch.full((n,), float(cam.default_fovy)), self.width, self.height)
 
     @torch.no_grad()
     def heldout_psnr(self) -> float | None:
         """PSNR of the held-out views against the prior's reference images; None when it has none."""
         cams = self.heldout_views()
-        target = self.trainer.prior.reference_images(cams, self.white.expand(len(cams), 3))
+        target = self.trainer.prior.reference_images(cams, self.background.expand(len(cams), 3))
         if target is None:
             return None
-        pred = self.trainer.render_views(cams, self.white).rgb
+        pred = self.trainer.render_views(cams, self.background).rgb
         return float(psnr(pred, target))
 
+    def healthy_state(self, what: str) -> bool:
+        """Whether the Gaussians may be written now (finite, and the last step was applied); warns if not."""
+        report = self.trainer.health.report_now()
+        if report.parameters_finite and report.streak == 0:
+            return True
+        log.warning("step %d: %s not written: the last %d iteration(s) were skipped for NaN/Inf",
+                    self.trainer.step, what, report.streak)
+        return False
+
     def save_checkpoint(self) -> None:
-        atomic_torch_save(self.trainer.state_dict(), self.run_dir / CHECKPOINT_NAME)
+        if self.healthy_state("checkpoint"):
+            atomic_torch_save(self.trainer.state_dict(), self.run_dir / CHECKPOINT_NAME)
+            self.checkpoint_step = self.trainer.step
+
+    def save_point_cloud(self, path: Path) -> None:
+        self.trainer.gaussians.save_ply(path, pad_sh_degree=self.cfg.ply_sh_degree)
 
     def write_turntable(self) -> Path:
-        cams = evaluation_ring(self.cfg.camera, self.cfg.video_frames, False)
-        out = self.trainer.render_views(cams, self.white)
+        cams = evaluation_ring(self.cfg.camera, self.cfg.video_frames, False, self.width, self.height)
+        out = self.trainer.render_views(cams, self.background)
         frames = to_uint8(torch.cat([out.rgb, out.depth.expand(-1, 3, -1, -1)], dim=-1))
         return write_video(frames, self.run_dir / "videos" / "turntable.mp4")
 
-    def run(self) -> RunOutputs:
+    def check_health(self, step: int, monitor: Monitor) -> None:
+        """At log intervals: report skipped steps (log + TensorBoard); stop when NaN/Inf persists."""
+        report = self.trainer.health.report()
+        if report.skipped_new:
+            log.warning("step %d: %d iteration(s) since the last report had NaN/Inf gradients or Gaussians and "
+                        "were skipped (%d in all)", step, report.skipped_new, report.skipped_total)
+        self.stop_if_broken(step, report)
+
+    def stop_if_broken(self, step: int, report: HealthReport) -> None:
+        patience = self.cfg.nonfinite_patience
+        if not report.parameters_finite or report.worst_streak >= patience:
+            raise NonFiniteTrainingError(stop_message(report, step, patience, self.lrs, self.checkpoint_step))
+
+    def after_step(self, step: int, result, monitor: Monitor) -> None:
+        """Logging, evaluation, point clouds and checkpoints due at this step."""
+        cfg = self.cfg
+        self.lrs = {k.split("/", 1)[1]: v for k, v in result.scalars.items() if k.startswith("lr/")}
+        monitor.log_step(step, {"loss/total": result.loss, **result.scalars,
+                                "health/skipped_steps": self.trainer.health.skipped},
+                         {"scene/gaussians": self.trainer.gaussians.num_points})
+        if step % monitor.log_interval == 0:
+            self.check_health(step, monitor)
+        if cfg.preview_interval and step % cfg.preview_interval == 0:
+            monitor.log_images("train/rgb", result.render.rgb, step)
+            monitor.log_images("train/depth", result.render.depth, step)
+        if step in self.test_steps:
+            self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
+            self.write_metrics()
+        if step in self.save_steps and self.healthy_state("point cloud"):
+            self.save_point_cloud(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply")
+        if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
+            self.save_checkpoint()
+
+    def loop(self, monitor: Monitor, stop: StopRequest) -> None:
+        trainer = self.trainer
+        for step in range(trainer.step + 1, self.cfg.optim.iterations + 1):
+            result = trainer.train_step(step)
+            trainer.step = step
+            self.steps_done += 1
+            self.after_step(step, result, monitor)
+            if stop.requested:
+                self.save_checkpoint()
+                raise TrainingInterrupted(step, stop.requested)
+
+    def record_session(self, start: int, seconds: float) -> None:
+        sessions = self.metrics.setdefault("sessions", [])
+        sessions.append({"start_step": start, "end_step": self.trainer.step, "seconds": round(seconds, 3)})
+        self.metrics["train_seconds"] = sum(s["seconds"] for s in sessions)
+        self.metrics["iterations"] = self.trainer.step
+        self.metrics["skipped_steps"] = self.trainer.health.report_now().skipped_total
+        self.write_metrics()
+
+    def run(self, stop: StopRequest) -> RunOutputs:
         trainer, cfg = self.trainer, self.cfg
         iters, start = cfg.optim.iterations, trainer.step
-        metrics_path = self.run_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
+        t0 = time.perf_counter()
         try:
             if start == 0:
                 record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
-                metrics["initial"] = self.evaluate(0, monitor)
-                atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-            t0 = time.perf_counter()
-            for step in range(start + 1, iters + 1):
-                result = trainer.train_step(step)
-                trainer.step = step
-                monitor.log_step(step, {"loss": result.loss, **result.scalars},
-                                 {"gaussians": trainer.gaussians.num_points})
-                if cfg.preview_interval and step % cfg.preview_interval == 0:
-                    monitor.log_images("train/rgb", result.render.rgb, step)
-                    monitor.log_images("train/depth", result.render.depth, step)
-                if step in self.test_steps:
-                    metrics[f"iter_{step}"] = self.evaluate(step, monitor)
-                if step in self.save_steps:
-                    trainer.gaussians.save_ply(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
-                                               pad_sh_degree=cfg.ply_sh_degree)
-                if step == iters or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-                    self.save_checkpoint()
-            elapsed = time.perf_counter() - t0
+                self.metrics["initial"] = self.evaluate(0, monitor)
+                self.write_metrics()
+            self.loop(monitor, stop)
         finally:
             monitor.close()
-        metrics["final"] = metrics[f"iter_{iters}"] if f"iter_{iters}" in metrics else self.evaluate(iters, None)
-        metrics["train_seconds"] = elapsed
-        metrics["iterations"] = iters - start
+            if self.steps_done:
+                self.record_session(start, time.perf_counter() - t0)
+        self.stop_if_broken(iters, trainer.health.report_now())
+        self.metrics["final"] = self.metrics.get(f"iter_{iters}") or self.evaluate(iters, None)
         ply = self.run_dir / "point_cloud.ply"
-        trainer.gaussians.save_ply(ply, pad_sh_degree=cfg.ply_sh_degree)
+        self.save_point_cloud(ply)
         video = self.write_turntable() if cfg.save_video else None
-        atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-        return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics)
+        self.write_metrics()
+        outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=self.metrics)
+        log_summary(outputs, start)
+        return outputs
+
+
+def log_summary(outputs: RunOutputs, start: int) -> None:
+    """End-of-run summary in train.log (and on the console)."""
+    m = outputs.metrics
+    seconds = m.get("train_seconds", 0.0)
+    log.info("finished: %d iterations (this session from step %d), %.1f s of training in %d session(s), "
+             "%.2f it/s overall", m.get("iterations", 0), start, seconds, len(m.get("sessions", [])),
+             m.get("iterations", 0) / max(seconds, 1e-9))
+    final, initial = m.get("final", {}), m.get("initial", {})
+    log.info("Gaussians: %s; skipped NaN/Inf steps: %d", final.get("gaussians"), m.get("skipped_steps", 0))
+    if "psnr_heldout" in final and "psnr_heldout" in initial:
+        log.info("held-out PSNR: %.2f dB -> %.2f dB", initial["psnr_heldout"], final["psnr_heldout"])
+    log.info("point cloud: %s", outputs.point_cloud.resolve())
+    if outputs.video is not None:
+        log.info("video: %s", outputs.video.resolve())
 
 
 def resumed_trainer_config(cfg: Config) -> Config:
     """A resumed run's Gaussians come from its checkpoint: its Trainer starts from a sphere instead of
     running the configured generator (Point-E, Shap-E) or reading init_path again."""
     return replace(cfg, camera=replace(cfg.camera, init_shape="sphere"))
+
+
+def _build_trainer(cfg: Config, checkpoint: dict | None, prior, group: ProcessGroup, device) -> Trainer:
+    seed_everything(cfg.seed)
+    trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior, device=device,
+                      group=group)
+    group.broadcast_tensors(list(trainer.gaussians.params().values()))  # rank 0's start on every process
+    return trainer
+
+
+def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, prior, group: ProcessGroup,
+           device) -> TrainingRun:
+    trainer = _build_trainer(cfg, checkpoint, prior, group, device)
+    if checkpoint is not None:
+        try:
+            trainer.load_state_dict(checkpoint)
+        except (KeyError, ValueError, RuntimeError) as exc:  # e.g. a file from an edited config or other code
+            raise CheckpointError(f"checkpoint {run_dir / CHECKPOINT_NAME} does not fit this run's configuration "
+                                  f"({type(exc).__name__}: {exc})") from None
+        log.info("resumed from step %d", trainer.step)
+    log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s%s", cfg.guidance.guidance_type,
+             cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device,
+             f" and {group.world_size - 1} more processes" if group.distributed else "")
+    return TrainingRun(cfg, run_dir, trainer, quiet)
+
+
+def _remove_unstarted(run_dir: Path, quiet: bool) -> None:
+    """A fresh run that failed before its first step leaves nothing behind."""
+    setup_logging(None, quiet)  # closes train.log before the folder goes
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):  # the workspace and output folders, if now empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+    log.info("removed %s: the run failed before its first step", run_dir)
+
+
+def fixed_run_dir(run_dir: Path) -> Path:
+    """A run folder named by the caller (a sweep): created, and refused unless it is new or empty."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {run_dir.resolve()} is not empty: pass resume= to continue it")
+    return run_dir
 
 
 def follow_steps(trainer: Trainer, iterations: int) -> None:
@@ -177,63 +308,61 @@ def follow_steps(trainer: Trainer, iterations: int) -> None:
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
           quiet: bool = False, prior=None, group: ProcessGroup | None = None,
           run_dir: Path | None = None) -> RunOutputs | None:
-    """Build everything from cfg and run it (the body of train.py). Under torchrun, the processes
+    """Check, build everything from cfg and run it (the body of train.py).
+
+    A fresh run gets a new folder (or `run_dir`, new or empty, from a sweep that also passes its loaded
+    `prior`); with `resume`, cfg is the run folder's config (see utils.config.load_run_config) and
+    training continues from its checkpoint. Under torchrun (`group`, default one process) the processes
     share each step's cameras (training.distributed); rank 0 writes and returns the outputs, the
-    other ranks return None. `group` defaults to one process (train.py passes torchrun's group).
-    A sweep passes its loaded `prior` (already set to cfg's prompts) and a fixed `run_dir` instead of
-    a fresh timestamped one."""
+    other ranks return None.
+    """
     group = group or ProcessGroup()
+    device = None
     if group.distributed:
         device = group.device(cfg.pipeline.device)
         group.start(device)
         if not group.is_writer:
             return _train_follower(cfg, resume, prior, group, device)
-    else:
-        device = None
     return _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device, run_dir)
 
 
 def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup, device) -> None:
-    run_dir = Path(group.broadcast_object(None))
-    checkpoint = None
-    if resume:
-        cfg = load_config(run_dir / "config.yaml", warn_no_effect=False)
-        checkpoint = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
-    seed_everything(cfg.seed)
-    trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior, device=device,
-                      group=group)
-    group.broadcast_tensors(list(trainer.gaussians.params().values()))  # rank 0's initial Gaussians
+    run_dir = group.broadcast_object(None)
+    if run_dir is None:  # rank 0 refused the run before creating it, and reports why
+        return None
+    checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME) if resume else None
+    trainer = _build_trainer(cfg, checkpoint, prior, group, device)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
     follow_steps(trainer, cfg.optim.iterations)
     return None
 
 
-def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None, quiet: bool,
-                  prior, group: ProcessGroup, device, run_dir: Path | None) -> RunOutputs:
-    from utils.monitor import setup_logging
-
-    if prior is None and cfg.guidance.prior == "stable_diffusion" and not resume:
-        from guidance.stable_diffusion import check_model_available
-
-        g = cfg.guidance
-        check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
-    if cfg.camera.init_shape == "shapee" and not resume:
-        from scene.text_to_3d_init import check_shapee_available
-
-        check_shapee_available(cfg.camera.shapee_model_key)
-    cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume, run_dir)
+def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None, quiet: bool, prior,
+                  group: ProcessGroup, device, run_dir: Path | None) -> RunOutputs:
+    try:
+        preflight(cfg, resume=bool(resume), prior_given=prior is not None)
+        if resume:
+            run_dir = Path(resume)
+        elif run_dir is not None:
+            run_dir = fixed_run_dir(run_dir)
+        else:
+            run_dir = new_run_dir(Path(cfg.output_dir).expanduser(), cfg.model.workspace, run_name(cfg, opt_path))
+        checkpoint = checkpoint_for(cfg, run_dir) if resume else None  # a refused resume leaves the folder untouched
+    except BaseException:
+        group.broadcast_object(None)  # the other processes stop too
+        raise
     group.broadcast_object(str(run_dir))
-    setup_logging(run_dir, quiet)
-    log.info("run folder: %s", run_dir.resolve())
-    seed_everything(cfg.seed)
-    trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior, device=device,
-                      group=group)
-    group.broadcast_tensors(list(trainer.gaussians.params().values()))  # the same start on every process
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
-        log.info("resumed from step %d", trainer.step)
-    log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s%s", cfg.guidance.guidance_type,
-             cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device,
-             f" and {group.world_size - 1} more processes" if group.distributed else "")
-    return TrainingRun(cfg, run_dir, trainer, quiet).run()
+    run = None
+    with RunLock(run_dir), StopRequest() as stop:
+        try:
+            setup_logging(run_dir, quiet)
+            log.info("run folder: %s", run_dir.resolve())
+            save_config(cfg, run_dir / "config.yaml")
+            (append_command if resume else write_run_metadata)(run_dir, argv)
+            run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device)
+            return run.run(stop)
+        except BaseException:
+            if not resume and (run is None or run.steps_done == 0):
+                _remove_unstarted(run_dir, quiet)
+            raise

@@ -5,11 +5,15 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def new_run_dir(root: Path, workspace: str, name: str) -> Path:
@@ -42,20 +46,52 @@ def environment_info() -> dict:
     return info
 
 
+def git_commit(repo: Path = REPO_ROOT) -> dict | None:
+    """{"commit": sha, "dirty": uncommitted changes?} of the code that runs; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def write_run_metadata(run_dir: Path, argv: list[str]) -> None:
     (run_dir / "command.txt").write_text(shlex.join([sys.executable, *argv]) + "\n")
-    (run_dir / "environment.json").write_text(json.dumps(environment_info(), indent=2) + "\n")
+    info = {**environment_info(), "git": git_commit()}
+    (run_dir / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def append_command(run_dir: Path, argv: list[str]) -> None:
+    """Record a resume command after the original one."""
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(shlex.join([sys.executable, *argv]) + "\n")
+
+
+def unique_temp_path(path: Path) -> Path:
+    """A fresh empty file next to `path` (same folder, so the final rename is atomic) named after it;
+    unique, so two writers never share a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp) to a unique temporary file, then rename over `path`: the old file survives a crash."""
+    tmp = unique_temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: the old file survives a crash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: tmp.write_text(text))

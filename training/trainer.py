@@ -2,12 +2,15 @@
 
 `Trainer` owns the parts built from one `Config` and runs iterations. Each iteration is
 host-sync free (timesteps, augmentations and branch decisions come from CPU generators;
-logging scalars are read only every `log_interval` iterations).
+logging scalars are read only every `log_interval` iterations; a step with NaN/Inf is skipped on
+the device, see training/health.py); densification iterations sync once, as they always did.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,18 +21,20 @@ from gaussian_renderer.types import RenderOutput
 from guidance.losses import BatchShard, StepInfo, build_loss
 from guidance.prior import Conditioning, DiffusionPrior
 from guidance.timesteps import warm_up_rate
-from scene.camera_sampler import OrbitCameraSampler, evaluation_ring
+from scene.camera_sampler import OrbitCameraSampler
 from scene.cameras import Cameras
-from scene.gaussian_model import GaussianModel
+from scene.gaussian_model import AllPrunedError, GaussianModel
 from scene.initialisation import initial_points
 from training.distributed import ProcessGroup
+from training.health import NonFiniteGuard, TrainingStopped
 from utils.config import Config
 from utils.losses import tv_loss
 from utils.seeding import global_rng_state, restore_global_rng_state
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+SHS_NOISE_STD = math.sqrt(0.2)  # official SH augmentation: sh + N(0, 1) * sqrt(0.2) * sh
+CHECKPOINT_VERSION = 2  # 2: per-part loss state, tensors and primitives only (weights_only loading)
 
 
 @dataclass
@@ -107,6 +112,7 @@ class Trainer:
         self.step = 0
         self.batch_size = cfg.guidance.C_batch_size
         self.timer = NullTimer()
+        self.health = NonFiniteGuard(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.pipeline.cudnn_benchmark
 
@@ -133,6 +139,11 @@ class Trainer:
             n = self.gaussians.num_points
             scale_noise = torch.randn(n, 3, generator=self.noise_rng, device=self.device)
         tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=scale_noise)
+        # drawn only when enabled, so that runs without it keep their random streams
+        if model.shs_aug_ratio > 0 and self._uniform() < model.shs_aug_ratio:
+            sh = tensors.sh_coeffs
+            noise = torch.randn(sh.shape, generator=self.noise_rng, device=self.device)
+            tensors = dataclasses.replace(tensors, sh_coeffs=sh + noise * (SHS_NOISE_STD * sh))
         backend = self.cfg.pipeline.renderer
         if not self.cfg.pipeline.render_per_camera:
             return render(tensors, cameras, background, backend=backend), tensors.scales
@@ -227,6 +238,8 @@ class Trainer:
         cfg, g = self.cfg.optim, self.gaussians
         with self.timer("communication"):
             self.group.sum_gradients(list(g.params().values()))
+        # after the sum: the same flag on every process
+        skip = self.health.check(g.params())  # 1.0 on the device when anything is NaN/Inf: no update
         clip = gradient_clip_value(cfg.grad_clip, step)
         if clip is not None:
             g.clip_gradients(clip)
@@ -234,17 +247,31 @@ class Trainer:
             with self.timer("communication"):
                 means2d_grad = self.group.gather_rows(out.means2d_grad(), shard)  # [B, N, 2] whole batch
                 radii = self.group.gather_rows(out.radii, shard)  # [B, N]
+            means2d_grad = torch.where(skip > 0, 0.0, means2d_grad)
             g.add_densification_stats(means2d_grad, radii, out.rgb.shape[-1], out.rgb.shape[-2])
-            if step > cfg.densify_from_iter and step % cfg.densification_interval == 0:
+            densify_now = step > cfg.densify_from_iter and step % cfg.densification_interval == 0
+            # densification syncs anyway; a skipped step's statistics are not trusted, NaN/Inf Gaussians not split
+            if densify_now and not bool(skip):
                 size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
-                counts = g.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent, size_threshold)
+                counts = self.densify_and_prune(step, size_threshold)
                 log.debug("step %d densify: %s -> %d Gaussians", step, counts, g.num_points)
             if step % cfg.opacity_reset_interval == 0:
                 g.reset_opacity()
         if self.cfg.guidance.BEG and cfg.start_reset_iter < step < cfg.end_reset_iter:
             self.brightness_equalization(out.rgb.detach(), shard)
-        g.optimizer.step()
-        g.optimizer.zero_grad(set_to_none=True)
+        g.optimizer_step(skip)
+
+    def densify_and_prune(self, step: int, size_threshold: int | None) -> dict[str, int]:
+        cfg = self.cfg.optim
+        try:
+            return self.gaussians.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent,
+                                                    size_threshold)
+        except AllPrunedError as exc:
+            raise TrainingStopped(
+                f"training stopped at step {step}: {exc}. Lower OptimizationParams.min_opacity "
+                f"(now {cfg.min_opacity}) or set OptimizationParams.max_screen_size=0; the opacity reset every "
+                f"OptimizationParams.opacity_reset_interval={cfg.opacity_reset_interval} iterations caps every "
+                "opacity at 0.01, so min_opacity must stay below that") from None
 
     def brightness_equalization(self, rgb: Tensor, shard: BatchShard | None = None) -> None:
         """BEG (GCS): if the 0.85-quantile of the per-view bright-pixel quantiles exceeds lgt_thresh,
@@ -266,9 +293,6 @@ class Trainer:
         return render_in_chunks(self.gaussians.gaussian_tensors(), cameras, background, chunk,
                                 backend=self.cfg.pipeline.renderer)
 
-    def test_cameras(self) -> Cameras:
-        return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45)
-
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
@@ -277,21 +301,22 @@ class Trainer:
             "step": self.step,
             "gaussians": self.gaussians.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "loss_noise": self.loss.noise.state_dict(),
-            "loss_generator": self.loss.generator.get_state(),
+            "loss": self.loss.state_dict(),
             "rng": self.rng.get_state(),
             "noise_rng": self.noise_rng.get_state(),
             "global_rng": global_rng_state(),
+            "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+            raise ValueError(f"checkpoint format version {state.get('version')} is not this program's "
+                             f"{CHECKPOINT_VERSION}: it was written by another version of train.py")
         self.step = int(state["step"])
         self.gaussians.load_state_dict(state["gaussians"])
         self.sampler.load_state_dict(state["sampler"])
-        self.loss.noise.load_state_dict(state["loss_noise"], self.device)
-        self.loss.generator.set_state(state["loss_generator"])
+        self.loss.load_state_dict(state["loss"])
         self.rng.set_state(state["rng"])
         self.noise_rng.set_state(state["noise_rng"])
         restore_global_rng_state(state["global_rng"])
+        self.health.load_state_dict(state["health"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -45,7 +46,9 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 30) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = _even(frames)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)  # unique: two writers never share a temporary file
     try:
         with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                 pixelformat="yuv420p", macro_block_size=1, quality=8) as writer:

@@ -19,6 +19,7 @@ def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
     root.setLevel(logging.DEBUG)
     for handler in list(root.handlers):  # replace basicConfig's and earlier runs' handlers
         root.removeHandler(handler)
+        handler.close()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -44,8 +45,40 @@ def scalar_values(scalars: dict[str, Tensor | float]) -> dict[str, float]:
     return values
 
 
+def progress_fields(values: dict[str, float]) -> dict[str, str]:
+    """Progress-bar fields: |g| (injected gradient norm), t (timestep), N (Gaussians), skipped steps if any."""
+    fields = {}
+    if "grad_norm" in values:
+        fields["|g|"] = f"{values['grad_norm']:.3g}"
+    if "t" in values:
+        fields["t"] = f"{values['t']:.0f}"
+    fields["N"] = str(int(values.get("scene/gaussians", 0)))
+    if values.get("health/skipped_steps"):
+        fields["skipped"] = str(int(values["health/skipped_steps"]))
+    return fields
+
+
+def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
+    """[B, C, H, W] (C = 1 or 3) in [0, 1] -> [3, rows * H, per_row * W] grid, black where a row is short."""
+    x = images.detach().float().clamp(0, 1).cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    b, c, h, w = x.shape
+    rows = -(-b // per_row)
+    cols = min(b, per_row)
+    padded = torch.cat([x, x.new_zeros(rows * cols - b, c, h, w)])
+    return padded.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+
+
 class Monitor:
-    """TensorBoard + progress bar. Scalars are written every `log_interval` iterations."""
+    """TensorBoard + progress bar. Scalars are written every `log_interval` iterations.
+
+    Names with a '/' keep it (loss/total, scene/gaussians, lr/xyz, health/skipped_steps); the loss's own
+    terms go under guidance/. The progress bar shows what tells a user how the run goes: |g|, the mean
+    norm of the gradient the distillation loss injects on the latents (it shrinks as the renders agree
+    with the prior; the surrogate loss's value carries no such meaning), t the sampled timestep, N the
+    number of Gaussians, and skipped NaN/Inf steps when there are any.
+    """
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_interval: int, quiet: bool = False):
         from torch.utils.tensorboard import SummaryWriter
@@ -69,17 +102,11 @@ class Monitor:
             values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         for name, value in values.items():
             self.writer.add_scalar(name if "/" in name else f"guidance/{name}", value, step)
-        # the surrogate's value is not a distance; |g| (the injected gradient's norm) shows convergence
-        shown = {k: values[k] for k in ("loss", "grad_norm", "t") if k in values}
-        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()}, "N": int(values.get("gaussians", 0))},
-                             refresh=False)
+        self.bar.set_postfix(progress_fields(values), refresh=False)
 
     def log_images(self, tag: str, images: Tensor, step: int) -> None:
-        """[B, C, H, W] in [0, 1] as one horizontal strip."""
-        strip = torch.cat(list(images.detach().float().clamp(0, 1).cpu()), dim=-1)
-        if strip.shape[0] == 1:
-            strip = strip.expand(3, -1, -1)
-        self.writer.add_image(tag, strip, step)
+        """[B, C, H, W] in [0, 1] as one grid image, 8 per row (every view, e.g. both test rings)."""
+        self.writer.add_image(tag, image_grid(images), step)
 
     def close(self) -> None:
         self.bar.close()

@@ -147,6 +147,14 @@ class DistillationLoss:
         self.grid.check_reaches(window.upper_limit - 1, self.prior.num_train_timesteps)
         return window
 
+    def state_dict(self) -> dict:
+        """The random state a resumed run needs: the timestep generator and the noise source(s)."""
+        return {"generator": self.generator.get_state(), "noise": self.noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.noise.load_state_dict(state["noise"], self.prior.device)
+
     def timesteps(self, value: int | Tensor, batch: int) -> Tensor:
         """[B] long tensor on the prior's device (no host sync)."""
         if isinstance(value, Tensor):

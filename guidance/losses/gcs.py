@@ -32,6 +32,13 @@ class GCSLoss(DistillationLoss):
         self.window = self.make_window(slide_lower=True)
         self.fresh_noise = NoiseSource(fixed=False, offset=0.1, seed=cfg.noise_seed)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "fresh_noise": self.fresh_noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.fresh_noise.load_state_dict(state["fresh_noise"], self.prior.device)
+
     def sample_timesteps(self, rate: float) -> tuple[int, int, int]:
         """(t, s, e) timestep values: indices drawn as in GCS guidance/gcs_utils.py (`train_step`), each
         mapped through the scheduler's grid."""

@@ -3,6 +3,7 @@ command line (:mod:`.cli`). Import the public names from here."""
 
 from utils.config.cli import build_arg_parser, cli_overrides, parse_cli
 from utils.config.loading import config_to_dict, load_config, save_config, validate_config
+from utils.config.resume import RESUMABLE_KEYS, load_run_config
 from utils.config.schema import (
     Config,
     ConfigError,
@@ -32,4 +33,6 @@ __all__ = [
     "build_arg_parser",
     "cli_overrides",
     "parse_cli",
+    "RESUMABLE_KEYS",
+    "load_run_config",
 ]

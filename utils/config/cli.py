@@ -7,7 +7,8 @@ import logging
 from typing import Optional, Sequence
 
 from utils.config.loading import load_config
-from utils.config.schema import Config
+from utils.config.resume import config_value, load_run_config
+from utils.config.schema import Config, ConfigError
 
 logger = logging.getLogger("utils.config")
 
@@ -92,4 +93,18 @@ def parse_cli(argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Na
     """Parse ``argv`` (default ``sys.argv[1:]``), load ``--opt`` with all overrides and validate."""
     args = build_arg_parser().parse_intermixed_args(argv)
     _warn_ignored_flags(args)
+    if args.resume:
+        return _resume_config(args), args
     return load_config(args.opt, cli_overrides(args), overlays=args.overlay or ()), args
+
+
+def _resume_config(args: argparse.Namespace) -> Config:
+    """The resumed run's own config.yaml with the overrides given after --resume (those that may change)."""
+    if args.opt or args.overlay:
+        flag = "--opt" if args.opt else "--overlay"
+        raise ConfigError(f"{flag} cannot be combined with --resume: a resumed run uses the config.yaml of its run "
+                          "folder; give changes as Section.key=value overrides after --resume RUN_DIR")
+    cfg, changed = load_run_config(args.resume, cli_overrides(args))
+    for key in changed:
+        logger.info("resume: %s changed to %r", key, config_value(cfg, key))
+    return cfg

@@ -178,11 +178,20 @@ def _yaml_load(text: str, source: str) -> Any:
         raise ConfigError(f"{source} is not valid YAML: {exc}") from None
 
 
+def text_looks_utf16(path: Path) -> bool:
+    """A UTF-16 byte-order mark, or a zero byte in every other position of the first bytes."""
+    head = path.read_bytes()[:64]
+    return head[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(head) >= 4 and head[1::2].count(0) >= len(head) // 4)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' not found") from None
+    except UnicodeDecodeError as exc:
+        hint = "saved as UTF-16; save it as UTF-8" if text_looks_utf16(path) else "a binary file, not YAML text"
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}): {hint}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file '{path}': {exc}") from None
     return _yaml_load(text, path.name)
@@ -317,6 +326,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_POINT_CLOUD_INITS = ("sphere", "box", "rectangle_x", "rectangle_z", "scene")
+
+
 def _check_cross(cfg: Config) -> None:
     g, o, c = cfg.guidance, cfg.optim, cfg.camera
     _require(g.t_range[0] < g.t_range[1] <= g.max_t_range,
@@ -335,6 +347,14 @@ def _check_cross(cfg: Config) -> None:
              f"GenerateCamParams.init_shape is {c.init_shape!r} but GenerateCamParams.init_path is not set")
     _require(c.init_shape not in ("pointe", "shapee") or bool(c.init_prompt.strip()),
              f"GenerateCamParams.init_shape is {c.init_shape!r} but GenerateCamParams.init_prompt is empty")
+    _require(cfg.ply_sh_degree is None or cfg.ply_sh_degree >= cfg.model.sh_degree,
+             "ply_sh_degree must be >= ModelParams.sh_degree (PLYs are padded, never cut), "
+             f"got ply_sh_degree={cfg.ply_sh_degree} < sh_degree={cfg.model.sh_degree}")
+    _require(c.init_shape not in _POINT_CLOUD_INITS or c.init_num_pts >= 2,
+             "GenerateCamParams.init_num_pts must be >= 2 (initial scales come from each point's nearest "
+             f"neighbours), got {c.init_num_pts}")
+    _require(c.init_shape != "pointe" or c.init_num_pts >= 5000,
+             f"GenerateCamParams.init_num_pts must be >= 5000 for init_shape 'pointe', got {c.init_num_pts}")
 
 
 def validate_config(cfg: Config) -> Config:

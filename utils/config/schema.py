@@ -77,7 +77,8 @@ class ModelParams:
                                     min=0.0, max=1.0)
     bg_aug_ratio: float = param(0.5, "probability of a random background colour per camera (augmentation)",
                                 min=0.0, max=1.0)
-    shs_aug_ratio: float = param(0.0, "probability of rendering with random SH colours (augmentation)",
+    shs_aug_ratio: float = param(0.0, "probability of SH-colour noise per batch, sh <- sh + N(0, 1) sqrt(0.2) sh "
+                                      "(augmentation, as the official renderer)",
                                  min=0.0, max=1.0)
     scale_aug_ratio: float = param(1.0, "probability of the scale augmentation per camera", min=0.0, max=1.0)
 
@@ -158,13 +159,17 @@ class GuidanceParams:
     controlnet_ratio: float = param(0.5, "ControlNet conditioning ratio", no_effect="ControlNet is not supported")
     negative: str = param("", "negative prompt")
     guidance_scale: float = param(7.5, "classifier-free guidance scale", min=0.0)
-    denoise_guidance_scale: float = param(1.0, "guidance scale of the ISM denoising step", min=0.0)
+    denoise_guidance_scale: float = param(1.0, "guidance scale of the ISM denoising step", min=0.0,
+                                          no_effect="ISM inverts with the empty prompt alone, i.e. scale 1.0, "
+                                                    "the official default")
     lambda_guidance: float = param(1.0, "weight of the distillation loss", min=0.0)
     xs_delta_t: int = param(200, "ISM: timestep gap of the x_s inversion", min=1, max=999)
     xs_inv_steps: int = param(5, "ISM: number of x_s inversion steps", min=1)
-    xs_eta: float = param(0.0, "ISM: DDIM eta of the x_s inversion", min=0.0, max=1.0)
+    xs_eta: float = param(0.0, "ISM: DDIM eta of the x_s inversion", min=0.0, max=1.0,
+                          no_effect="the x_s inversion is deterministic DDIM (eta 0, the official default)")
     C_batch_size: int = param(1, "cameras rendered and distilled per iteration", min=1)
-    vis_interval: int = param(100, "iterations between guidance visualisations (0 = off)", min=0)
+    vis_interval: int = param(100, "iterations between guidance visualisations (0 = off)", min=0,
+                              no_effect="previews go to TensorBoard every preview_interval iterations")
     t_mode: str = param("uniform", "timestep sampling: uniform or mono (monotonically increasing)",
                         choices=_T_CHOICES)
     t_threshold: int = param(150, "SCTD: timesteps below this use the self-consistency branch", min=0, max=999)
@@ -348,6 +353,10 @@ class Config:
     video_frames: int = param(120, "turntable frames per ring", min=1)
     log_interval: int = param(10, "iterations between scalar log entries", min=1)
     preview_interval: int = param(100, "iterations between preview images (0 = off)", min=0)
+    eval_resolution: Optional[int] = param(None, "height in pixels of test views, held-out views and videos (width "
+                                                 "keeps the training aspect); null = the training size", min=8)
+    nonfinite_patience: int = param(20, "consecutive iterations with NaN/Inf gradients or Gaussians (each one "
+                                        "skipped) before the run stops", min=1)
     ply_sh_degree: Optional[int] = param(None, "pad the exported PLYs' SH coefficients to this degree for viewers "
                                                "that expect it (e.g. 3); null = the model's degree", min=0, max=3)
 

@@ -29,6 +29,7 @@ class RunOutputs:
     point_cloud: Path
     video: Path | None
     metrics: dict = field(default_factory=dict)
+    mesh: Path | None = None
 
 
 def schedule_points(iterations: int, ratio: int) -> set[int]:
@@ -103,6 +104,17 @@ class TrainingRun:
     def save_checkpoint(self) -> None:
         atomic_torch_save(self.trainer.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
+    def save_snapshot(self, step: int) -> None:
+        self.trainer.gaussians.save_ply(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
+                                        pad_sh_degree=self.cfg.ply_sh_degree, up_axis=self.cfg.ply_up_axis)
+
+    def write_mesh(self) -> dict[str, Path]:
+        from utils.mesh_export import export_mesh, options_from_config
+
+        with torch.no_grad():
+            gaussians = self.trainer.gaussians.gaussian_tensors()
+        return export_mesh(gaussians, self.run_dir / "mesh", options_from_config(self.cfg))
+
     def write_turntable(self) -> Path:
         cams = evaluation_ring(self.cfg.camera, self.cfg.video_frames, False)
         out = self.trainer.render_views(cams, self.white)
@@ -121,7 +133,10 @@ class TrainingRun:
                 atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
             t0 = time.perf_counter()
             for step in range(start + 1, iters + 1):
-                result = trainer.train_step(step)
+                result = trainer.compute_gradients(step)
+                if step in self.save_steps:  # before densification and the opacity reset, as 3DGS's train.py
+                    self.save_snapshot(step)
+                trainer.after_backward(step, result.render)
                 trainer.step = step
                 monitor.log_step(step, {"loss": result.loss, **result.scalars},
                                  {"gaussians": trainer.gaussians.num_points})
@@ -130,9 +145,6 @@ class TrainingRun:
                     monitor.log_images("train/depth", result.render.depth, step)
                 if step in self.test_steps:
                     metrics[f"iter_{step}"] = self.evaluate(step, monitor)
-                if step in self.save_steps:
-                    trainer.gaussians.save_ply(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
-                                               pad_sh_degree=cfg.ply_sh_degree)
                 if step == iters or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
                     self.save_checkpoint()
             elapsed = time.perf_counter() - t0
@@ -142,10 +154,11 @@ class TrainingRun:
         metrics["train_seconds"] = elapsed
         metrics["iterations"] = iters - start
         ply = self.run_dir / "point_cloud.ply"
-        trainer.gaussians.save_ply(ply, pad_sh_degree=cfg.ply_sh_degree)
+        trainer.gaussians.save_ply(ply, pad_sh_degree=cfg.ply_sh_degree, up_axis=cfg.ply_up_axis)
         video = self.write_turntable() if cfg.save_video else None
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-        return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics)
+        mesh = self.write_mesh()["glb"] if cfg.export_mesh else None
+        return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics, mesh=mesh)
 
 
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,

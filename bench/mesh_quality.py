@@ -31,6 +31,7 @@ from utils.metrics import psnr  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@torch.no_grad()
 def compare(gaussians, camera_cfg, size: int, options: MeshOptions) -> dict:
     """IoU, PSNR, faces and seconds for one set of Gaussians."""
     t0 = time.perf_counter()

@@ -105,9 +105,11 @@ def test_glb_opens_in_trimesh_upright_with_vertex_colours(tmp_path):
     mesh = next(iter(scene.geometry.values()))
     size = mesh.bounds[1] - mesh.bounds[0]
     assert size[1] > 2.0 * max(size[0], size[2])  # the tall axis is glTF's +Y
-    colors = mesh.visual.vertex_colors[:, :3].astype(float) / 255.0
+    colors = mesh.visual.vertex_attributes["color"][:, :3].astype(float) / 255.0  # COLOR_0, linear
     up = mesh.vertices[:, 1]
     assert colors[up > 0.3].mean(0)[2] > 0.7 and colors[up < -0.3].mean(0)[0] > 0.7  # blue top, red bottom
+    assert colors[up > 0.3].mean(0)[1] < 0.1  # sRGB 0.2 green stored as linear 0.033
+    assert b"KHR_materials_unlit" in files["glb"].read_bytes()[:4096]
     obj = trimesh.load(files["obj"], process=False)
     assert obj.faces.shape == mesh.faces.shape and np.allclose(obj.bounds, mesh.bounds, atol=1e-4)
 

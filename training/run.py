@@ -108,12 +108,17 @@ class TrainingRun:
         self.trainer.gaussians.save_ply(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
                                         pad_sh_degree=self.cfg.ply_sh_degree, up_axis=self.cfg.ply_up_axis)
 
-    def write_mesh(self) -> dict[str, Path]:
+    def write_mesh(self) -> Path | None:
+        """mesh/mesh.glb and mesh/mesh.obj; None (with a warning) when the Gaussians have no surface."""
         from utils.mesh_export import export_mesh, options_from_config
 
         with torch.no_grad():
             gaussians = self.trainer.gaussians.gaussian_tensors()
-        return export_mesh(gaussians, self.run_dir / "mesh", options_from_config(self.cfg))
+        try:
+            return export_mesh(gaussians, self.run_dir / "mesh", options_from_config(self.cfg))["glb"]
+        except ValueError as exc:
+            log.warning("no mesh written: %s", exc)
+            return None
 
     def write_turntable(self) -> Path:
         cams = evaluation_ring(self.cfg.camera, self.cfg.video_frames, False)
@@ -133,10 +138,8 @@ class TrainingRun:
                 atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
             t0 = time.perf_counter()
             for step in range(start + 1, iters + 1):
-                result = trainer.compute_gradients(step)
-                if step in self.save_steps:  # before densification and the opacity reset, as 3DGS's train.py
-                    self.save_snapshot(step)
-                trainer.after_backward(step, result.render)
+                snapshot = (lambda: self.save_snapshot(step)) if step in self.save_steps else None
+                result = trainer.train_step(step, before_update=snapshot)  # snapshot before the opacity reset
                 trainer.step = step
                 monitor.log_step(step, {"loss": result.loss, **result.scalars},
                                  {"gaussians": trainer.gaussians.num_points})
@@ -157,7 +160,7 @@ class TrainingRun:
         trainer.gaussians.save_ply(ply, pad_sh_degree=cfg.ply_sh_degree, up_axis=cfg.ply_up_axis)
         video = self.write_turntable() if cfg.save_video else None
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-        mesh = self.write_mesh()["glb"] if cfg.export_mesh else None
+        mesh = self.write_mesh() if cfg.export_mesh else None
         return RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=metrics, mesh=mesh)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -174,9 +175,15 @@ class Trainer:
         image_grad = leaf.grad if out.pixel_grad is None else leaf.grad + out.pixel_grad
         return (image_grad.detach().float() * images.float()).sum(), out.scalars
 
-    def train_step(self, step: int) -> StepResult:
-        """One iteration: gradients, then clipping, densification and the optimizer step."""
+    def train_step(self, step: int, before_update: Callable[[], None] | None = None) -> StepResult:
+        """One iteration: gradients, then clipping, densification and the optimizer step.
+
+        before_update: called between the two (3DGS's train.py saves its snapshots there: before
+            densification and the opacity reset change the Gaussians).
+        """
         result = self.compute_gradients(step)
+        if before_update is not None:
+            before_update()
         with self.timer("optimizer_densify"):
             self.after_backward(step, result.render)
         return result

@@ -169,15 +169,33 @@ def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshO
 
 
 def write_glb(mesh: ColoredMesh, path: Path, extras: dict | None = None) -> Path:
-    """Binary glTF with per-vertex colours (COLOR_0), +Y up; `extras` land in the scene's extras."""
+    """Binary glTF with per-vertex colours (COLOR_0, linear as the spec says), an unlit material and
+    +Y up; `extras` land in the scene's extras."""
     import trimesh
 
+    linear = np.where(mesh.colors <= 0.04045, mesh.colors / 12.92, ((mesh.colors + 0.055) / 1.055) ** 2.4)
     tm = trimesh.Trimesh(vertices=mesh.exported_vertices(), faces=mesh.faces,
-                         vertex_colors=_rgba8(mesh.colors), process=False)
+                         vertex_colors=_rgba8(linear), process=False)  # glTF's COLOR_0 is linear, ours sRGB
     scene = trimesh.Scene(tm)
     scene.metadata.update({**ASSET_NOTE, **(extras or {})})
-    _write_bytes(path, scene.export(file_type="glb"))
+    _write_bytes(path, trimesh.exchange.gltf.export_glb(scene, tree_postprocessor=_unlit_vertex_color_material))
     return path
+
+
+def _unlit_vertex_color_material(tree: dict) -> None:
+    """Give every primitive an unlit white material (KHR_materials_unlit): the vertex colours show as
+    they are, like the unlit splats. Without a material, glTF's default is fully metallic, which
+    renders black under ambient light (e.g. three.js)."""
+    tree["materials"] = [{
+        "name": "vertex_color_unlit",
+        "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0,
+                                 "roughnessFactor": 1.0},
+        "extensions": {"KHR_materials_unlit": {}},
+    }]
+    tree["extensionsUsed"] = sorted(set(tree.get("extensionsUsed", [])) | {"KHR_materials_unlit"})
+    for mesh in tree["meshes"]:
+        for primitive in mesh["primitives"]:
+            primitive["material"] = 0
 
 
 def write_obj(mesh: ColoredMesh, path: Path) -> Path:

@@ -79,9 +79,11 @@ def opacity_grid(gaussians: GaussianTensors, resolution: int, max_radius: int = 
 
 
 def _box_offsets(r: int, device: torch.device) -> Tensor:
-    """[(2r+1)^3, 3] integer offsets of a cube of half-width r."""
+    """[K, 3] integer offsets within distance r + sqrt(3)/2 of the origin: a Gaussian's 3-sigma
+    ellipsoid lies within r voxels of its centre, which is at most sqrt(3)/2 from its rounded voxel."""
     axis = torch.arange(-r, r + 1, device=device)
-    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    cube = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    return cube[cube.square().sum(-1) <= (r + 0.87) ** 2]
 
 
 def _splat(target: Tensor, means: Tensor, inv_cov: Tensor, opacity: Tensor, offsets: Tensor,

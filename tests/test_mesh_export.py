@@ -132,3 +132,22 @@ def test_command_meshes_an_interrupted_run_from_its_newest_state(tmp_path, capsy
     mesh = trimesh.load(written["glb"], force="mesh")
     size = mesh.bounds[1] - mesh.bounds[0]
     assert size[1] > 2.0 * size[0]  # the -y PLY was read back into the world before export
+
+
+def test_browser_check_pixel_test_tells_upright_from_upside_down_and_empty(tmp_path):
+    from PIL import Image
+
+    from bench.browser_check import inspect
+
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[8:32, 24:36] = (30, 40, 230)  # blue top
+    img[32:56, 24:36] = (230, 30, 30)  # red bottom
+    Image.fromarray(img).save(tmp_path / "up.png")
+    Image.fromarray(img[::-1].copy()).save(tmp_path / "down.png")
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.ascontiguousarray(img.transpose(1, 0, 2))).save(tmp_path / "lying.png")
+    up = inspect(tmp_path / "up.png", test_object=True)
+    assert up["ok"] and (up["silhouette_height"], up["silhouette_width"]) == (48, 12)
+    assert not inspect(tmp_path / "down.png", test_object=True)["ok"]
+    assert not inspect(tmp_path / "empty.png", test_object=True)["ok"]
+    assert not inspect(tmp_path / "lying.png", test_object=True)["ok"]

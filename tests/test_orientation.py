@@ -79,3 +79,19 @@ def test_ply_without_a_recorded_axis_uses_the_given_one(tmp_path):
     as_world = GaussianModel.load_ply(path)
     assert torch.allclose(as_world.means, model.means @ world_to_export("-y").T, atol=1e-6)
     assert torch.allclose(GaussianModel.load_ply(path, file_up_axis="-y").means, model.means, atol=1e-6)
+
+
+def test_turntable_views_are_upright():
+    """The evaluation ring (turntable video, test views) has the world's +z at the top of the image:
+    the snowman's small head (z = 0.15) is drawn above its large body (z = -0.3)."""
+    from types import SimpleNamespace
+
+    from gaussian_renderer import render
+    from guidance.analytic_prior import procedural_scene
+    from scene.camera_sampler import evaluation_ring
+
+    cfg = SimpleNamespace(image_w=48, image_h=48, default_polar=90.0, default_radius=3.0, default_fovy=0.6)
+    out = render(procedural_scene("snowman"), evaluation_ring(cfg, 4, False), torch.ones(3), backend="torch")
+    coverage = out.alpha[:, 0].sum(dim=2)  # [B, H] covered pixels per image row
+    top, bottom = coverage[:, :24].sum(1), coverage[:, 24:].sum(1)
+    assert bool((bottom > 1.5 * top).all()) and bool((top > 0).all())

@@ -32,7 +32,7 @@ from torch import Tensor
 from gaussian_renderer.types import GaussianTensors
 from scene.gaussian_model import GaussianModel, quat_to_rotmat, sh_to_rgb
 from scene.orientation import world_to_export
-from utils.gaussian_field import opacity_grid
+from utils.gaussian_field import MIN_OPACITY, opacity_grid
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def vertex_colors(gaussians: GaussianTensors, verts: np.ndarray, faces: np.ndarr
     o_i g_i(p) at p = vertex + offset * normal (just outside the surface, where the Gaussians a
     viewer sees weigh most)."""
     means = gaussians.means.detach().float().cpu()
-    keep = gaussians.opacities.detach().cpu() >= 0.01
+    keep = gaussians.opacities.detach().cpu() >= MIN_OPACITY
     means = means[keep]
     rgb = sh_to_rgb(gaussians.sh_coeffs.detach().float().cpu()[keep, 0]).clamp(0, 1)  # [N, 3]
     rot = quat_to_rotmat(gaussians.quats.detach().float().cpu()[keep])  # [N, 3, 3]

@@ -1,7 +1,7 @@
 """Open our exports in real web clients in headless Chromium and check the screenshots' pixels.
 
     apt-get install -y chromium            # once
-    python bench/browser_check.py glb [--glb mesh.glb] [--npm DIR] [--out shot.png]
+    python bench/browser_check.py glb [--glb mesh.glb | --texture 512] [--npm DIR] [--out shot.png]
     python bench/browser_check.py ply [--npm DIR] [--out shots_prefix]
 
 glb: three.js's GLTFLoader, camera on the +Z side (the asset's front) with three.js's +Y up.
@@ -99,10 +99,10 @@ def tall_column():
                            sh_coeffs=rgb_to_sh(colors)[:, None], sh_degree=0)
 
 
-def tall_test_glb(folder: Path) -> Path:
+def tall_test_glb(folder: Path, texture: int = 0) -> Path:
     from utils.mesh_export import MeshOptions, export_mesh
 
-    return export_mesh(tall_column(), folder, MeshOptions(resolution=64, faces=5000))["glb"]
+    return export_mesh(tall_column(), folder, MeshOptions(resolution=64, faces=5000, texture=texture))["glb"]
 
 
 def tall_test_ply(path: Path, up_axis: str) -> Path:
@@ -259,7 +259,7 @@ def inspect(path: Path, test_object: bool) -> dict:
 
 
 def check_glb(args, node_modules: Path, work: Path) -> list[dict]:
-    glb = args.glb or tall_test_glb(work / "test_object")
+    glb = args.glb or tall_test_glb(work / "test_object", args.texture)
     out = args.out.with_suffix(".png")
     with Site(GLB_PAGE, node_modules, {"model.glb": glb}) as site:
         site.screenshot("", out)
@@ -288,6 +288,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("glb", "ply"))
     parser.add_argument("--glb", type=Path, help="glb mode: GLB to open (default: a tall test object exported now)")
+    parser.add_argument("--texture", type=int, default=0, help="glb mode: bake the test object's colours into a "
+                                                                   "UV texture of this size")
     parser.add_argument("--npm", type=Path, help="a node_modules folder with three and @mkkellogg/gaussian-splats-3d "
                                                  "(default: npm install into a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("browser_check.png"), help="screenshot path (prefix)")

@@ -1,6 +1,6 @@
 """Mesh export quality: renders of the exported mesh against renders of the Gaussians it came from.
 
-    python bench/mesh_quality.py [--runs RUN_DIR ...] [--size 256] [--resolution 192] [--faces 50000]
+    python bench/mesh_quality.py [--runs RUN_DIR ...] [--size 256] [--resolution 192] [--faces 50000] [--texture 1024]
 
 For each source (the analytic prior's hidden procedural scenes, and every run folder given, e.g.
 a `python train.py --opt config/demo.yaml` run) the mesh is extracted with utils/mesh_export.py
@@ -26,8 +26,10 @@ from gaussian_renderer import render_in_chunks  # noqa: E402
 from guidance.analytic_prior import PROCEDURAL_SCENES, procedural_scene  # noqa: E402
 from scene.camera_sampler import evaluation_ring  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.mesh_export import MeshOptions, find_source, load_gaussians, mesh_from_gaussians  # noqa: E402
-from utils.mesh_render import render_mesh  # noqa: E402
+from utils.mesh_export import (MeshOptions, color_offset, find_source, load_gaussians,  # noqa: E402
+                               mesh_from_gaussians)
+from utils.mesh_render import render_mesh, render_textured  # noqa: E402
+from utils.mesh_texture import bake_texture  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +40,19 @@ def compare(gaussians, camera_cfg, size: int, options: MeshOptions) -> dict:
     """IoU, PSNR, faces and seconds for one set of Gaussians."""
     t0 = time.perf_counter()
     mesh = mesh_from_gaussians(gaussians, options)
+    if options.texture:
+        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options.texture,
+                            color_offset(mesh.vertices, options), options.neighbours)
     seconds = time.perf_counter() - t0
     cams = evaluation_ring(camera_cfg, 8, True, size, size)
     white = torch.ones(3)
     splat = render_in_chunks(gaussians, cams, white, chunk=4, backend="torch")
-    rgb, mask = render_mesh(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces),
-                            torch.from_numpy(mesh.colors), cams, white)
+    vertices, faces = torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces)
+    if options.texture:
+        image = torch.from_numpy(mesh.image).permute(2, 0, 1).float() / 255.0
+        rgb, mask = render_textured(vertices, faces, torch.from_numpy(mesh.uv), image, cams, white)
+    else:
+        rgb, mask = render_mesh(vertices, faces, torch.from_numpy(mesh.colors), cams, white)
     gs_mask = splat.alpha > 0.5
     mesh_mask = mask > 0.5
     both = (gs_mask & mesh_mask).float()  # [B, 1, H, W]
@@ -60,9 +69,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=MeshOptions.resolution)
     parser.add_argument("--faces", type=int, default=MeshOptions.faces)
     parser.add_argument("--level", type=float, default=MeshOptions.level)
+    parser.add_argument("--texture", type=int, default=0, help="bake and render a UV texture of this size")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    options = MeshOptions(resolution=args.resolution, faces=args.faces, level=args.level)
+    options = MeshOptions(resolution=args.resolution, faces=args.faces, level=args.level, texture=args.texture)
     demo_cameras = load_config(REPO / "config" / "demo.yaml").camera
     sources = [(f"procedural:{name}", procedural_scene(name)) for name in PROCEDURAL_SCENES]
     sources += [(str(run), load_gaussians(find_source(run)[0])) for run in args.runs]

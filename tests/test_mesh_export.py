@@ -151,3 +151,20 @@ def test_browser_check_pixel_test_tells_upright_from_upside_down_and_empty(tmp_p
     assert not inspect(tmp_path / "down.png", test_object=True)["ok"]
     assert not inspect(tmp_path / "empty.png", test_object=True)["ok"]
     assert not inspect(tmp_path / "lying.png", test_object=True)["ok"]
+
+
+def test_baked_texture_carries_the_colours_in_glb_and_obj(tmp_path):
+    trimesh = pytest.importorskip("trimesh")
+    pytest.importorskip("xatlas")
+    files = export_mesh(_column(), tmp_path, MeshOptions(resolution=32, faces=1500, texture=256))
+    assert (tmp_path / "mesh.mtl").read_text().count("Kd 1 1 1") == 1
+    for loaded in (next(iter(trimesh.load(files["glb"]).geometry.values())), trimesh.load(files["obj"], process=False)):
+        material = loaded.visual.material
+        texture = material.baseColorTexture if hasattr(material, "baseColorTexture") else material.image
+        image = np.asarray(texture.convert("RGB")).astype(float) / 255.0
+        uv = loaded.visual.uv
+        rows = np.clip(((1.0 - uv[:, 1]) * image.shape[0]).astype(int), 0, image.shape[0] - 1)
+        cols = np.clip((uv[:, 0] * image.shape[1]).astype(int), 0, image.shape[1] - 1)
+        colors = image[rows, cols]
+        up = loaded.vertices[:, 1]
+        assert colors[up > 0.3].mean(0)[2] > 0.7 and colors[up < -0.3].mean(0)[0] > 0.7  # blue top, red bottom

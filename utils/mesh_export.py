@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from gaussian_renderer.types import GaussianTensors
 from scene.gaussian_model import GaussianModel, quat_to_rotmat, sh_to_rgb
 from scene.orientation import world_to_export
 from utils.gaussian_field import MIN_OPACITY, opacity_grid
+
+if TYPE_CHECKING:
+    from utils.mesh_texture import TexturedMesh
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class MeshOptions:
     level: float = 0.3  # iso-level of the opacity field
     min_component: float = 0.05  # components with fewer faces than this fraction of the largest are dropped
     neighbours: int = 16  # Gaussians blended into each vertex colour
+    texture: int = 0  # size of a baked UV texture (0 = per-vertex colours only)
 
 
 @dataclass
@@ -129,27 +134,29 @@ def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
 
 
-def vertex_colors(gaussians: GaussianTensors, verts: np.ndarray, faces: np.ndarray, offset: float,
-                  neighbours: int = 16) -> np.ndarray:
-    """[V, 3] colours: the degree-0 SH colours of the `neighbours` nearest Gaussians, weighted by
-    o_i g_i(p) at p = vertex + offset * normal (just outside the surface, where the Gaussians a
-    viewer sees weigh most)."""
-    means = gaussians.means.detach().float().cpu()
+def surface_colors(gaussians: GaussianTensors, points: np.ndarray, normals: np.ndarray, offset: float,
+                   neighbours: int = 16, chunk: int = 65536) -> np.ndarray:
+    """[P, 3] colours at surface points [P, 3] with unit normals [P, 3]: the degree-0 SH colours of
+    the `neighbours` Gaussians nearest to p = point + offset * normal, weighted by o_i g_i(p) (just
+    outside the surface, where the Gaussians a viewer sees weigh most)."""
     keep = gaussians.opacities.detach().cpu() >= MIN_OPACITY
-    means = means[keep]
+    means = gaussians.means.detach().float().cpu()[keep]
     rgb = sh_to_rgb(gaussians.sh_coeffs.detach().float().cpu()[keep, 0]).clamp(0, 1)  # [N, 3]
     rot = quat_to_rotmat(gaussians.quats.detach().float().cpu()[keep])  # [N, 3, 3]
     scales = gaussians.scales.detach().float().cpu()[keep].clamp_min(1e-6)
     opacity = gaussians.opacities.detach().float().cpu()[keep]
-    points = torch.from_numpy(verts + offset * vertex_normals(verts, faces)).float()  # [V, 3]
     k = min(neighbours, means.shape[0])
-    _, idx = cKDTree(means.numpy()).query(points.numpy(), k=k)
-    idx = torch.from_numpy(np.asarray(idx).reshape(len(points), k))  # [V, k]
-    local = torch.einsum("vkji,vkj->vki", rot[idx], points[:, None] - means[idx]) / scales[idx]  # [V, k, 3]
-    weight = opacity[idx] * torch.exp(-0.5 * local.square().sum(-1))  # [V, k]
-    weight = weight + 1e-12 * (torch.arange(k) == 0)  # nearest Gaussian when none reaches the vertex
-    colors = (weight[..., None] * rgb[idx]).sum(1) / weight.sum(1, keepdim=True)
-    return colors.numpy().astype(np.float32)
+    tree = cKDTree(means.numpy())
+    out = []
+    for start in range(0, len(points), chunk):
+        p = torch.from_numpy(points[start:start + chunk] + offset * normals[start:start + chunk]).float()  # [C, 3]
+        _, idx = tree.query(p.numpy(), k=k)
+        idx = torch.from_numpy(np.asarray(idx).reshape(len(p), k))  # [C, k]
+        local = torch.einsum("ckji,ckj->cki", rot[idx], p[:, None] - means[idx]) / scales[idx]  # [C, k, 3]
+        weight = opacity[idx] * torch.exp(-0.5 * local.square().sum(-1))  # [C, k]
+        weight = weight + 1e-12 * (torch.arange(k) == 0)  # nearest Gaussian when none reaches the point
+        out.append((weight[..., None] * rgb[idx]).sum(1) / weight.sum(1, keepdim=True))
+    return torch.cat(out).numpy().astype(np.float32)
 
 
 def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshOptions()) -> ColoredMesh:
@@ -158,57 +165,83 @@ def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshO
     raw_faces = len(faces)
     verts, faces = drop_small_components(verts, faces, options.min_component)
     verts, faces = decimate(verts, faces, options.faces)
-    span = float(np.ptp(verts, axis=0).max())
-    colors = vertex_colors(gaussians, verts, faces, offset=0.5 * span / options.resolution,
-                           neighbours=options.neighbours)
+    colors = surface_colors(gaussians, verts, vertex_normals(verts, faces), color_offset(verts, options),
+                            options.neighbours)
     log.info("mesh: %d faces from marching cubes -> %d faces, %d vertices", raw_faces, len(faces), len(verts))
     return ColoredMesh(vertices=verts, faces=faces, colors=colors)
+
+
+def color_offset(verts: np.ndarray, options: MeshOptions) -> float:
+    """Half a grid cell: how far outside the surface colours are looked up."""
+    return 0.5 * float(np.ptp(verts, axis=0).max()) / options.resolution
 
 
 # ---------------------------------------------------------------------- files
 
 
-def write_glb(mesh: ColoredMesh, path: Path, extras: dict | None = None) -> Path:
-    """Binary glTF with per-vertex colours (COLOR_0, linear as the spec says), an unlit material and
-    +Y up; `extras` land in the scene's extras."""
+def _to_trimesh(mesh: "ColoredMesh | TexturedMesh"):
+    """A trimesh in the files' axes: per-vertex colours (linear: glTF's COLOR_0 is linear, ours are
+    sRGB) or UVs with the baked image (sRGB, as glTF's baseColorTexture)."""
+    import trimesh
+    from PIL import Image
+
+    if isinstance(mesh, ColoredMesh):
+        c = mesh.colors
+        linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return trimesh.Trimesh(vertices=mesh.exported_vertices(), faces=mesh.faces,
+                               vertex_colors=_rgba8(linear), process=False)
+    visual = trimesh.visual.TextureVisuals(uv=mesh.uv, image=Image.fromarray(mesh.image))
+    return trimesh.Trimesh(vertices=mesh.exported_vertices(), faces=mesh.faces, visual=visual, process=False)
+
+
+def write_glb(mesh: "ColoredMesh | TexturedMesh", path: Path, extras: dict | None = None) -> Path:
+    """Binary glTF, +Y up, unlit material; `extras` land in the scene's extras."""
     import trimesh
 
-    linear = np.where(mesh.colors <= 0.04045, mesh.colors / 12.92, ((mesh.colors + 0.055) / 1.055) ** 2.4)
-    tm = trimesh.Trimesh(vertices=mesh.exported_vertices(), faces=mesh.faces,
-                         vertex_colors=_rgba8(linear), process=False)  # glTF's COLOR_0 is linear, ours sRGB
-    scene = trimesh.Scene(tm)
+    scene = trimesh.Scene(_to_trimesh(mesh))
     scene.metadata.update({**ASSET_NOTE, **(extras or {})})
-    _write_bytes(path, trimesh.exchange.gltf.export_glb(scene, tree_postprocessor=_unlit_vertex_color_material))
+    _write_bytes(path, trimesh.exchange.gltf.export_glb(scene, tree_postprocessor=_unlit_materials))
     return path
 
 
-def _unlit_vertex_color_material(tree: dict) -> None:
-    """Give every primitive an unlit white material (KHR_materials_unlit): the vertex colours show as
-    they are, like the unlit splats. Without a material, glTF's default is fully metallic, which
-    renders black under ambient light (e.g. three.js)."""
-    tree["materials"] = [{
-        "name": "vertex_color_unlit",
-        "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0,
-                                 "roughnessFactor": 1.0},
-        "extensions": {"KHR_materials_unlit": {}},
-    }]
+def _unlit_materials(tree: dict) -> None:
+    """Make every material unlit (KHR_materials_unlit), white and non-metallic, adding one where a
+    primitive has none: colours show as they are, like the unlit splats. glTF's default material is
+    fully metallic, which renders black under ambient light (e.g. three.js)."""
+    materials = tree.setdefault("materials", [])
+    for primitive in (p for mesh in tree["meshes"] for p in mesh["primitives"]):
+        if "material" not in primitive:
+            materials.append({"name": "vertex_color", "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0]}})
+            primitive["material"] = len(materials) - 1
+    for material in materials:
+        pbr = material.setdefault("pbrMetallicRoughness", {})
+        pbr.update(baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=0.0, roughnessFactor=1.0)  # colour: ours only
+        material.setdefault("extensions", {})["KHR_materials_unlit"] = {}
     tree["extensionsUsed"] = sorted(set(tree.get("extensionsUsed", [])) | {"KHR_materials_unlit"})
-    for mesh in tree["meshes"]:
-        for primitive in mesh["primitives"]:
-            primitive["material"] = 0
 
 
-def write_obj(mesh: ColoredMesh, path: Path) -> Path:
-    """Wavefront OBJ with per-vertex colours ("v x y z r g b", read by Blender, MeshLab and trimesh)
-    and a companion .mtl with a plain white diffuse material."""
-    mtl = path.with_suffix(".mtl")
+def write_obj(mesh: "ColoredMesh | TexturedMesh", path: Path) -> Path:
+    """Wavefront OBJ + MTL: per-vertex colours ("v x y z r g b", read by Blender, MeshLab and trimesh)
+    with a plain white material, or UVs with the baked texture as a PNG next to it."""
+    import trimesh
+
     header = [f"# {key}: {value}" for key, value in ASSET_NOTE.items()]
-    lines = [*header, f"mtllib {mtl.name}", "usemtl material_0"]
-    lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
-              for (x, y, z), (r, g, b) in zip(mesh.exported_vertices(), mesh.colors)]
-    lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in mesh.faces]
-    _write_bytes(mtl, b"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\n")
-    _write_bytes(path, ("\n".join(lines) + "\n").encode())
+    mtl = path.with_suffix(".mtl")
+    if isinstance(mesh, ColoredMesh):
+        lines = [*header, f"mtllib {mtl.name}", "usemtl material_0"]
+        lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
+                  for (x, y, z), (r, g, b) in zip(mesh.exported_vertices(), mesh.colors)]
+        lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in mesh.faces]
+        _write_bytes(mtl, b"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\n")
+        _write_bytes(path, ("\n".join(lines) + "\n").encode())
+        return path
+    text, files = trimesh.exchange.obj.export_obj(_to_trimesh(mesh), return_texture=True, mtl_name=mtl.name,
+                                                  header=None)
+    (texture,) = [name for name in files if name.endswith(".png")]
+    _write_bytes(path.parent / texture, files[texture])
+    # trimesh's MTL has Kd 0.4, which viewers multiply into the texture: white instead.
+    _write_bytes(mtl, f"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {texture}\n".encode())
+    _write_bytes(path, ("\n".join(header) + "\n" + text).encode())
     return path
 
 
@@ -228,8 +261,14 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def export_mesh(gaussians: GaussianTensors, folder: Path, options: MeshOptions = MeshOptions(),
                 extras: dict | None = None) -> dict[str, Path]:
-    """mesh.glb and mesh.obj (+ mesh.mtl) in `folder`. Returns {"glb": ..., "obj": ...}."""
+    """mesh.glb and mesh.obj (+ mesh.mtl, + the texture PNG when options.texture) in `folder`.
+    Returns {"glb": ..., "obj": ...}."""
     mesh = mesh_from_gaussians(gaussians, options)
+    if options.texture:
+        from utils.mesh_texture import bake_texture
+
+        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options.texture, color_offset(mesh.vertices, options),
+                            options.neighbours)
     info = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "options": asdict(options),
             **(extras or {})}
     return {"glb": write_glb(mesh, folder / "mesh.glb", info), "obj": write_obj(mesh, folder / "mesh.obj")}
@@ -282,7 +321,8 @@ def run_options(path: Path) -> MeshOptions:
 
 
 def options_from_config(cfg) -> MeshOptions:
-    return MeshOptions(resolution=cfg.mesh_resolution, faces=cfg.mesh_faces, level=cfg.mesh_level)
+    return MeshOptions(resolution=cfg.mesh_resolution, faces=cfg.mesh_faces, level=cfg.mesh_level,
+                       texture=cfg.mesh_texture)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, help="grid cells per axis (default: the run's mesh_resolution)")
     parser.add_argument("--faces", type=int, help="target face count (default: the run's mesh_faces)")
     parser.add_argument("--level", type=float, help="iso-level of the opacity field (default: the run's mesh_level)")
+    parser.add_argument("--texture", type=int, help="bake a UV texture of this size (default: the run's mesh_texture)")
     parser.add_argument("--ply-up", choices=("-y", "y", "z"),
                         help="up axis of a PLY whose header does not record one (default z, our training world;"
                              " PLYs of COLMAP scenes are -y)")
@@ -301,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = run_options(source.parent)
     options = MeshOptions(resolution=args.resolution or defaults.resolution,
                           faces=defaults.faces if args.faces is None else args.faces,
-                          level=args.level or defaults.level)
+                          level=args.level or defaults.level,
+                          texture=defaults.texture if args.texture is None else args.texture)
     out = args.out or (args.source / "mesh" if args.source.is_dir() else source.parent)
     files = export_mesh(load_gaussians(source, args.ply_up), out, options,
                         {"source": str(source), **({"step": step} if step is not None else {})})

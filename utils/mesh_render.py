@@ -124,3 +124,39 @@ def render_mesh(vertices: Tensor, faces: Tensor, colors: Tensor, cameras: Camera
     rgb = (frags.bary[..., None] * corner_colors).sum(-2)  # [B, H, W, 3]
     rgb = torch.where(covered[..., None], rgb, background.float().to(rgb.device))
     return rgb.permute(0, 3, 1, 2), covered[:, None].float()
+
+
+def rasterize_flat(tri_xy: Tensor, width: int, height: int, chunk_elements: int = 1 << 22) -> Fragments:
+    """Triangles given directly in pixel coordinates (e.g. a UV atlas), no projection.
+
+    tri_xy [F, 3, 2] corner positions in pixels. Returns Fragments with B = 1; where faces overlap,
+    one of them is kept.
+    """
+    if tri_xy.ndim != 3 or tri_xy.shape[1:] != (3, 2):
+        raise ValueError(f"tri_xy must be [F, 3, 2], got {tuple(tri_xy.shape)}")
+    f = tri_xy.shape[0]
+    ones = torch.ones(f, 3, device=tri_xy.device)
+    valid = torch.ones(f, dtype=torch.bool, device=tri_xy.device)
+    flat, depth, face, bary = _camera_hits(tri_xy.float(), ones, valid, 0, width, height, chunk_elements)
+    return _resolve(flat, depth, face, bary, 1, height, width)
+
+
+def render_textured(vertices: Tensor, faces: Tensor, uv: Tensor, image: Tensor, cameras: Cameras,
+                    background: Tensor) -> tuple[Tensor, Tensor]:
+    """Unlit render of a UV-textured mesh (bilinear lookup).
+
+    vertices [V, 3], faces [F, 3], uv [V, 2] in [0, 1] with v up, image [3, S, S] in [0, 1] whose
+    row 0 is v = 1, background [3]. Returns rgb [B, 3, H, W] and the coverage mask [B, 1, H, W].
+    """
+    if uv.shape != (vertices.shape[0], 2):
+        raise ValueError(f"uv must be [V={vertices.shape[0]}, 2], got {tuple(uv.shape)}")
+    frags = rasterize(vertices, faces, cameras)
+    covered = frags.face >= 0  # [B, H, W]
+    corner_uv = uv.float()[faces.long()[frags.face.clamp_min(0)]]  # [B, H, W, 3, 2]
+    pixel_uv = (frags.bary[..., None] * corner_uv).sum(-2)  # [B, H, W, 2]
+    grid = torch.stack([2.0 * pixel_uv[..., 0] - 1.0, 1.0 - 2.0 * pixel_uv[..., 1]], dim=-1)  # x right, y down
+    b = grid.shape[0]
+    rgb = torch.nn.functional.grid_sample(image.float()[None].expand(b, -1, -1, -1), grid, mode="bilinear",
+                                          align_corners=False)  # [B, 3, H, W]
+    rgb = torch.where(covered[:, None], rgb, background.float().view(1, 3, 1, 1))
+    return rgb, covered[:, None].float()

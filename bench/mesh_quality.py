@@ -26,8 +26,7 @@ from gaussian_renderer import render_in_chunks  # noqa: E402
 from guidance.analytic_prior import PROCEDURAL_SCENES, procedural_scene  # noqa: E402
 from scene.camera_sampler import evaluation_ring  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.mesh_export import (MeshOptions, color_offset, find_source, load_gaussians,  # noqa: E402
-                               mesh_from_gaussians)
+from utils.mesh_export import MeshOptions, find_source, load_gaussians, mesh_from_gaussians  # noqa: E402
 from utils.mesh_render import render_mesh, render_textured  # noqa: E402
 from utils.mesh_texture import bake_texture  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
@@ -41,8 +40,7 @@ def compare(gaussians, camera_cfg, size: int, options: MeshOptions) -> dict:
     t0 = time.perf_counter()
     mesh = mesh_from_gaussians(gaussians, options)
     if options.texture:
-        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options.texture,
-                            color_offset(mesh.vertices, options), options.neighbours)
+        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options)
     seconds = time.perf_counter() - t0
     cams = evaluation_ring(camera_cfg, 8, True, size, size)
     white = torch.ones(3)
@@ -70,9 +68,12 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=MeshOptions.faces)
     parser.add_argument("--level", type=float, default=MeshOptions.level)
     parser.add_argument("--texture", type=int, default=0, help="bake and render a UV texture of this size")
+    parser.add_argument("--bake-views", type=int, default=MeshOptions.bake_views,
+                        help="views per ring of the colour bake (0 = colours from the nearby Gaussians only)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    options = MeshOptions(resolution=args.resolution, faces=args.faces, level=args.level, texture=args.texture)
+    options = MeshOptions(resolution=args.resolution, faces=args.faces, level=args.level, texture=args.texture,
+                          bake_views=args.bake_views)
     demo_cameras = load_config(REPO / "config" / "demo.yaml").camera
     sources = [(f"procedural:{name}", procedural_scene(name)) for name in PROCEDURAL_SCENES]
     sources += [(str(run), load_gaussians(find_source(run)[0])) for run in args.runs]

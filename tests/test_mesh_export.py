@@ -62,9 +62,10 @@ def test_rasterizer_covers_a_square_exactly_and_keeps_the_nearest_face():
     assert torch.allclose(frags.bary[frags.face >= 0].sum(-1), torch.ones(()), atol=1e-5)
 
 
-def test_mesh_of_a_column_is_closed_coloured_and_renders_like_the_splats():
+@pytest.mark.parametrize("bake_views", [0, 4])
+def test_mesh_of_a_column_is_closed_coloured_and_renders_like_the_splats(bake_views):
     column = _column()
-    mesh = mesh_from_gaussians(column, MeshOptions(resolution=48, faces=3000))
+    mesh = mesh_from_gaussians(column, MeshOptions(resolution=48, faces=3000, bake_views=bake_views, bake_size=96))
     assert 0 < len(mesh.faces) <= 3100
     extent = np.ptp(mesh.vertices, axis=0)
     assert extent[2] > 2.0 * extent[0]  # tall along the training world's z
@@ -81,6 +82,24 @@ def test_mesh_of_a_column_is_closed_coloured_and_renders_like_the_splats():
     assert float((gs & ms).sum() / (gs | ms).sum()) > 0.8
 
 
+def test_baked_colours_come_from_the_views_that_see_the_surface():
+    from utils.mesh_bake import bake_views, rendered_colors
+    from utils.mesh_export import vertex_normals
+
+    mesh = mesh_from_gaussians(_column(), MeshOptions(resolution=40, faces=2000, bake_views=0))
+    normals = vertex_normals(mesh.vertices, mesh.faces)
+    cams = bake_views(mesh.vertices, 4, 64)
+    assert len(cams) == 16 and bool((cams.polar_deg == 45.0).any())
+    colors, seen = rendered_colors(_column(), mesh.vertices, normals, mesh.vertices, mesh.faces, cams, 0.05)
+    assert seen.mean() > 0.9
+    top, bottom = seen & (mesh.vertices[:, 2] > 0.3), seen & (mesh.vertices[:, 2] < -0.3)
+    assert colors[top].mean(0)[2] > 0.7 and colors[bottom].mean(0)[0] > 0.7
+    # a point hidden inside the column is seen by no view
+    _, hidden = rendered_colors(_column(), np.zeros((1, 3), np.float32), np.array([[1.0, 0.0, 0.0]], np.float32),
+                                mesh.vertices, mesh.faces, cams, 0.05)
+    assert not hidden[0]
+
+
 def test_small_floaters_are_dropped():
     column = _column()
     offsets = 0.02 * torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
@@ -89,15 +108,15 @@ def test_small_floaters_are_dropped():
                               opacities=torch.full((8,), 0.95), sh_coeffs=torch.zeros(8, 1, 3), sh_degree=0)
     both = GaussianTensors(*(torch.cat([getattr(column, f), getattr(floater, f)])
                              for f in ("means", "quats", "scales", "opacities", "sh_coeffs")), sh_degree=0)
-    kept = mesh_from_gaussians(both, MeshOptions(resolution=48, faces=0))
+    kept = mesh_from_gaussians(both, MeshOptions(resolution=48, faces=0, bake_views=0))
     assert kept.vertices[:, 2].max() < 0.9
-    with_floater = mesh_from_gaussians(both, MeshOptions(resolution=48, faces=0, min_component=0.0))
+    with_floater = mesh_from_gaussians(both, MeshOptions(resolution=48, faces=0, min_component=0.0, bake_views=0))
     assert with_floater.vertices[:, 2].max() > 1.1
 
 
 def test_glb_opens_in_trimesh_upright_with_vertex_colours(tmp_path):
     trimesh = pytest.importorskip("trimesh")
-    files = export_mesh(_column(), tmp_path / "mesh", MeshOptions(resolution=40, faces=2000), {"step": 7})
+    files = export_mesh(_column(), tmp_path / "mesh", MeshOptions(resolution=40, faces=2000, bake_views=0), {"step": 7})
     for path in [files["glb"], files["obj"], files["obj"].with_suffix(".mtl")]:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
     scene = trimesh.load(files["glb"])
@@ -126,7 +145,7 @@ def test_command_meshes_an_interrupted_run_from_its_newest_state(tmp_path, capsy
     old = GaussianModel.from_points(torch.randn(30, 3), torch.rand(30, 3), 0)
     old.save_ply(run / "point_cloud" / "iteration_50" / "point_cloud.ply")
     assert find_source(run) == (run / "point_cloud" / "iteration_100" / "point_cloud.ply", 100)
-    assert main([str(run), "--resolution", "40", "--faces", "1500"]) == 0
+    assert main([str(run), "--resolution", "40", "--faces", "1500", "--bake-views", "0"]) == 0
     written = json.loads(capsys.readouterr().out)
     trimesh = pytest.importorskip("trimesh")
     mesh = trimesh.load(written["glb"], force="mesh")
@@ -156,7 +175,8 @@ def test_browser_check_pixel_test_tells_upright_from_upside_down_and_empty(tmp_p
 def test_baked_texture_carries_the_colours_in_glb_and_obj(tmp_path):
     trimesh = pytest.importorskip("trimesh")
     pytest.importorskip("xatlas")
-    files = export_mesh(_column(), tmp_path, MeshOptions(resolution=32, faces=1500, texture=256))
+    files = export_mesh(_column(), tmp_path, MeshOptions(resolution=32, faces=1500, texture=256, bake_views=2,
+                                                         bake_size=64))
     assert (tmp_path / "mesh.mtl").read_text().count("Kd 1 1 1") == 1
     for loaded in (next(iter(trimesh.load(files["glb"]).geometry.values())), trimesh.load(files["obj"], process=False)):
         material = loaded.visual.material

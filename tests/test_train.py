@@ -17,6 +17,7 @@ TINY = [
     "OptimizationParams.iterations=4", "OptimizationParams.densify_from_iter=1",
     "OptimizationParams.densification_interval=2", "OptimizationParams.warmup_iter=2",
     "video_frames=4", "log_interval=1", "preview_interval=2", "checkpoint_interval=2", "mesh_resolution=32",
+    "mesh_bake_views=1",
 ]
 
 

@@ -51,7 +51,9 @@ class MeshOptions:
     faces: int = 50000  # target face count after decimation (0 = no decimation)
     level: float = 0.3  # iso-level of the opacity field
     min_component: float = 0.05  # components with fewer faces than this fraction of the largest are dropped
-    neighbours: int = 16  # Gaussians blended into each vertex colour
+    neighbours: int = 16  # Gaussians blended into a colour where no bake view sees the surface
+    bake_views: int = 12  # views per ring (4 rings) whose Gaussian renders give the colours (0 = no renders)
+    bake_size: int = 256  # their image size (pixels)
     texture: int = 0  # size of a baked UV texture (0 = per-vertex colours only)
 
 
@@ -165,10 +167,24 @@ def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshO
     raw_faces = len(faces)
     verts, faces = drop_small_components(verts, faces, options.min_component)
     verts, faces = decimate(verts, faces, options.faces)
-    colors = surface_colors(gaussians, verts, vertex_normals(verts, faces), color_offset(verts, options),
-                            options.neighbours)
+    colors = colors_at(gaussians, verts, vertex_normals(verts, faces), verts, faces, options)
     log.info("mesh: %d faces from marching cubes -> %d faces, %d vertices", raw_faces, len(faces), len(verts))
     return ColoredMesh(vertices=verts, faces=faces, colors=colors)
+
+
+def colors_at(gaussians: GaussianTensors, points: np.ndarray, normals: np.ndarray, verts: np.ndarray,
+              faces: np.ndarray, options: MeshOptions) -> np.ndarray:
+    """[P, 3] colours of surface points: from renders of the Gaussians where a bake view sees them
+    (utils/mesh_bake.py), from the nearby Gaussians' SH DC elsewhere (surface_colors)."""
+    offset = color_offset(verts, options)
+    colors = surface_colors(gaussians, points, normals, offset, options.neighbours)
+    if options.bake_views:
+        from utils.mesh_bake import bake_views, rendered_colors
+
+        cams = bake_views(verts, options.bake_views, options.bake_size)
+        baked, seen = rendered_colors(gaussians, points, normals, verts, faces, cams, depth_tolerance=4 * offset)
+        colors[seen] = baked[seen]
+    return colors
 
 
 def color_offset(verts: np.ndarray, options: MeshOptions) -> float:
@@ -267,8 +283,7 @@ def export_mesh(gaussians: GaussianTensors, folder: Path, options: MeshOptions =
     if options.texture:
         from utils.mesh_texture import bake_texture
 
-        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options.texture, color_offset(mesh.vertices, options),
-                            options.neighbours)
+        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options)
     info = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "options": asdict(options),
             **(extras or {})}
     return {"glb": write_glb(mesh, folder / "mesh.glb", info), "obj": write_obj(mesh, folder / "mesh.obj")}
@@ -322,7 +337,7 @@ def run_options(path: Path) -> MeshOptions:
 
 def options_from_config(cfg) -> MeshOptions:
     return MeshOptions(resolution=cfg.mesh_resolution, faces=cfg.mesh_faces, level=cfg.mesh_level,
-                       texture=cfg.mesh_texture)
+                       texture=cfg.mesh_texture, bake_views=cfg.mesh_bake_views)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faces", type=int, help="target face count (default: the run's mesh_faces)")
     parser.add_argument("--level", type=float, help="iso-level of the opacity field (default: the run's mesh_level)")
     parser.add_argument("--texture", type=int, help="bake a UV texture of this size (default: the run's mesh_texture)")
+    parser.add_argument("--bake-views", type=int, help="views per ring of the colour bake (default: the run's "
+                                                        "mesh_bake_views; 0 = SH DC of nearby Gaussians)")
     parser.add_argument("--ply-up", choices=("-y", "y", "z"),
                         help="up axis of a PLY whose header does not record one (default z, our training world;"
                              " PLYs of COLMAP scenes are -y)")
@@ -343,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     options = MeshOptions(resolution=args.resolution or defaults.resolution,
                           faces=defaults.faces if args.faces is None else args.faces,
                           level=args.level or defaults.level,
-                          texture=defaults.texture if args.texture is None else args.texture)
+                          texture=defaults.texture if args.texture is None else args.texture,
+                          bake_views=defaults.bake_views if args.bake_views is None else args.bake_views)
     out = args.out or (args.source / "mesh" if args.source.is_dir() else source.parent)
     files = export_mesh(load_gaussians(source, args.ply_up), out, options,
                         {"source": str(source), **({"step": step} if step is not None else {})})

@@ -1,7 +1,7 @@
 """A baked colour texture for an exported mesh: xatlas unwraps it, texels are rasterised in UV space.
 
-Each covered texel gets the colour of its surface point, looked up in the Gaussians exactly as the
-per-vertex colours are (utils/mesh_export.surface_colors), so the texture carries colour detail
+Each covered texel gets the colour of its surface point, found exactly as the per-vertex colours
+are (utils/mesh_export.colors_at), so the texture carries colour detail
 finer than the mesh's vertices. Empty texels take the colour of the nearest covered one, so that
 filtering at chart borders does not bleed background into the surface.
 """
@@ -31,13 +31,14 @@ class TexturedMesh:
         return self.vertices @ world_to_export(MESH_UP_AXIS).numpy().T
 
 
-def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, size: int,
-                 offset: float, neighbours: int = 16) -> TexturedMesh:
-    """Unwrap (vertices [V, 3], faces [F, 3]) with xatlas and bake a size x size colour texture."""
+def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options) -> TexturedMesh:
+    """Unwrap (vertices [V, 3], faces [F, 3]) with xatlas and bake an options.texture-sized colour
+    texture (options: utils.mesh_export.MeshOptions)."""
     import xatlas
 
-    from utils.mesh_export import surface_colors, vertex_normals
+    from utils.mesh_export import colors_at, vertex_normals
 
+    size = options.texture
     if size < 16:
         raise ValueError(f"texture size must be >= 16, got {size}")
     mapping, indices, uv = xatlas.parametrize(vertices.astype(np.float32), faces.astype(np.uint32))
@@ -54,7 +55,7 @@ def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.nda
     normals = (weights * vertex_normals(verts, new_faces)[corners]).sum(1)
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     image = np.zeros((size, size, 3), np.float32)
-    image[covered] = surface_colors(gaussians, points, normals, offset, neighbours)
+    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options)
     _, (rows, cols) = distance_transform_edt(~covered, return_indices=True)
     image = image[rows, cols]  # empty texels: colour of the nearest covered texel
     rgb8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)

@@ -347,6 +347,8 @@ class Config:
     mesh_resolution: int = param(192, "grid cells per axis of the opacity field the mesh is extracted from", min=16)
     mesh_faces: int = param(50000, "target face count of the exported mesh (0 = no decimation)", min=0)
     mesh_level: float = param(0.3, "opacity iso-level of the mesh surface", gt=0.0, max=0.99)
+    mesh_bake_views: int = param(12, "views per ring (4 rings) whose Gaussian renders colour the mesh; 0 = colours "
+                                     "from the nearby Gaussians' SH DC only", min=0)
     mesh_texture: int = param(0, "size of a baked UV texture for the mesh (e.g. 1024; 0 = per-vertex colours)",
                               choices=(0, 256, 512, 1024, 2048, 4096))
 

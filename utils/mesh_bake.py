@@ -14,7 +14,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from gaussian_renderer import render_in_chunks
 from gaussian_renderer.types import GaussianTensors

@@ -1,12 +1,13 @@
 """A coloured triangle mesh from 3D Gaussians: GLB and OBJ files for engines and glTF viewers.
 
-    python -m utils.mesh_export RUN_DIR_or_PLY [--out FOLDER] [--resolution 192] [--faces 50000]
+    python -m utils.mesh_export RUN_DIR_or_PLY [--out FOLDER] [--resolution 192] [--faces 50000] [--texture 1024]
 
 Steps: the opacity field of the Gaussians on a grid (utils/gaussian_field.py), marching cubes at
 the iso-level `level`, clean-up (components smaller than a fraction of the largest are dropped:
 floaters), decimation to a target face count (fast-simplification's quadric simplifier), and
-per-vertex colours from the Gaussians' degree-0 SH (the view-independent colour) blended over the
-Gaussians near each vertex, weighted by their opacity there.
+per-vertex colours: from renders of the Gaussians where views see the surface (utils/mesh_bake.py),
+elsewhere the Gaussians' degree-0 SH (the view-independent colour) blended over the Gaussians near
+each vertex, weighted by their opacity there. Optionally a baked UV texture (utils/mesh_texture.py).
 
 Files follow glTF's convention: +Y up, front facing +Z, 1 unit = 1 metre (the training scene's
 units taken as metres; the object fits in about 1-2 units). Both are stated in the GLB (scene
@@ -28,7 +29,6 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
-from torch import Tensor
 
 from gaussian_renderer.types import GaussianTensors
 from scene.gaussian_model import GaussianModel, quat_to_rotmat, sh_to_rgb

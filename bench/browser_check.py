@@ -2,7 +2,7 @@
 
     apt-get install -y chromium            # once
     python bench/browser_check.py glb [--glb mesh.glb | --texture 512] [--npm DIR] [--out shot.png]
-    python bench/browser_check.py ply [--npm DIR] [--out shots_prefix]
+    python bench/browser_check.py ply [--ply point_cloud.ply] [--npm DIR] [--out shots_prefix]
 
 glb: three.js's GLTFLoader, camera on the +Z side (the asset's front) with three.js's +Y up.
     Without --glb a tall test object is exported first (a column of Gaussians along the training
@@ -10,7 +10,8 @@ glb: three.js's GLTFLoader, camera on the +Z side (the asset's front) with three
 ply: the same column as a 3DGS PLY in GaussianSplats3D (mkkellogg, a three.js splat viewer):
     `ply_up_axis: y` with the viewer's defaults (camera up +y), and `ply_up_axis: -y` with the
     transform SuperSplat / PlayCanvas apply to every PLY they load (180 degrees about z) must
-    stand upright; `-y` with the defaults must not (the check can fail).
+    stand upright; `-y` with the defaults must not (the check can fail). With --ply a run's PLY is
+    shown as SuperSplat would place it (the screenshot is for the eye; only content is checked).
 
 The npm packages (three, @mkkellogg/gaussian-splats-3d) come from the npm registry into a
 temporary folder unless --npm names a folder where they are installed. Pages are served by
@@ -267,7 +268,23 @@ def check_glb(args, node_modules: Path, work: Path) -> list[dict]:
              **inspect(out, test_object=args.glb is None)}]
 
 
+def check_given_ply(args, node_modules: Path) -> list[dict]:
+    """A PLY of ours in GaussianSplats3D, as SuperSplat would place it (-y: rolled 180 degrees about z)
+    or as is (y); the pixels are only checked for content: look at the screenshot."""
+    from plyfile import PlyData
+
+    up_axis = next((c.split()[1] for c in PlyData.read(str(args.ply)).comments if c.startswith("up_axis ")), None)
+    if up_axis not in ("y", "-y"):
+        raise SystemExit(f"{args.ply}: header records up axis {up_axis!r}; only y and -y files are shown upright")
+    out = args.out.with_name(f"{args.out.stem}_ply.png")
+    with Site(PLY_PAGE, node_modules, {"model.ply": args.ply}) as site:
+        found = inspect(site.screenshot("f=model.ply" + ("&rot=1" if up_axis == "-y" else ""), out), test_object=False)
+    return [{"client": "GaussianSplats3D", "ply": str(args.ply), "up_axis": up_axis, "screenshot": str(out), **found}]
+
+
 def check_ply(args, node_modules: Path, work: Path) -> list[dict]:
+    if args.ply is not None:
+        return check_given_ply(args, node_modules)
     files = {name: tall_test_ply(work / name, axis) for name, axis in [("column_y.ply", "y"),
                                                                        ("column_minus_y.ply", "-y")]}
     cases = [("ply_up_axis y, viewer defaults", "f=column_y.ply", True),
@@ -288,6 +305,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("glb", "ply"))
     parser.add_argument("--glb", type=Path, help="glb mode: GLB to open (default: a tall test object exported now)")
+    parser.add_argument("--ply", type=Path, help="ply mode: show this exported PLY (default: the test column cases)")
     parser.add_argument("--texture", type=int, default=0, help="glb mode: bake the test object's colours into a "
                                                                    "UV texture of this size")
     parser.add_argument("--npm", type=Path, help="a node_modules folder with three and @mkkellogg/gaussian-splats-3d "

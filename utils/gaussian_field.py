@@ -46,7 +46,7 @@ def content_bounds(gaussians: GaussianTensors, quantile: float = 0.002, margin: 
     return lo - pad, hi + pad
 
 
-def opacity_grid(gaussians: GaussianTensors, resolution: int, max_radius: int = 16,
+def opacity_grid(gaussians: GaussianTensors, resolution: int, max_radius: int = 48,
                  chunk_elements: int = 1 << 22) -> OpacityGrid:
     """Sample alpha(x) on a resolution^3 grid spanning content_bounds (cubic voxels).
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from gaussian_renderer import render_in_chunks
 from gaussian_renderer.types import GaussianTensors
@@ -61,16 +62,18 @@ def rendered_colors(gaussians: GaussianTensors, points: np.ndarray, normals: np.
         z = view[:, 2].clamp_min(1e-6)
         grid = torch.stack([(k[0, 0] * view[:, 0] / z + k[0, 2]) / cameras.width * 2 - 1,
                             (k[1, 1] * view[:, 1] / z + k[1, 2]) / cameras.height * 2 - 1], dim=-1)  # [P, 2]
-        sample = lambda image: F.grid_sample(image[None], grid[None, None], mode="bilinear",  # noqa: E731
-                                             align_corners=False)[0, :, 0].T  # [P, C]
-        depth = F.grid_sample(zbuf[b][None, None].clamp_max(1e6), grid[None, None], mode="nearest",
-                              align_corners=False)[0, 0, 0]  # [P]
-        a = sample(alpha[b])[:, 0]
+        depth = _sample(zbuf[b][None].clamp_max(1e6), grid, "nearest")[:, 0]  # [P] mesh depth at the pixel
+        a = _sample(alpha[b], grid)[:, 0]
         cosine = (F.normalize(centres[b] - p, dim=-1) * n).sum(-1)
         visible = (grid.abs() < 1).all(-1) & (z <= depth + depth_tolerance) & (cosine > MIN_COSINE) & (a > 0.5)
         w = torch.where(visible, cosine * a, torch.zeros(()))
-        total += w[:, None] * (sample(rgb[b]) / a.clamp_min(1e-3)[:, None]).clamp(0, 1)
+        total += w[:, None] * (_sample(rgb[b], grid) / a.clamp_min(1e-3)[:, None]).clamp(0, 1)
         weight += w
     seen = weight > 0
     colors = torch.where(seen[:, None], total / weight.clamp_min(1e-12)[:, None], torch.zeros(()))
     return colors.numpy().astype(np.float32), seen.numpy()
+
+
+def _sample(image: Tensor, grid: Tensor, mode: str = "bilinear") -> Tensor:
+    """image [C, H, W] at normalised positions grid [P, 2] (x, y in [-1, 1]) -> [P, C]."""
+    return F.grid_sample(image[None], grid[None, None], mode=mode, align_corners=False)[0, :, 0].T

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"point cloud: {outputs.point_cloud.resolve()}")
     if outputs.video is not None:
         print(f"video:       {outputs.video.resolve()}")
+    if outputs.mesh is not None:
+        print(f"mesh:        {outputs.mesh.resolve()}")
     final = outputs.metrics.get("final", {})
     if "psnr_heldout" in final:
         print(f"held-out PSNR: {outputs.metrics['initial']['psnr_heldout']:.2f} dB -> {final['psnr_heldout']:.2f} dB")

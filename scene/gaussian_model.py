@@ -37,6 +37,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from scene.gaussian_tensors import GaussianTensors
+from scene.orientation import UP_AXES, rotate_gaussians, world_to_export
 from scene.ply_format import read_ply
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ PARAM_NAMES: dict[str, str] = {
 }
 SCHEDULED_GROUPS = ("xyz", "f_dc", "scaling", "rotation")
 CHECKPOINT_VERSION = 1
+# PLY header comment recording the axis convention of an exported file (scene/orientation.py).
+UP_AXIS_COMMENT = "up_axis"
 
 
 class AllPrunedError(RuntimeError):
@@ -484,40 +487,55 @@ class GaussianModel:
 
     # ------------------------------------------------------------------ PLY
 
-    def save_ply(self, path: str | os.PathLike, pad_sh_degree: int | None = None) -> None:
-        """Write the standard 3DGS PLY (binary little-endian float32), atomically.
+    def save_ply(self, path: str | os.PathLike, pad_sh_degree: int | None = None, up_axis: str = "z") -> None:
+        """Write the standard 3DGS PLY (binary little-endian float32), atomically, mode 0644.
 
         pad_sh_degree: write zero f_rest columns up to this degree (3 for viewers that expect it).
+        up_axis: the axis convention of the file (scene/orientation.py): "-y" for splat viewers
+            (SuperSplat, GaussianSplats3D), "y", or "z" (the training world). It is recorded in a
+            header comment, which load_ply reads to rotate back.
         """
         degree = self.max_sh_degree if pad_sh_degree is None else pad_sh_degree
         if not self.max_sh_degree <= degree <= 3:
             raise ValueError(f"pad_sh_degree must be in [{self.max_sh_degree}, 3], got {pad_sh_degree}")
         n = self.num_points
+        means, quats, features = self._means.detach().cpu(), self._rotation.detach().cpu(), self.features.detach().cpu()
+        if up_axis != "z":
+            means, quats, features = rotate_gaussians(means, quats, features, world_to_export(up_axis))
         rest = torch.zeros(n, 3, num_sh_coeffs(degree) - 1)
-        rest[:, :, : self._features_rest.shape[1]] = self._features_rest.detach().cpu().transpose(1, 2)
+        rest[:, :, : features.shape[1] - 1] = features[:, 1:].transpose(1, 2)
         columns = {
-            "xyz": self._means.detach().cpu(),
+            "xyz": means,
             "normals": torch.zeros(n, 3),
-            "f_dc": self._features_dc.detach().cpu().reshape(n, 3),
+            "f_dc": features[:, 0],
             "f_rest": rest.reshape(n, -1),
             "opacity": self._opacity.detach().cpu(),
             "scaling": self._scaling.detach().cpu(),
-            "rotation": self._rotation.detach().cpu(),
+            "rotation": quats,
         }
         values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")
         names = ply_attribute_names(degree)
         vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
         for i, name in enumerate(names):
             vertices[name] = values[:, i]
-        _atomic_write_ply(PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<"), Path(path))
+        comments = [f"{UP_AXIS_COMMENT} {up_axis}"]
+        _atomic_write_ply(PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<", comments=comments),
+                          Path(path))
 
     @classmethod
     def load_ply(
-        cls, path: str | os.PathLike, max_sh_degree: int | None = None, device: str | torch.device = "cpu"
+        cls, path: str | os.PathLike, max_sh_degree: int | None = None, device: str | torch.device = "cpu",
+        file_up_axis: str | None = None,
     ) -> GaussianModel:
-        """Read a standard 3DGS PLY. The SH degree is inferred from the f_rest columns unless given;
-        extra (e.g. padded) coefficients above max_sh_degree are dropped, missing ones are zero."""
-        vertex = _read_vertex(path)
+        """Read a standard 3DGS PLY into the training world. The SH degree is inferred from the f_rest
+        columns unless given; extra (e.g. padded) coefficients above max_sh_degree are dropped,
+        missing ones are zero.
+
+        file_up_axis: the file's axis convention when its header does not record one (a PLY from
+            another tool; default "z", the training world); a recorded one always wins.
+        """
+        ply, vertex = _read_vertex(path)
+        up_axis = _recorded_up_axis(ply, path) or file_up_axis or "z"
         file_degree = _ply_sh_degree(vertex, path)
         degree = file_degree if max_sh_degree is None else max_sh_degree
         n = vertex.count
@@ -534,6 +552,11 @@ class GaussianModel:
         params["opacity"] = torch.from_numpy(_columns(vertex, ["opacity"]))
         params["scaling"] = torch.from_numpy(_columns(vertex, _indexed("scale", 3)))
         params["rotation"] = torch.from_numpy(_columns(vertex, _indexed("rot", 4)))
+        if up_axis != "z":
+            features = torch.cat([params["f_dc"], params["f_rest"]], dim=1)
+            means, quats, features = rotate_gaussians(params["xyz"], params["rotation"], features,
+                                                      world_to_export(up_axis).T)
+            params.update(xyz=means, rotation=quats, f_dc=features[:, :1], f_rest=features[:, 1:])
         model._set_params(params)
         model.active_sh_degree = degree
         return model
@@ -604,7 +627,19 @@ def _indexed(prefix: str, count: int) -> list[str]:
 
 
 def _read_vertex(path: str | os.PathLike):
-    return read_ply(path, "3DGS PLY")["vertex"]
+    ply = read_ply(path, "3DGS PLY")
+    return ply, ply["vertex"]
+
+
+def _recorded_up_axis(ply: PlyData, path: str | os.PathLike) -> str | None:
+    """The up axis a header comment records ("up_axis -y"), None when there is none."""
+    for comment in ply.comments:
+        words = comment.split()
+        if len(words) == 2 and words[0] == UP_AXIS_COMMENT:
+            if words[1] not in UP_AXES:
+                raise ValueError(f"{path}: header records up_axis {words[1]!r}, not one of {UP_AXES}")
+            return words[1]
+    return None
 
 
 def _ply_sh_degree(vertex, path: str | os.PathLike) -> int:
@@ -634,6 +669,7 @@ def _atomic_write_ply(ply: PlyData, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             ply.write(f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an exported asset is for other users too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_demo_recovers_the_hidden_scene(tmp_path):
     code = train.main(["--opt", str(REPO / "config/demo.yaml"), "--quiet", f"output_dir={tmp_path}",
-                       "save_video=false"])
+                       "save_video=false", "mesh_resolution=64"])
     assert code == 0
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -23,3 +23,5 @@ def test_demo_recovers_the_hidden_scene(tmp_path):
     assert end >= 23.0, metrics
     assert end - start >= 5.0, metrics
     assert metrics["iterations"] == 600
+    glb = (run / "mesh" / "mesh.glb").read_bytes()  # written by default
+    assert glb[:4] == b"glTF" and b'"up_axis":"+Y"' in glb[:4096].replace(b" ", b"")

@@ -16,7 +16,8 @@ TINY = [
     "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=300",
     "OptimizationParams.iterations=4", "OptimizationParams.densify_from_iter=1",
     "OptimizationParams.densification_interval=2", "OptimizationParams.warmup_iter=2",
-    "video_frames=4", "log_interval=1", "preview_interval=2", "checkpoint_interval=2",
+    "video_frames=4", "log_interval=1", "preview_interval=2", "checkpoint_interval=2", "mesh_resolution=32",
+    "mesh_bake_views=1",
 ]
 
 
@@ -82,10 +83,10 @@ def test_resume_after_a_crash_continues_the_same_trajectory(tmp_path, monkeypatc
 
     original = Trainer.train_step
 
-    def crash_at_5(self, step):
+    def crash_at_5(self, step, **kwargs):
         if step == 5:
             raise KeyboardInterrupt
-        return original(self, step)
+        return original(self, step, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_5)
     assert _run(tmp_path / "crashed", *extra) == 130
@@ -96,6 +97,18 @@ def test_resume_after_a_crash_continues_the_same_trajectory(tmp_path, monkeypatc
     assert train.main(["--resume", str(run), "--quiet"]) == 0
     resumed = _ply_arrays(run / "point_cloud.ply")
     assert all((resumed[k] == reference[k]).all() for k in reference)
+
+
+def test_snapshot_is_saved_before_the_opacity_reset_of_its_step(tmp_path):
+    """3DGS's train.py saves before densification: the iteration-2 snapshot is not the reset state."""
+    assert _run(tmp_path, "save_video=false", "export_mesh=false", "save_ratio=2",
+                "OptimizationParams.opacity_reset_interval=2", "OptimizationParams.densify_until_iter=4") == 0
+    run = _single_run_dir(tmp_path)
+    snapshot = torch.sigmoid(torch.as_tensor(_ply_arrays(run / "point_cloud/iteration_2/point_cloud.ply")["opacity"]))
+    final = torch.sigmoid(torch.as_tensor(_ply_arrays(run / "point_cloud.ply")["opacity"]))
+    assert float(snapshot.max()) > 0.05  # initial opacity 0.1, one Adam step
+    assert float(final.median()) < 0.05  # the reset at step 2 (cap 0.01) and two steps since
+    assert "up_axis -y" in PlyData.read(str(run / "point_cloud.ply")).comments
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path):

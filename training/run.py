@@ -1,6 +1,7 @@
 """One training run end to end: the run folder, the loop, checkpoints, evaluation and outputs."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -36,6 +37,8 @@ class RunOutputs:
     point_cloud: Path
     video: Path | None
     metrics: dict = field(default_factory=dict)
+    mesh: Path | None = None
+    mesh: Path | None = None
 
 
 def schedule_points(iterations: int, ratio: int) -> set[int]:
@@ -146,7 +149,25 @@ class TrainingRun:
             self.checkpoint_step = self.trainer.step
 
     def save_point_cloud(self, path: Path) -> None:
-        self.trainer.gaussians.save_ply(path, pad_sh_degree=self.cfg.ply_sh_degree)
+        self.trainer.gaussians.save_ply(path, pad_sh_degree=self.cfg.ply_sh_degree, up_axis=self.cfg.ply_up_axis)
+
+    def save_snapshot(self, step: int) -> None:
+        """point_cloud/iteration_<step>/point_cloud.ply, taken before this step's densification and opacity
+        reset (as 3DGS's train.py saves), so a snapshot is never the nearly transparent post-reset state."""
+        if self.healthy_state("point cloud"):
+            self.save_point_cloud(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply")
+
+    def write_mesh(self) -> Path | None:
+        """mesh/mesh.glb and mesh/mesh.obj; None (with a warning) when the Gaussians have no surface."""
+        from utils.mesh_export import export_mesh, options_from_config
+
+        with torch.no_grad():
+            gaussians = self.trainer.gaussians.gaussian_tensors()
+        try:
+            return export_mesh(gaussians, self.run_dir / "mesh", options_from_config(self.cfg))["glb"]
+        except ValueError as exc:
+            log.warning("no mesh written: %s", exc)
+            return None
 
     def write_turntable(self) -> Path:
         cams = evaluation_ring(self.cfg.camera, self.cfg.video_frames, False, self.width, self.height)
@@ -182,15 +203,14 @@ class TrainingRun:
         if step in self.test_steps:
             self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
             self.write_metrics()
-        if step in self.save_steps and self.healthy_state("point cloud"):
-            self.save_point_cloud(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply")
         if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
             self.save_checkpoint()
 
     def loop(self, monitor: Monitor, stop: StopRequest) -> None:
         trainer = self.trainer
         for step in range(trainer.step + 1, self.cfg.optim.iterations + 1):
-            result = trainer.train_step(step)
+            snapshot = functools.partial(self.save_snapshot, step) if step in self.save_steps else None
+            result = trainer.train_step(step, before_update=snapshot)  # snapshot before the opacity reset
             trainer.step = step
             self.steps_done += 1
             self.after_step(step, result, monitor)
@@ -227,7 +247,8 @@ class TrainingRun:
         self.save_point_cloud(ply)
         video = self.write_turntable() if cfg.save_video else None
         self.write_metrics()
-        outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=self.metrics)
+        mesh = self.write_mesh() if cfg.export_mesh else None
+        outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=self.metrics, mesh=mesh)
         log_summary(outputs, start)
         return outputs
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -196,9 +197,15 @@ class Trainer:
             surrogate = surrogate + (out.pixel_grad.float() * rgb.float()).sum()
         return surrogate, out.scalars
 
-    def train_step(self, step: int) -> StepResult:
-        """One iteration: gradients, then clipping, densification and the optimizer step."""
+    def train_step(self, step: int, before_update: Callable[[], None] | None = None) -> StepResult:
+        """One iteration: gradients, then clipping, densification and the optimizer step.
+
+        before_update: called between the two (3DGS's train.py saves its snapshots there: before
+            densification and the opacity reset change the Gaussians).
+        """
         result = self.compute_gradients(step)
+        if before_update is not None:
+            before_update()
         with self.timer("optimizer_densify"):
             self.after_backward(step, result.render, result.shard)
         return result

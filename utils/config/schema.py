@@ -359,6 +359,17 @@ class Config:
                                         "skipped) before the run stops", min=1)
     ply_sh_degree: Optional[int] = param(None, "pad the exported PLYs' SH coefficients to this degree for viewers "
                                                "that expect it (e.g. 3); null = the model's degree", min=0, max=3)
+    ply_up_axis: str = param("-y", "up axis of the exported PLYs: -y (3DGS/COLMAP convention: SuperSplat, "
+                                   "GaussianSplats3D show it upright), y, or z (training world)",
+                       choices=("-y", "y", "z"))
+    export_mesh: bool = param(True, "write mesh/mesh.glb and mesh/mesh.obj (+Y up, metres) at the end of the run")
+    mesh_resolution: int = param(192, "grid cells per axis of the opacity field the mesh is extracted from", min=16)
+    mesh_faces: int = param(50000, "target face count of the exported mesh (0 = no decimation)", min=0)
+    mesh_level: float = param(0.3, "opacity iso-level of the mesh surface", gt=0.0, max=0.99)
+    mesh_bake_views: int = param(12, "views per ring (4 rings) whose Gaussian renders colour the mesh; 0 = colours "
+                                     "from the nearby Gaussians' SH DC only", min=0)
+    mesh_texture: int = param(0, "size of a baked UV texture for the mesh (e.g. 1024; 0 = per-vertex colours)",
+                              choices=(0, 256, 512, 1024, 2048, 4096))
 
 
 # ---------------------------------------------------------------------------

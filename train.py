@@ -2,6 +2,7 @@
 
     python train.py --opt config/bagel.yaml --guidance_type sctd --phase_num 5 --num_ddim_timesteps 50 --guid_scale 7.5
     python train.py --opt config/demo.yaml                       # offline, CPU, analytic prior
+    python train.py --opt config/demo.yaml --viewer              # ... watched live at http://127.0.0.1:8080
     python train.py --resume outputs/<workspace>/<run>           # continue an interrupted run
     python train.py --opt config/bagel.yaml GuidanceParams.guidance_type=ism OptimizationParams.iterations=3000
 """
@@ -25,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from guidance.prior import ModelNotFoundError
     from training.run import train
+    from training.viewer import ViewerUnavailableError
 
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet)
-    except (ModelNotFoundError, FileNotFoundError) as exc:
+    except (ModelNotFoundError, FileNotFoundError, ViewerUnavailableError) as exc:
         logging.getLogger("train").error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from utils.monitor import Monitor
 from training.run_dir import atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from utils.seeding import seed_everything
 from training.trainer import Trainer
+from training.viewer import ViewerSettings, open_viewer
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ def open_run(cfg: Config, opt_path: str | None, argv: list[str], resume: str | N
 class TrainingRun:
     """Runs a Trainer for cfg.optim.iterations steps and writes everything into run_dir."""
 
-    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, quiet: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, quiet: bool = False,
+                 viewer: ViewerSettings | None = None):
         self.cfg, self.run_dir, self.trainer, self.quiet = cfg, run_dir, trainer, quiet
+        self.viewer = viewer or ViewerSettings.from_config(cfg)
         iters = cfg.optim.iterations
         self.test_steps = {1} | schedule_points(iters, cfg.test_ratio)
         self.save_steps = schedule_points(iters, cfg.save_ratio)
@@ -115,6 +118,7 @@ class TrainingRun:
         metrics_path = self.run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
+        viewer = open_viewer(self.viewer, cfg, trainer.device, iters)
         try:
             if start == 0:
                 metrics["initial"] = self.evaluate(0, monitor)
@@ -123,6 +127,7 @@ class TrainingRun:
             for step in range(start + 1, iters + 1):
                 result = trainer.train_step(step)
                 trainer.step = step
+                viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused
                 monitor.log_step(step, {"loss": result.loss, **result.scalars},
                                  {"gaussians": trainer.gaussians.num_points})
                 if cfg.preview_interval and step % cfg.preview_interval == 0:
@@ -137,6 +142,7 @@ class TrainingRun:
                     self.save_checkpoint()
             elapsed = time.perf_counter() - t0
         finally:
+            viewer.close()
             monitor.close()
         metrics["final"] = metrics[f"iter_{iters}"] if f"iter_{iters}" in metrics else self.evaluate(iters, None)
         metrics["train_seconds"] = elapsed
@@ -158,6 +164,7 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
 
         g = cfg.guidance
         check_model_available(g.model_key, g.is_safe_tensor, g.base_model_key)  # before any folder or model
+    viewer = ViewerSettings.from_config(cfg)  # from the command line, also on --resume; checks viser is installed
     cfg, run_dir, checkpoint = open_run(cfg, opt_path, argv, resume)
     setup_logging(run_dir, quiet)
     log.info("run folder: %s", run_dir.resolve())
@@ -168,4 +175,4 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
         log.info("resumed from step %d", trainer.step)
     log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s", cfg.guidance.guidance_type,
              cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device)
-    return TrainingRun(cfg, run_dir, trainer, quiet).run()
+    return TrainingRun(cfg, run_dir, trainer, quiet, viewer).run()

@@ -17,7 +17,7 @@ from gaussian_renderer import render
 from scene.camera_sampler import evaluation_ring
 from scene.gaussian_model import GaussianModel
 from training.viewer import (HomeView, LiveViewer, NoViewer, Snapshot, ViewerCamera, ViewerSettings,
-                             ViewerUnavailableError, open_viewer, orbit_position, render_image)
+                             ViewerUnavailableError, frame_interval, open_viewer, orbit_position, render_image)
 from utils.config import ConfigError, load_config, parse_cli
 
 requires_viser = pytest.mark.skipif(importlib.util.find_spec("viser") is None, reason="viser is not installed")
@@ -53,10 +53,16 @@ def viewer_camera_of(cameras, index: int) -> ViewerCamera:
                         float(cameras.fov_y[index]), cameras.width, cameras.height)
 
 
+def start_viewer(port: int | None = None) -> LiveViewer:
+    """A viewer on 127.0.0.1 for a 10-step run, the home camera on the evaluation orbit."""
+    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=port or free_port(), max_fps=20.0,
+                              render_share=1.0, resolution=256)
+    return LiveViewer(settings, HomeView(orbit_position(3.5, 90.0, 0.0), 0.55), torch.ones(3), total_steps=10)
+
+
 @pytest.fixture
 def viewer():
-    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=free_port(), max_fps=20.0, resolution=256)
-    live = LiveViewer(settings, HomeView(orbit_position(3.5, 90.0, 0.0), 0.55), torch.ones(3), total_steps=10)
+    live = start_viewer()
     yield live
     live.close()
 
@@ -88,6 +94,13 @@ def test_image_size_keeps_the_canvas_aspect_and_caps_the_longer_side():
     assert ViewerCamera((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -3.0), 0.6, 300, 900).image_size(300) == (100, 300)
     with pytest.raises(ValueError, match="canvas size must be positive, got 0x625"):
         ViewerCamera((1.0, 0.0, 0.0, 0.0), (0.0, 0.0, -3.0), 0.6, 0, 625).image_size(512)
+
+
+def test_frames_are_paced_by_max_fps_and_by_the_render_share_while_training():
+    assert frame_interval(0.001, 10.0, 0.25, training=True) == pytest.approx(0.1)  # fast renders: the fps cap
+    assert frame_interval(0.3, 10.0, 0.25, training=True) == pytest.approx(1.2)  # slow: 0.3 s of every 1.2 s
+    assert frame_interval(0.3, 10.0, 0.25, training=False) == pytest.approx(0.1)  # paused: only the cap
+    assert frame_interval(0.3, 2.0, 1.0, training=True) == pytest.approx(0.5)
 
 
 def test_snapshot_is_a_copy_the_optimizer_cannot_change():
@@ -135,8 +148,7 @@ def test_pause_blocks_the_training_hook_until_resumed(viewer):
 
 @requires_viser
 def test_close_releases_a_paused_training_thread():
-    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=free_port(), max_fps=20.0, resolution=256)
-    live = LiveViewer(settings, HomeView((0.0, 3.5, 0.0), 0.55), torch.ones(3), total_steps=10)
+    live = start_viewer()
     live.pause()
     hook = threading.Thread(target=live.after_step, args=(2, blob_model()))
     hook.start()
@@ -148,9 +160,8 @@ def test_close_releases_a_paused_training_thread():
 @requires_viser
 def test_viewer_logs_its_url_and_the_ssh_port_forward(caplog):
     port = free_port()
-    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=port, max_fps=20.0, resolution=256)
     with caplog.at_level(logging.INFO, logger="training.viewer"):
-        live = LiveViewer(settings, HomeView((0.0, 3.5, 0.0), 0.55), torch.ones(3), total_steps=10)
+        live = start_viewer(port)
         try:
             assert live.port == port and live.url == f"http://127.0.0.1:{port}"
             with socket.create_connection(("127.0.0.1", port), timeout=5):  # it listens
@@ -165,8 +176,7 @@ def test_viewer_logs_its_url_and_the_ssh_port_forward(caplog):
 
 @requires_viser
 def test_a_busy_port_moves_to_the_next_free_one(viewer):
-    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=viewer.port, max_fps=20.0, resolution=256)
-    second = LiveViewer(settings, HomeView((0.0, 3.5, 0.0), 0.55), torch.ones(3), total_steps=10)
+    second = start_viewer(viewer.port)
     try:
         assert second.port > viewer.port
     finally:
@@ -183,6 +193,8 @@ def test_viewer_keys_on_the_command_line():
         parse_cli(["--viewer_port", "0"])
     with pytest.raises(ConfigError, match="viewer_max_fps"):
         parse_cli(["viewer_max_fps=0"])
+    with pytest.raises(ConfigError, match="viewer_render_share"):
+        parse_cli(["viewer_render_share=1.5"])
 
 
 def test_missing_viser_is_reported_before_any_work(tmp_path, monkeypatch, caplog):
@@ -206,3 +218,11 @@ def test_a_run_with_the_viewer_on_trains_exactly_as_without(tmp_path):
     assert f"viewer: http://127.0.0.1:{port}" in log_text and "viewer: stopped" in log_text
     assert "viewer:" not in (off / "train.log").read_text()
     assert (on / "point_cloud.ply").read_bytes() == (off / "point_cloud.ply").read_bytes()
+
+
+def test_the_page_starts_at_the_first_evaluation_camera():
+    cfg = load_config(None, ["GenerateCamParams.default_polar=70", "GenerateCamParams.default_radius=4"])
+    home = HomeView.from_config(cfg)
+    ring = evaluation_ring(cfg.camera, 8, False)
+    torch.testing.assert_close(torch.tensor(home.position), ring.camera_centers()[0], atol=1e-5, rtol=0)
+    assert home.fov_y == cfg.camera.default_fovy

@@ -17,8 +17,7 @@ import torch
 
 from bench.headless_chromium import HeadlessChromium, find_chromium
 from scene.gaussian_model import GaussianModel
-from training.viewer import HomeView, LiveViewer, Snapshot, ViewerCamera, ViewerSettings, orbit_position, \
-    render_image
+from training.viewer import HomeView, LiveViewer, ViewerCamera, ViewerSettings, orbit_position, render_image
 
 pytestmark = [
     pytest.mark.slow,
@@ -87,7 +86,7 @@ def projected_pixels(camera: ViewerCamera) -> dict[str, tuple[int, int]]:
     cam_points = (cams.world_to_camera[0, :3, :3] @ points.T).T + cams.world_to_camera[0, :3, 3]
     uvw = (cams.intrinsics()[0] @ cam_points.T).T
     uv = (uvw[:, :2] / uvw[:, 2:]).round().int().tolist()
-    return {name: (u, v) for name, (u, v) in zip(BLOBS, uv)}
+    return {name: (u, v) for name, (u, v) in zip(BLOBS, uv, strict=True)}
 
 
 def patch_mean(image: np.ndarray, xy: tuple[int, int], half: int = 6) -> np.ndarray:
@@ -96,7 +95,8 @@ def patch_mean(image: np.ndarray, xy: tuple[int, int], half: int = 6) -> np.ndar
 
 
 def test_the_viewer_page_shows_the_gaussians_and_controls_training(tmp_path):
-    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=18090, max_fps=10.0, resolution=2048)
+    settings = ViewerSettings(enabled=True, host="127.0.0.1", port=18090, max_fps=10.0, render_share=1.0,
+                              resolution=2048)
     viewer = LiveViewer(settings, HomeView(orbit_position(3.5, 90.0, 0.0), 0.55), torch.ones(3), total_steps=100)
     model = blobs_model()
     try:

@@ -11,8 +11,10 @@ Threads and what they share:
   it copies the activated Gaussian tensors into an immutable :class:`Snapshot` (a few device memcpys) and,
   when paused, blocks until the page resumes.
 - One render thread (per viewer, serving every connected page) renders the latest snapshot from each
-  page's camera, at most ``viewer_max_fps`` frames per second, and asks for a newer snapshot after each
-  frame. It never touches the live model, so the optimizer and densification cannot race with it.
+  page's camera, at most ``viewer_max_fps`` frames per second and, while training runs, for at most
+  ``viewer_render_share`` of the wall-clock time (on a CPU a frame costs about a training step), and asks
+  for a newer snapshot after each frame. It never touches the live model, so the optimizer and
+  densification cannot race with it.
 - viser's own threads run the websocket server and the GUI callbacks (pause, resume, reset view).
 
 nerfview (the wrapper gsplat's trainer uses) is not used: its lock is a module-level global shared by
@@ -67,6 +69,7 @@ class ViewerSettings:
     host: str
     port: int
     max_fps: float
+    render_share: float
     resolution: int
 
     @staticmethod
@@ -74,7 +77,8 @@ class ViewerSettings:
         """The settings of cfg; raises ViewerUnavailableError (before any heavy work) when the viewer is
         on and viser is missing."""
         settings = ViewerSettings(enabled=cfg.viewer, host=cfg.viewer_host, port=cfg.viewer_port,
-                                  max_fps=cfg.viewer_max_fps, resolution=cfg.viewer_resolution)
+                                  max_fps=cfg.viewer_max_fps, render_share=cfg.viewer_render_share,
+                                  resolution=cfg.viewer_resolution)
         if settings.enabled:
             import_viser()
         return settings
@@ -161,6 +165,13 @@ def render_image(snapshot: Snapshot, camera: ViewerCamera, max_side: int, backgr
     return (out.rgb[0].permute(1, 2, 0).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
 
 
+def frame_interval(render_seconds: float, max_fps: float, render_share: float, training: bool) -> float:
+    """Seconds from the start of one frame to the start of the next: at most max_fps frames per second
+    and, while training runs, rendering for at most render_share of the time."""
+    interval = 1.0 / max_fps
+    return max(interval, render_seconds / render_share) if training else interval
+
+
 def orbit_position(radius: float, polar_deg: float, azimuth_deg: float) -> tuple[float, float, float]:
     """C = r (sin t sin p, sin t cos p, cos t), the training cameras' orbit (z up, azimuth 0 at +y)."""
     t, p = math.radians(polar_deg), math.radians(azimuth_deg)
@@ -174,7 +185,7 @@ def ssh_hint(host: str, port: int) -> str:
 
 @dataclass(frozen=True)
 class HomeView:
-    """The camera a page starts with (and 'Reset view' returns to): the evaluation camera at azimuth 0."""
+    """The camera a page starts with (and 'Reset view' returns to): the first camera of the evaluation ring."""
 
     position: tuple[float, float, float]
     fov_y: float
@@ -182,8 +193,7 @@ class HomeView:
     @staticmethod
     def from_config(cfg) -> "HomeView":
         cam = cfg.camera
-        return HomeView(orbit_position(cam.default_radius, cam.default_polar, cam.default_azimuth),
-                        float(cam.default_fovy))
+        return HomeView(orbit_position(cam.default_radius, cam.default_polar, 0.0), float(cam.default_fovy))
 
 
 class LiveViewer:
@@ -204,12 +214,12 @@ class LiveViewer:
         self._shown: dict[int, ShownFrame] = {}  # client id -> what its last frame showed
         self._finished = False
         self.frames_sent = 0
+        self.render_seconds = 0.0  # spent in render_image, all frames
         with contextlib.redirect_stdout(io.StringIO()):  # viser prints a banner; we log the URL instead
             self.server = viser.ViserServer(host=settings.host, port=settings.port, label="SegmentDreamer",
                                             verbose=False)
         self._build_gui(viser.Icon)
-        self._thread = threading.Thread(target=self._render_loop, name="viewer-render", daemon=True)
-        self._thread.start()
+        self._thread = self._start_render_thread()
         log.info("viewer: %s (from another machine: %s)", self.url, ssh_hint(settings.host, self.port))
 
     # ------------------------------------------------------------------ public
@@ -324,15 +334,21 @@ class LiveViewer:
 
     # ------------------------------------------------------------------ render thread
 
-    def _render_loop(self) -> None:
+    def _start_render_thread(self) -> threading.Thread:
         device = self.background.device
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        min_interval = 1.0 / self.settings.max_fps
+        cuda_index = None if device.type != "cuda" else (
+            device.index if device.index is not None else torch.cuda.current_device())
+        thread = threading.Thread(target=self._render_loop, args=(cuda_index,), name="viewer-render", daemon=True)
+        thread.start()
+        return thread
+
+    def _render_loop(self, cuda_index: int | None) -> None:
+        if cuda_index is not None:  # a new thread starts on device 0
+            torch.cuda.set_device(cuda_index)
         while not self._stop.is_set():
             self._wake.wait(timeout=1.0)
             self._wake.clear()
-            started = time.perf_counter()
+            started, rendering_before = time.perf_counter(), self.render_seconds
             snapshot = self.latest()
             clients = self.server.get_clients()
             if snapshot is None or not clients:
@@ -345,7 +361,10 @@ class LiveViewer:
                 log.exception("viewer: rendering a frame failed")
             if not self._finished:
                 self.request_snapshot()
-            self._stop.wait(max(0.0, min_interval - (time.perf_counter() - started)))
+            training = not (self.paused or self._finished)
+            interval = frame_interval(self.render_seconds - rendering_before, self.settings.max_fps,
+                                      self.settings.render_share, training)
+            self._stop.wait(max(0.0, interval - (time.perf_counter() - started)))
 
     def _render_for(self, client_id: int, client, snapshot: Snapshot) -> None:
         if client.camera.image_width <= 0 or client.camera.image_height <= 0:
@@ -355,7 +374,9 @@ class LiveViewer:
         key = ShownFrame(snapshot.time, camera, max_side)
         if self._shown.get(client_id) == key:
             return
+        started = time.perf_counter()
         image = render_image(snapshot, camera, max_side, self.background, self.backend)
+        self.render_seconds += time.perf_counter() - started
         client.scene.set_background_image(image, format="jpeg", jpeg_quality=85)
         self._shown[client_id] = key
         self.frames_sent += 1

@@ -347,6 +347,9 @@ class Config:
     viewer_port: int = param(8080, "viewer port (the next free one is taken when it is busy)", min=1, max=65535)
     viewer_max_fps: float = param(10.0, "most frames per second the viewer renders (each competes with training)",
                                   gt=0.0)
+    viewer_render_share: float = param(0.25, "most fraction of the wall-clock time the viewer spends rendering "
+                                             "while training runs (1 = only viewer_max_fps limits it)",
+                                       gt=0.0, max=1.0)
     viewer_resolution: int = param(512, "longer side in pixels of the viewer's images (a slider on the page "
                                         "changes it)", min=64, max=2048)
     ply_sh_degree: Optional[int] = param(None, "pad the exported PLYs' SH coefficients to this degree for viewers "

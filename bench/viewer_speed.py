@@ -37,15 +37,38 @@ MODES = ("viewer off", "viewer on, no page", "viewer on, page open (headless Chr
 
 
 @dataclass
+class RunRecord:
+    """One timed run."""
+
+    seconds: float
+    cpu_seconds: float  # CPU time of this process (training and viewer threads; not the browser)
+    frames: int  # frames the viewer sent during the timed iterations
+    render_seconds: float  # the viewer's time in render_image during them
+    params: dict[str, torch.Tensor]  # the trained Gaussians
+
+
+@dataclass
 class Timing:
     ms_per_iteration: float
+    cpu_ms_per_iteration: float
     frames: int
     render_ms: float | None  # the viewer's render time per frame
-    same_gaussians: bool | None
+    same_gaussians: bool | None  # equal to the first 'viewer off' run (None for that mode)
 
 
-def train_once(cfg: Config, mode: str, iterations: int) -> tuple[float, int, float, dict[str, torch.Tensor]]:
-    """(seconds, frames sent, render seconds, final Gaussian tensors) of one run in one mode."""
+def connect_page(browser: HeadlessChromium, viewer, model, timeout: float = 60.0) -> None:
+    """Open the viewer in the browser and wait for its first frame (serving the page's snapshot request)."""
+    browser.open(viewer.url)
+    deadline = time.monotonic() + timeout
+    while viewer.frames_sent == 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page got no frame in {timeout} s")
+        viewer.after_step(0, model)
+        time.sleep(0.1)
+
+
+def train_once(cfg: Config, mode: str, iterations: int) -> RunRecord:
+    """Train from the seed for `iterations` steps in one mode, with the training loop's viewer hook."""
     seed_everything(cfg.seed)
     trainer = Trainer(cfg)
     settings = ViewerSettings.from_config(cfg)
@@ -53,66 +76,58 @@ def train_once(cfg: Config, mode: str, iterations: int) -> tuple[float, int, flo
     with contextlib.ExitStack() as stack:
         stack.callback(viewer.close)
         if mode == MODES[2]:
-            browser = stack.enter_context(HeadlessChromium(1024, 768))
-            browser.open(viewer.url)
-            deadline = time.monotonic() + 60.0
-            while viewer.frames_sent == 0:  # the page connects, asks for a snapshot, gets its first frame
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the page got no frame in 60 s")
-                viewer.after_step(0, trainer.gaussians)
-                time.sleep(0.1)
+            connect_page(stack.enter_context(HeadlessChromium(1024, 768)), viewer, trainer.gaussians)
         frames_before, render_before = getattr(viewer, "frames_sent", 0), getattr(viewer, "render_seconds", 0.0)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for step in range(1, iterations + 1):
             trainer.train_step(step)
             trainer.step = step
             viewer.after_step(step, trainer.gaussians)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        frames = getattr(viewer, "frames_sent", 0) - frames_before
-        render_seconds = getattr(viewer, "render_seconds", 0.0) - render_before
-    return seconds, frames, render_seconds, {name: p.detach().cpu() for name, p in trainer.gaussians.params().items()}
+        return RunRecord(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
+                         frames=getattr(viewer, "frames_sent", 0) - frames_before,
+                         render_seconds=getattr(viewer, "render_seconds", 0.0) - render_before,
+                         params={name: p.detach().cpu() for name, p in trainer.gaussians.params().items()})
+
+
+def summary(records: list[RunRecord], iterations: int, reference: dict[str, torch.Tensor] | None) -> Timing:
+    render = [1000.0 * r.render_seconds / r.frames for r in records if r.frames]
+    same = None if reference is None else all(
+        r.params.keys() == reference.keys() and all(torch.equal(r.params[k], reference[k]) for k in reference)
+        for r in records)
+    return Timing(1000.0 * statistics.median(r.seconds for r in records) / iterations,
+                  1000.0 * statistics.median(r.cpu_seconds for r in records) / iterations,
+                  int(statistics.median(r.frames for r in records)),
+                  statistics.median(render) if render else None, same)
 
 
 def measure(cfg: Config, modes: list[str], iterations: int, repeats: int) -> dict[str, Timing]:
-    seconds = {mode: [] for mode in modes}
-    frames = {mode: [] for mode in modes}
-    render = {mode: [] for mode in modes}
-    same = {mode: True for mode in modes}
-    reference = None
+    """Each mode `repeats` times, interleaved so that a change in the machine's load hits every mode."""
+    records = {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode in modes:
-            s, f, r, params = train_once(cfg, mode, iterations)
-            seconds[mode].append(s)
-            frames[mode].append(f)
-            if f:
-                render[mode].append(1000.0 * r / f)
-            if reference is None:
-                reference = params
-            same[mode] &= params.keys() == reference.keys() and all(torch.equal(params[k], reference[k])
-                                                                     for k in params)
-    return {mode: Timing(1000.0 * statistics.median(seconds[mode]) / iterations,
-                         int(statistics.median(frames[mode])),
-                         statistics.median(render[mode]) if render[mode] else None,
-                         same[mode] if mode != modes[0] else None)
-            for mode in modes}
+            records[mode].append(train_once(cfg, mode, iterations))
+    reference = records[modes[0]][0].params
+    return {mode: summary(runs, iterations, None if mode == modes[0] else reference)
+            for mode, runs in records.items()}
 
 
 def table(results: dict[str, Timing], cfg: Config, iterations: int, repeats: int, device: str) -> str:
     base = next(iter(results.values())).ms_per_iteration
     lines = [f"Viewer cost per training iteration: {iterations} iterations, median of {repeats}, on {device}; "
              f"viewer_resolution={cfg.viewer_resolution}, viewer_max_fps={cfg.viewer_max_fps:g}, "
-             f"browser window 1024x768.", "",
-             "| mode | ms / iteration | vs off | frames sent | render ms / frame | Gaussians equal to 'off' |",
-             "|---|---:|---:|---:|---:|---|"]
+             f"viewer_render_share={cfg.viewer_render_share:g}, browser window 1024x768. CPU ms: this "
+             f"process's CPU time (training and viewer threads, not the browser).", "",
+             "| mode | ms / iteration | vs off | CPU ms / iteration | frames sent | render ms / frame | "
+             "Gaussians equal to 'off' |", "|---|---:|---:|---:|---:|---:|---|"]
     for mode, t in results.items():
         same = "-" if t.same_gaussians is None else ("yes" if t.same_gaussians else "NO")
         render = "-" if t.render_ms is None else f"{t.render_ms:.1f}"
         lines.append(f"| {mode} | {t.ms_per_iteration:.1f} | {t.ms_per_iteration / base - 1.0:+.1%} | "
-                     f"{t.frames} | {render} | {same} |")
+                     f"{t.cpu_ms_per_iteration:.1f} | {t.frames} | {render} | {same} |")
     return "\n".join(lines) + "\n"
 
 

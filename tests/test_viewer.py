@@ -17,7 +17,8 @@ from gaussian_renderer import render
 from scene.camera_sampler import evaluation_ring
 from scene.gaussian_model import GaussianModel
 from training.viewer import (HomeView, LiveViewer, NoViewer, Snapshot, ViewerCamera, ViewerSettings,
-                             ViewerUnavailableError, frame_interval, open_viewer, orbit_position, render_image)
+                             ViewerUnavailableError, frame_interval, open_viewer, orbit_position, page_url,
+                             render_image, ssh_hint)
 from utils.config import ConfigError, load_config, parse_cli
 
 requires_viser = pytest.mark.skipif(importlib.util.find_spec("viser") is None, reason="viser is not installed")
@@ -174,6 +175,14 @@ def test_viewer_logs_its_url_and_the_ssh_port_forward(caplog):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_url_and_ssh_hint_for_every_interface_or_one_address():
+    assert page_url("127.0.0.1", 8080) == "http://127.0.0.1:8080"
+    assert page_url("0.0.0.0", 8081) == f"http://{socket.gethostname()}:8081"
+    assert ssh_hint("0.0.0.0", 8081).startswith("ssh -N -L 8081:127.0.0.1:8081 ")
+    assert ssh_hint("10.1.2.3", 9000).startswith("ssh -N -L 9000:10.1.2.3:9000 ")
+    assert ssh_hint("127.0.0.1", 9000).endswith("then open http://localhost:9000")
+
+
 @requires_viser
 def test_a_busy_port_moves_to_the_next_free_one(viewer):
     second = start_viewer(viewer.port)
@@ -226,3 +235,28 @@ def test_the_page_starts_at_the_first_evaluation_camera():
     ring = evaluation_ring(cfg.camera, 8, False)
     torch.testing.assert_close(torch.tensor(home.position), ring.camera_centers()[0], atol=1e-5, rtol=0)
     assert home.fov_y == cfg.camera.default_fovy
+
+
+@requires_viser
+def test_viewer_flags_apply_when_resuming(tmp_path):
+    assert train.main([*TINY_RUN, f"output_dir={tmp_path}"]) == 0
+    run = next(tmp_path.glob("*/*"))
+    port = free_port()
+    assert train.main(["--resume", str(run), "--quiet", "--viewer", "--viewer_port", str(port)]) == 0
+    assert f"viewer: http://127.0.0.1:{port}" in (run / "train.log").read_text()
+
+
+@requires_viser
+def test_the_speed_bench_times_every_mode_and_compares_the_trained_gaussians():
+    from bench import viewer_speed
+
+    cfg = load_config("config/demo.yaml", ["viewer=true", "GenerateCamParams.image_w=32",
+                                           "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=200"])
+    modes = list(viewer_speed.MODES[:2])
+    results = viewer_speed.measure(cfg, modes, iterations=3, repeats=1)
+    assert list(results) == modes
+    assert results[modes[0]].same_gaussians is None and results[modes[1]].same_gaussians is True
+    assert all(t.ms_per_iteration > 0 and t.cpu_ms_per_iteration > 0 and t.frames == 0 for t in results.values())
+    table = viewer_speed.table(results, cfg, 3, 1, "CPU").splitlines()
+    assert table[2].startswith("| mode | ms / iteration | vs off |") and len(table) == 6
+    assert table[4].startswith("| viewer off |") and "| +0.0% |" in table[4] and table[5].endswith("| yes |")

@@ -27,6 +27,7 @@ import contextlib
 import io
 import logging
 import math
+import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -178,9 +179,18 @@ def orbit_position(radius: float, polar_deg: float, azimuth_deg: float) -> tuple
     return (radius * math.sin(t) * math.sin(p), radius * math.sin(t) * math.cos(p), radius * math.cos(t))
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def page_url(host: str, port: int) -> str:
+    """The page's address; a server on every interface is named by this machine's host name."""
+    return f"http://{socket.gethostname() if host in WILDCARD_HOSTS else host}:{port}"
+
+
 def ssh_hint(host: str, port: int) -> str:
     """How to open the page from another machine through an SSH port-forward."""
-    return f"ssh -N -L {port}:{host}:{port} <user>@<this machine>, then open http://localhost:{port}"
+    target = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    return f"ssh -N -L {port}:{target}:{port} <user>@<this machine>, then open http://localhost:{port}"
 
 
 @dataclass(frozen=True)
@@ -231,7 +241,7 @@ class LiveViewer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.host}:{self.port}"
+        return page_url(self.settings.host, self.port)
 
     @property
     def paused(self) -> bool:

@@ -2,6 +2,7 @@
 
     python train.py --opt config/bagel.yaml --guidance_type sctd --phase_num 5 --num_ddim_timesteps 50 --guid_scale 7.5
     python train.py --opt config/demo.yaml                       # offline, CPU, analytic prior
+    python train.py --opt config/demo.yaml --viewer              # ... watched live at http://127.0.0.1:8080
     python train.py --resume outputs/<workspace>/<run>           # continue an interrupted run
     python train.py --resume outputs/<workspace>/<run> OptimizationParams.iterations=8000   # train further
     python train.py --opt config/bagel.yaml GuidanceParams.guidance_type=ism OptimizationParams.iterations=3000
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.run import train
     from training.stop import TrainingInterrupted
     from training.threads import configure_threads
+    from training.viewer import ViewerUnavailableError
     from utils.monitor import setup_logging
 
     try:
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     group = ProcessGroup.from_environment()  # several processes under torchrun: one asset, cameras split
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group)
-    except (ConfigError, ModelNotFoundError, CheckpointError, RunLockedError, FileNotFoundError) as exc:
+    except (ConfigError, ModelNotFoundError, CheckpointError, RunLockedError, FileNotFoundError,
+            ViewerUnavailableError) as exc:
         log.error("%s", exc)
         return 2
     except TrainingStopped as exc:

@@ -22,6 +22,7 @@ from training.preflight import preflight
 from training.run_dir import append_command, atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
 from training.stop import StopRequest, TrainingInterrupted
 from training.trainer import CHECKPOINT_VERSION, Trainer
+from training.viewer import ViewerSettings, open_viewer
 from utils.config import Config, ConfigError, save_config
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
@@ -79,8 +80,10 @@ def checkpoint_for(cfg: Config, run_dir: Path) -> dict:
 class TrainingRun:
     """Runs a Trainer for cfg.optim.iterations steps and writes everything into run_dir."""
 
-    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, quiet: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, quiet: bool = False,
+                 viewer: ViewerSettings | None = None):
         self.cfg, self.run_dir, self.trainer, self.quiet = cfg, run_dir, trainer, quiet
+        self.viewer = viewer or ViewerSettings.from_config(cfg)
         iters = cfg.optim.iterations
         self.test_steps = {1} | schedule_points(iters, cfg.test_ratio)
         self.save_steps = schedule_points(iters, cfg.save_ratio)
@@ -206,13 +209,14 @@ class TrainingRun:
         if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
             self.save_checkpoint()
 
-    def loop(self, monitor: Monitor, stop: StopRequest) -> None:
+    def loop(self, monitor: Monitor, stop: StopRequest, viewer) -> None:
         trainer = self.trainer
         for step in range(trainer.step + 1, self.cfg.optim.iterations + 1):
             snapshot = functools.partial(self.save_snapshot, step) if step in self.save_steps else None
             result = trainer.train_step(step, before_update=snapshot)  # snapshot before the opacity reset
             trainer.step = step
             self.steps_done += 1
+            viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused
             self.after_step(step, result, monitor)
             if stop.requested:
                 self.save_checkpoint()
@@ -230,14 +234,16 @@ class TrainingRun:
         trainer, cfg = self.trainer, self.cfg
         iters, start = cfg.optim.iterations, trainer.step
         monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
+        viewer = open_viewer(self.viewer, cfg, trainer.device, iters)
         t0 = time.perf_counter()
         try:
             if start == 0:
                 record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
                 self.metrics["initial"] = self.evaluate(0, monitor)
                 self.write_metrics()
-            self.loop(monitor, stop)
+            self.loop(monitor, stop, viewer)
         finally:
+            viewer.close()
             monitor.close()
             if self.steps_done:
                 self.record_session(start, time.perf_counter() - t0)
@@ -284,7 +290,7 @@ def _build_trainer(cfg: Config, checkpoint: dict | None, prior, group: ProcessGr
 
 
 def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, prior, group: ProcessGroup,
-           device) -> TrainingRun:
+           device, viewer: ViewerSettings | None = None) -> TrainingRun:
     trainer = _build_trainer(cfg, checkpoint, prior, group, device)
     if checkpoint is not None:
         try:
@@ -296,7 +302,7 @@ def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, pri
     log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s%s", cfg.guidance.guidance_type,
              cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device,
              f" and {group.world_size - 1} more processes" if group.distributed else "")
-    return TrainingRun(cfg, run_dir, trainer, quiet)
+    return TrainingRun(cfg, run_dir, trainer, quiet, viewer)
 
 
 def _remove_unstarted(run_dir: Path, quiet: bool) -> None:
@@ -363,6 +369,7 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
                   group: ProcessGroup, device, run_dir: Path | None) -> RunOutputs:
     try:
         preflight(cfg, resume=bool(resume), prior_given=prior is not None)
+        viewer = ViewerSettings.from_config(cfg)  # also on --resume; checks that viser is installed
         if resume:
             run_dir = Path(resume)
         elif run_dir is not None:
@@ -381,7 +388,7 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
             log.info("run folder: %s", run_dir.resolve())
             save_config(cfg, run_dir / "config.yaml")
             (append_command if resume else write_run_metadata)(run_dir, argv)
-            run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device)
+            run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device, viewer)
             return run.run(stop)
         except BaseException:
             if not resume and (run is None or run.steps_done == 0):

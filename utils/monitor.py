@@ -31,7 +31,7 @@ def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         file_handler._segmentdreamer = True
         root.addHandler(file_handler)
-    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "tensorboard"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "h5py", "tensorboard", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -26,10 +26,13 @@ _FLAG_KEYS = {
     "test_ratio": "test_ratio",
     "save_ratio": "save_ratio",
     "save_video": "save_video",
+    "viewer": "viewer",
+    "viewer_host": "viewer_host",
+    "viewer_port": "viewer_port",
 }
 
 _IGNORED_FLAGS = {
-    "ip": "there is no GUI",
+    "ip": "the official SIBR network GUI is not served (the live viewer: --viewer, --viewer_host)",
     "debug_from": "the official CUDA rasterizer debug mode is not used",
     "checkpoint_iterations": "checkpoints follow checkpoint_interval",
     "start_checkpoint": "use --resume RUN_DIR",
@@ -42,6 +45,13 @@ def _add_published_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_ddim_timesteps", help="GuidanceParams.num_ddim_timesteps (no effect)")
     parser.add_argument("--guid_scale", help="GuidanceParams.guidance_scale (only when given)")
     parser.add_argument("--seed", help="top-level seed")
+
+
+def _add_viewer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--viewer", action="store_const", const="true",
+                        help="serve a live browser view of the training (top-level viewer=true; needs viser)")
+    parser.add_argument("--viewer_host", help="top-level viewer_host (default 127.0.0.1: this machine only)")
+    parser.add_argument("--viewer_port", help="top-level viewer_port (default 8080)")
 
 
 def _add_official_flags(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +83,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", metavar="RUN_DIR", help="resume from the latest checkpoint of a run folder")
     parser.add_argument("--output", metavar="DIR", help="top-level output_dir")
     _add_published_flags(parser)
+    _add_viewer_flags(parser)
     _add_official_flags(parser)
     return parser
 

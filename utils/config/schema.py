@@ -343,7 +343,8 @@ class Config:
     guidance: GuidanceParams = _section(GuidanceParams, "GuidanceParams")
     camera: GenerateCamParams = _section(GenerateCamParams, "GenerateCamParams")
     optim: OptimizationParams = _section(OptimizationParams, "OptimizationParams")
-    port: int = param(2355, "official GUI port", no_effect="there is no GUI")
+    port: int = param(2355, "official network-GUI port", no_effect="the official SIBR network GUI is not served; "
+                                                             "the live viewer uses viewer_port")
     save_video: bool = param(True, "write a turntable video (RGB | depth) at the end of the run")
     seed: int = param(0, "global random seed (Python, NumPy, torch)", min=0)
     output_dir: str = param("outputs", "root folder of the run folders")
@@ -357,6 +358,18 @@ class Config:
                                                  "keeps the training aspect); null = the training size", min=8)
     nonfinite_patience: int = param(20, "consecutive iterations with NaN/Inf gradients or Gaussians (each one "
                                         "skipped) before the run stops", min=1)
+    viewer: bool = param(False, "serve a live browser view of the Gaussians while training (needs viser), "
+                                "with pause/resume")
+    viewer_host: str = param("127.0.0.1", "address the viewer listens on (127.0.0.1 = this machine only; reach it "
+                                          "over ssh -L, or 0.0.0.0 for every interface)")
+    viewer_port: int = param(8080, "viewer port (the next free one is taken when it is busy)", min=1, max=65535)
+    viewer_max_fps: float = param(10.0, "most frames per second the viewer renders (each competes with training)",
+                                  gt=0.0)
+    viewer_render_share: float = param(0.25, "most fraction of the wall-clock time the viewer spends rendering "
+                                             "while training runs (1 = only viewer_max_fps limits it)",
+                                       gt=0.0, max=1.0)
+    viewer_resolution: int = param(512, "longer side in pixels of the viewer's images (a slider on the page "
+                                        "changes it)", min=64, max=2048)
     ply_sh_degree: Optional[int] = param(None, "pad the exported PLYs' SH coefficients to this degree for viewers "
                                                "that expect it (e.g. 3); null = the model's degree", min=0, max=3)
     ply_up_axis: str = param("-y", "up axis of the exported PLYs: -y (3DGS/COLMAP convention: SuperSplat, "

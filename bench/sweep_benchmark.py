@@ -63,6 +63,7 @@ class RunTiming:
 def overrides(args) -> list[str]:
     out = [f"OptimizationParams.iterations={args.iters}", "GenerateCamParams.init_shape=sphere",
            "GuidanceParams.model_key=random-weights", f"checkpoint_interval={args.iters}"]
+    out += list(args.set or [])
     if args.tiny:
         out += ["GenerateCamParams.image_w=64", "GenerateCamParams.image_h=64", "GenerateCamParams.init_num_pts=500",
                 "PipelineParams.compile=false", "video_frames=4"]
@@ -129,6 +130,7 @@ def single_runs(args, prompts: list[str], work: Path) -> list[RunTiming]:
         cmd = [sys.executable, "-m", "bench.sweep_benchmark", "--single", "--prompt", prompts[k % len(prompts)],
                "--iters", str(args.iters), "--result", str(result), "--work", str(work / f"single_{k}")]
         cmd += ["--tiny"] if args.tiny else []
+        cmd += [f"--set={item}" for item in args.set or []]
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=REPO, check=True)
         timing = RunTiming(**json.loads(result.read_text()))
@@ -186,6 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--assets", type=int, default=200, help="assets sharing the sweep's one-off costs (Table 1: 200)")
     p.add_argument("--tiny", action="store_true", help="tiny random SD at 64x64, no compile (CPU smoke test)")
     p.add_argument("--out", type=Path, help="write the table (markdown) here")
+    p.add_argument("--set", action="append", metavar="Section.key=value",
+                   help="extra config override for every run (repeatable), e.g. save_video=false")
     p.add_argument("--work", type=Path, help="folder for the run folders (default: a temporary one)")
     p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # one run in this process
     p.add_argument("--prompt", help=argparse.SUPPRESS)

@@ -107,10 +107,10 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, monkeypatch
     cfg = load_config(None, [f"output_dir={tmp_path / 'resumed'}", *SMALL])
     original = Trainer.train_step
 
-    def crash_at_7(self, step):
+    def crash_at_7(self, step, **kwargs):
         if step == 7:
             raise KeyboardInterrupt
-        return original(self, step)
+        return original(self, step, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_7)
     with pytest.raises(KeyboardInterrupt):

@@ -80,6 +80,15 @@ class ProcessGroup:
                                 timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d of %d joined (%s)", self.rank, self.world_size, backend)
 
+    def barrier(self, device: torch.device | None = None) -> None:
+        """Wait for every process (at the end of a run: no process tears the group down under another)."""
+        if not self.distributed:
+            return
+        if device is not None and device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
     def stop(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

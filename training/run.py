@@ -349,14 +349,18 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
         device = group.device(cfg.pipeline.device)
         group.start(device)
         if not group.is_writer:
-            return _train_follower(cfg, resume, prior, group, device)
-    return _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device, run_dir)
+            _train_follower(cfg, resume, prior, group, device)
+            group.barrier(device)  # rank 0 still evaluates and writes: leave together
+            return None
+    outputs = _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device, run_dir)
+    group.barrier(device)
+    return outputs
 
 
 def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup, device) -> None:
     run_dir = group.broadcast_object(None)
     if run_dir is None:  # rank 0 refused the run before creating it, and reports why
-        return None
+        raise SystemExit(2)
     checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME) if resume else None
     trainer = _build_trainer(cfg, checkpoint, prior, group, device)
     if checkpoint is not None:

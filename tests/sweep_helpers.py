@@ -13,7 +13,7 @@ TINY_ANALYTIC = [
     "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=300",
     "OptimizationParams.iterations=6", "OptimizationParams.densify_from_iter=1",
     "OptimizationParams.densification_interval=2", "OptimizationParams.warmup_iter=2",
-    "video_frames=4", "checkpoint_interval=2", "save_video=false", "test_ratio=2",
+    "video_frames=4", "checkpoint_interval=2", "save_video=false", "test_ratio=2", "export_mesh=false",
 ]
 
 

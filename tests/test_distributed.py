@@ -53,7 +53,7 @@ SMALL = [
     "OptimizationParams.densify_grad_threshold=0.0002", "OptimizationParams.warmup_iter=4",
     "OptimizationParams.lambda_tv=1.0", "OptimizationParams.lambda_scale=1.0",
     "ModelParams.workspace=dist", "save_video=false", "test_ratio=2", "save_ratio=1", "checkpoint_interval=6",
-    "log_interval=1", "preview_interval=0", "PipelineParams.device=cpu",
+    "log_interval=1", "preview_interval=0", "PipelineParams.device=cpu", "export_mesh=false",
 ]
 
 

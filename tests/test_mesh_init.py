@@ -196,7 +196,8 @@ def test_a_run_from_a_mesh_file_records_its_start(tmp_path):
     path = write_obj(tmp_path / "cube.obj", CUBE_VERTS, CUBE_FACES, CUBE_COLOURS)
     code = train.main(["--quiet", f"output_dir={tmp_path / 'out'}", "GuidanceParams.prior=analytic",
                        "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32",
-                       "OptimizationParams.iterations=1", "save_video=false", "GenerateCamParams.init_shape=mesh",
+                       "OptimizationParams.iterations=1", "save_video=false", "export_mesh=false",
+                       "GenerateCamParams.init_shape=mesh",
                        f"GenerateCamParams.init_path={path}",
                        "GenerateCamParams.init_num_pts=5000", "GenerateCamParams.use_pointe_rgb=true"])
     assert code == 0
@@ -212,13 +213,14 @@ def test_resume_reads_the_gaussians_from_the_checkpoint_not_the_mesh_file(tmp_pa
 
     path = write_obj(tmp_path / "cube.obj", CUBE_VERTS, CUBE_FACES, CUBE_COLOURS)
     args = ["--quiet", f"output_dir={tmp_path / 'out'}", "GuidanceParams.prior=analytic", "save_video=false",
+            "export_mesh=false",
             "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "OptimizationParams.iterations=1",
             "GenerateCamParams.init_shape=mesh", f"GenerateCamParams.init_path={path}",
             "GenerateCamParams.init_num_pts=5000"]
     assert train.main(args) == 0
     (run,) = [p for p in (tmp_path / "out").glob("*/*") if p.is_dir()]
     path.unlink()  # a resumed run must not need the initial shape again (nor re-run Point-E / Shap-E)
-    assert train.main(["--quiet", "--resume", str(run)]) == 0
+    assert train.main(["--quiet", "--resume", str(run), "OptimizationParams.iterations=2"]) == 0
 
 
 def test_config_requires_the_inputs_of_each_initial_shape():

@@ -37,10 +37,10 @@ def _ply(path: Path) -> dict:
 def _crash_at(monkeypatch, step: int):
     original = Trainer.train_step
 
-    def crash(self, s):
+    def crash(self, s, **kwargs):
         if s == step:
             raise KeyboardInterrupt
-        return original(self, s)
+        return original(self, s, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash)
     return original
@@ -169,8 +169,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, monkey
     reference = _ply(next((tmp_path / "straight").glob("*/*")) / "point_cloud.ply")
     original = Trainer.train_step
 
-    def terminated_during_3(self, step):
-        result = original(self, step)
+    def terminated_during_3(self, step, **kwargs):
+        result = original(self, step, **kwargs)
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return result

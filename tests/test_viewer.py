@@ -39,7 +39,7 @@ TINY_RUN = [
     "--quiet", "GuidanceParams.prior=analytic", "GuidanceParams.C_batch_size=2", "GenerateCamParams.image_w=32",
     "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=300", "OptimizationParams.iterations=4",
     "OptimizationParams.densify_from_iter=1", "OptimizationParams.densification_interval=2",
-    "OptimizationParams.warmup_iter=2", "save_video=false",
+    "OptimizationParams.warmup_iter=2", "save_video=false", "export_mesh=false",
 ]
 
 
@@ -254,7 +254,9 @@ def test_viewer_flags_apply_when_resuming(tmp_path):
     assert train.main([*TINY_RUN, f"output_dir={tmp_path}"]) == 0
     run = next(tmp_path.glob("*/*"))
     port = free_port()
-    assert train.main(["--resume", str(run), "--quiet", "--viewer", "--viewer_port", str(port)]) == 0
+    # a finished run resumes only to train further
+    assert train.main(["--resume", str(run), "--quiet", "--viewer", "--viewer_port", str(port),
+                       "OptimizationParams.iterations=6"]) == 0
     assert f"viewer: http://127.0.0.1:{port}" in (run / "train.log").read_text()
 
 

@@ -136,4 +136,5 @@ def preflight(cfg: Config, resume: bool = False, prior_given: bool = False) -> N
         check_analytic_scene(cfg)
     elif not prior_given:
         check_stable_diffusion(cfg)
-    check_initialisation(cfg)
+    if not resume:  # a resumed run starts from its checkpoint, not from the initialisation
+        check_initialisation(cfg)

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from training.claims import Claim, ClaimStore, Heartbeat
+from training.stop import TrainingInterrupted
 from training.sweep_markers import failed_in, is_done, mark_done, mark_failed
 from training.sweep_plan import LOSSES, SweepPlan, SweepRun
 from utils.config import Config, ConfigError, config_to_dict, load_config
@@ -245,6 +246,11 @@ class SweepWorker:
         t0 = time.perf_counter()
         try:
             record = self._train(run, folder)
+        except TrainingInterrupted as exc:
+            # SIGTERM or Ctrl-C during the run (torchrun stopping the group, a time limit): the run saved its
+            # checkpoint; the worker stops too instead of taking the next claim (a relaunch resumes it)
+            log.warning("%s: %s; the worker stops", run.name, exc)
+            raise SystemExit(143 if exc.signal_name == "SIGTERM" else 130) from None
         except Exception as exc:  # noqa: BLE001 - one failed run never stops the sweep
             seconds = time.perf_counter() - t0
             log_path = folder / "train.log"
@@ -253,7 +259,8 @@ class SweepWorker:
             else:
                 log_path = self.log_file
                 log.error("%s failed:\n%s", run.name, traceback.format_exc())
-            mark_failed(folder, {"name": run.name, "error": f"{type(exc).__name__}: {exc}", "log": str(log_path),
+            mark_failed(folder, {"name": run.name, "error": f"{type(exc).__name__}: {exc}",
+                                 "log": None if log_path is None else str(log_path),
                                  "launch": self.env.launch, "host": socket.gethostname(), "rank": self.env.rank,
                                  "seconds": seconds})
             log.error("FAILED %s after %.1f s: %s: %s (log: %s)", run.name, seconds, type(exc).__name__, exc, log_path)

@@ -15,7 +15,10 @@ the fixed cost outside the loop (folder, initial points, evaluations, PLY and tu
 compile warm-up (loop time beyond iters x the warm ms/it) and the model load; then minutes per
 5000-iteration asset in a sweep (fixed costs per asset, model load and warm-up shared by the assets)
 and as a single run (everything paid again). The ms/it at short iteration counts covers the first
-iterations only: densification grows the Gaussians later in a 5000-iteration run.
+iterations only: densification grows the Gaussians later in a 5000-iteration run. The loop time also
+holds the run's fixed in-loop work (6 test evaluations, the point-cloud snapshots, the last checkpoint):
+at a few dozen iterations that dominates, and the minutes-per-asset lines overstate the time; use
+--iters 500 or more, or take the per-iteration time from bench/benchmark.py.
 """
 from __future__ import annotations
 
@@ -168,7 +171,7 @@ def format_table(runs: list[RunTiming], summary: dict, gpu: str, args) -> str:
         process = "-" if r.process_s is None else f"{r.process_s:.1f}"
         peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         lines.append(f"| {r.mode} | {r.index} | {r.prompt[:40]} | {r.wall_s:.1f} | {r.loop_s:.1f} | "
-                     f"{r.ms_per_it:.1f} | {r.fixed_s:.1f} | {warmup:.1f} | {r.model_load_s:.1f} | {process} "
+                     f"{r.ms_per_it:.1f} | {r.fixed_s:.1f} | {warmup:.1f} | {r.model_load_s:.2f} | {process} "
                      f"| {peak} |")
     lines += ["", f"Warm ms/it {ms_it:.1f}; fixed cost per asset {summary['fixed_s']:.1f} s; paid once per worker "
               f"(model load + compile warm-up) {summary['paid_once_s']:.1f} s.",

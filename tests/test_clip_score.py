@@ -1,31 +1,21 @@
-"""The CLIP-score evaluation tool (bench/clip_score.py) on a tiny random CLIP saved as a folder."""
+"""The CLIP-score evaluation tool (evaluation/clip_score.py) on a tiny random CLIP saved as a folder."""
 import json
 
 import pytest
 import torch
 
-from bench.random_sd import char_tokenizer
 from evaluation import clip_score
 from evaluation.clip_score import OPENAI_MEAN, OPENAI_STD, CLIPScorer
 from guidance.prior import ModelNotFoundError
 from scene.gaussian_model import GaussianModel
+from tests.tiny_models import save_tiny_clip
 from utils.config import load_config, save_config
 
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    layers = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=100, max_position_embeddings=77, **layers),
-        vision_config=dict(image_size=32, patch_size=8, **layers),
-        projection_dim=16,
-    )
     folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).save_pretrained(folder)
-    char_tokenizer(100).save_pretrained(folder)
+    save_tiny_clip(folder)
     return folder
 
 

@@ -8,6 +8,7 @@ from guidance.analytic_prior import AnalyticPrior, procedural_scene
 from guidance.losses import LOSSES, StepInfo, build_loss
 from guidance.losses.base import NoiseSource
 from scene.camera_sampler import orbit_cameras
+from tests.prior_doubles import RecordingPrior
 from utils.config import load_config
 
 
@@ -65,29 +66,6 @@ def test_one_step_moves_render_towards_hidden_target(prior, views, variant, rate
     assert (z0 - eta * g - mu).norm() < (z0 - mu).norm()
 
 
-class CountingPrior:
-    """Wraps a prior and records the branches of every predict_noise call."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-        self.alphas_cumprod, self.device = inner.alphas_cumprod, inner.device
-
-    def predict_noise(self, z_t, t, cond, branches):
-        self.calls.append(tuple(branches))
-        return self.inner.predict_noise(z_t, t, cond, branches)
-
-    def decode(self, z):
-        return self.inner.decode(z)
-
-    @property
-    def num_train_timesteps(self):
-        return self.inner.num_train_timesteps
-
-    @property
-    def timestep_grid(self):
-        return self.inner.timestep_grid
-
-
 @pytest.mark.parametrize("variant,expected", [
     ({"guidance_type": "sctd", "t_threshold": 0}, [("null",), ("null",), ("neg", "pos"), ("null",)]),
     ({"guidance_type": "sctd", "t_threshold": 999}, [("null",), ("neg", "pos"), ("null",)]),
@@ -100,26 +78,26 @@ class CountingPrior:
 def test_denoiser_calls_per_loss(prior, views, variant, expected):
     """The denoiser calls each loss makes per step, as in the official `train_step`s (branches batched per call)."""
     cams, background, target = views
-    counting = CountingPrior(prior)
+    counting = RecordingPrior(prior)
     loss = build_loss(_cfg(**variant), counting, torch.Generator().manual_seed(0))
     loss(prior.encode(target), prior.condition(cams, background), StepInfo(step=1, warm_up_rate=0.5))
-    assert counting.calls == expected
+    assert counting.branches == expected
 
 
 def test_ism_inversion_calls_follow_the_interval(prior, views):
     """x_s comes from ceil(i_s / xs_delta_t) empty-prompt inversion steps from index 0 (timestep 1), plus the
     target call; indices i map to timesteps i + 1."""
     cams, background, target = views
-    counting = CountingPrior(prior)
+    counting = RecordingPrior(prior)
     loss = build_loss(_cfg(guidance_type="ism"), counting, torch.Generator().manual_seed(3))
     seen = set()
     for step in range(12):
-        counting.calls.clear()
+        counting.branches.clear()
         out = loss(prior.encode(target), prior.condition(cams, background), StepInfo(step=step, warm_up_rate=1.0))
         t, s = int(out.scalars["t"]), int(out.scalars["s"])
         assert s == max(t - 100, 1)  # delta_T = 100 at the start of the warm-up, i_s = max(i_t - 100, 0)
         n_inv = math.ceil((s - 1) / 200)
-        assert counting.calls == [("null",)] * (n_inv + 1) + [("neg", "pos")]
+        assert counting.branches == [("null",)] * (n_inv + 1) + [("neg", "pos")]
         seen.add(n_inv)
     assert len(seen) >= 3  # several interval lengths were exercised
 

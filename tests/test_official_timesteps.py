@@ -31,6 +31,7 @@ from guidance.losses import StepInfo, build_loss
 from guidance.stable_diffusion import StableDiffusionPrior, scheduler_timestep_grid
 from guidance.timesteps import SCTDTimesteps, TimestepGrid, ism_interval, uniform_edges
 from scene.cameras import Cameras
+from tests.prior_doubles import RecordingPrior
 from utils.config import load_config
 
 B = 2
@@ -52,29 +53,6 @@ def sd_prior(tiny_sd_dir, make_guidance_cfg):
 def sd_perpneg_prior(tiny_sd_dir, make_guidance_cfg):
     cfg = make_guidance_cfg(model_key=str(tiny_sd_dir), precision="fp32", perpneg=True)
     return StableDiffusionPrior.from_config(cfg, "cpu")
-
-
-class RecordingPrior:
-    """Forwards to a prior and records the timestep values of every denoiser call."""
-
-    def __init__(self, inner):
-        self.inner, self.timesteps = inner, []
-        self.alphas_cumprod, self.device = inner.alphas_cumprod, inner.device
-
-    def predict_noise(self, z_t, t, cond, branches):
-        self.timesteps.append(t.tolist())
-        return self.inner.predict_noise(z_t, t, cond, branches)
-
-    def decode(self, z):
-        return self.inner.decode(z)
-
-    @property
-    def num_train_timesteps(self):
-        return self.inner.num_train_timesteps
-
-    @property
-    def timestep_grid(self):
-        return self.inner.timestep_grid
 
 
 def _guidance_cfg(**keys):

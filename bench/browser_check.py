@@ -6,7 +6,7 @@
 
 glb: three.js's GLTFLoader, camera on the +Z side (the asset's front) with three.js's +Y up.
     Without --glb a tall test object is exported first (a column of Gaussians along the training
-    world's z, red bottom, blue top: utils/mesh_export.py).
+    world's z, red bottom, blue top: export/mesh.py).
 ply: the same column as a 3DGS PLY in GaussianSplats3D (mkkellogg, a three.js splat viewer):
     `ply_up_axis: y` with the viewer's defaults (camera up +y), and `ply_up_axis: -y` with the
     transform SuperSplat / PlayCanvas apply to every PLY they load (180 degrees about z) must
@@ -101,7 +101,7 @@ def tall_column():
 
 
 def tall_test_glb(folder: Path, texture: int = 0) -> Path:
-    from utils.mesh_export import MeshOptions, export_mesh
+    from export.mesh import MeshOptions, export_mesh
 
     return export_mesh(tall_column(), folder, MeshOptions(resolution=64, faces=5000, texture=texture))["glb"]
 

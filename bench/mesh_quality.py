@@ -3,7 +3,7 @@
     python bench/mesh_quality.py [--runs RUN_DIR ...] [--size 256] [--resolution 192] [--faces 50000] [--texture 1024]
 
 For each source (the analytic prior's hidden procedural scenes, and every run folder given, e.g.
-a `python train.py --opt config/demo.yaml` run) the mesh is extracted with utils/mesh_export.py
+a `python train.py --opt config/demo.yaml` run) the mesh is extracted with export/mesh.py
 and both are rendered from the evaluation ring (8 views at default_polar, 8 at the 2/3 ring, the
 demo config's radius and fov; white background). Printed per source: silhouette IoU (Gaussian
 alpha > 0.5 vs mesh coverage), PSNR of the mesh render against the Gaussian render, face count and
@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.mesh import MeshOptions, find_source, load_gaussians, mesh_from_gaussians  # noqa: E402
+from export.mesh_render import render_mesh, render_textured  # noqa: E402
+from export.mesh_texture import bake_texture  # noqa: E402
 from gaussian_renderer import render_in_chunks  # noqa: E402
 from guidance.analytic_prior import PROCEDURAL_SCENES, procedural_scene  # noqa: E402
 from scene.camera_sampler import evaluation_ring  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.mesh_export import MeshOptions, find_source, load_gaussians, mesh_from_gaussians  # noqa: E402
-from utils.mesh_render import render_mesh, render_textured  # noqa: E402
-from utils.mesh_texture import bake_texture  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,1 +1,1 @@
-"""Evaluation of finished assets: CLIP score (the paper's Table 1 text-alignment metric)."""
+"""Metrics of finished assets: CLIP score (the paper's Table 1 text alignment), FID, ImageReward."""

@@ -170,8 +170,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from training.trainer import resolve_device
     from utils.config import load_config
+    from utils.devices import resolve_device
 
     config_path = args.run_dir / "config.yaml"
     if not config_path.is_file():

@@ -134,8 +134,8 @@ def generate_reference(model_key: str, prompts: list[str], per_prompt: int, out:
     import imageio.v3 as iio
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from training.sweep_plan import Prompt, unique_slugs
     from utils.media import to_uint8
+    from utils.prompts import Prompt, unique_slugs
 
     pipe = StableDiffusionPipeline.from_pretrained(model_key, torch_dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
@@ -183,11 +183,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from training.trainer import resolve_device
+    from utils.devices import resolve_device
 
     device = resolve_device(args.device)
     if args.command == "reference":
-        from training.sweep_plan import load_prompts
+        from utils.prompts import load_prompts
 
         prompts = [p.text for p in load_prompts(args.prompts)]
         dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -24,13 +24,10 @@ from torch import Tensor
 
 from guidance.timesteps import TimestepGrid
 from scene.cameras import Cameras
+from utils.hub import ModelNotFoundError  # noqa: F401 (raised by every prior's loader; imported from here)
 
 BRANCHES = ("null", "neg", "pos", "perp1", "perp2")
 PERP_NEG_BRANCHES = ("perp1", "perp2")
-
-
-class ModelNotFoundError(RuntimeError):
-    """The model weights named by the config cannot be found locally or on the Hub."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from torch import Tensor
@@ -38,6 +37,7 @@ from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
 from guidance.timesteps import TimestepGrid
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
+from utils.hub import hub_cache_dir, hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -100,23 +100,6 @@ def resolve_dtype(precision: str | torch.dtype, fp16: bool, device: torch.device
         logger.warning("fp16 is not usable on the CPU: running Stable Diffusion in fp32")
         return torch.float32
     return dtype
-
-
-def hub_offline() -> bool:
-    """Offline mode, read from the environment now (huggingface_hub reads it once at import)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return hf_constants.HF_HUB_OFFLINE or any(
-        (f or "").strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags
-    )
-
-
-def hub_cache_dir() -> str:
-    """The hub cache folder, read from the environment now (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return hf_constants.HF_HUB_CACHE
 
 
 def _is_hub_id(key: str) -> bool:

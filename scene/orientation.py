@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gaussian_renderer.torch_backend import spherical_harmonics
+from scene.spherical_harmonics import spherical_harmonics
 
 UP_AXES = ("-y", "y", "z")
 
@@ -31,6 +31,8 @@ _WORLD_TO_EXPORT = {
     "y": ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0)),
     "-y": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
 }
+
+MESH_UP_AXIS = "y"  # the exported meshes' up axis: glTF 2.0 mandates +Y up
 
 
 def world_to_export(up_axis: str) -> Tensor:

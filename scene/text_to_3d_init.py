@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from guidance.prior import ModelNotFoundError
 from scene.mesh_file import ColouredMesh
+from utils.hub import ModelNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _check_hub_model(repo_id: str) -> None:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-    from guidance.stable_diffusion import hub_cache_dir, hub_offline
+    from utils.hub import hub_cache_dir, hub_offline
 
     cache_dir = hub_cache_dir()
     if hub_offline():
@@ -100,7 +100,7 @@ def load_shapee_pipeline(model_key: str | None, device: torch.device):
     """ShapEPipeline on `device`, fp16 on CUDA (as the official sampler), fp32 on the CPU."""
     from diffusers import ShapEPipeline
 
-    from guidance.stable_diffusion import hub_cache_dir, hub_offline
+    from utils.hub import hub_cache_dir, hub_offline
 
     key, is_hub = locate_shapee(model_key)
     hub = {"cache_dir": hub_cache_dir(), "local_files_only": hub_offline()} if is_hub else {}

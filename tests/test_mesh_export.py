@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from export.gaussian_field import opacity_grid
+from export.mesh import MeshOptions, export_mesh, find_source, main, mesh_from_gaussians
+from export.mesh_render import rasterize, render_mesh
 from gaussian_renderer.types import GaussianTensors
 from scene.camera_sampler import orbit_cameras
 from scene.gaussian_model import GaussianModel, rgb_to_sh
-from utils.gaussian_field import opacity_grid
-from utils.mesh_export import MeshOptions, export_mesh, find_source, main, mesh_from_gaussians
-from utils.mesh_render import rasterize, render_mesh
 
 
 def _column(height: float = 1.2, radius: float = 0.25, per_axis: int = 6) -> GaussianTensors:
@@ -83,8 +83,8 @@ def test_mesh_of_a_column_is_closed_coloured_and_renders_like_the_splats(bake_vi
 
 
 def test_baked_colours_come_from_the_views_that_see_the_surface():
-    from utils.mesh_bake import bake_views, rendered_colors
-    from utils.mesh_export import vertex_normals
+    from export.mesh import vertex_normals
+    from export.mesh_bake import bake_views, rendered_colors
 
     mesh = mesh_from_gaussians(_column(), MeshOptions(resolution=40, faces=2000, bake_views=0))
     normals = vertex_normals(mesh.vertices, mesh.faces)

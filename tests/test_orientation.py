@@ -6,9 +6,9 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from gaussian_renderer.torch_backend import spherical_harmonics
 from scene.gaussian_model import GaussianModel, quat_to_rotmat
 from scene.orientation import UP_AXES, rotate_gaussians, rotmat_to_quat, world_to_export
+from scene.spherical_harmonics import spherical_harmonics
 
 
 def _random_rotation(seed: int) -> torch.Tensor:

@@ -13,8 +13,8 @@ from evaluation.fid import (
     resize_for_inception,
 )
 from evaluation.image_reward import INSTALL_HINT, ImageRewardScorer, ImageRewardUnavailable, image_reward_installed
-from evaluation.report import ReportOptions, Scorers
 from tests.tiny_models import save_tiny_inception
+from training.sweep_report import ReportOptions, Scorers
 from utils.media import save_images
 
 

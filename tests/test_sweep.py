@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import train
-from evaluation.report import ReportOptions, write_report
-from evaluation.report import main as report_main
 from tests.sweep_helpers import PROMPTS, TINY_ANALYTIC, assert_same_result, tiny_sd, write_prompts
 from training.claims import ClaimStore, Heartbeat
 from training.sweep import SweepWorker, WorkerEnv, prior_fingerprint, worker_env
 from training.sweep import main as sweep_main
 from training.sweep_markers import DONE, FAILED
 from training.sweep_plan import Prompt, SweepPlan, load_prompts, slugify, unique_slugs
+from training.sweep_report import ReportOptions, write_report
+from training.sweep_report import main as report_main
 from utils.config import ConfigError, save_config
 
 REPO = Path(__file__).resolve().parents[1]

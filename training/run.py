@@ -162,7 +162,7 @@ class TrainingRun:
 
     def write_mesh(self) -> Path | None:
         """mesh/mesh.glb and mesh/mesh.obj; None (with a warning) when the Gaussians have no surface."""
-        from utils.mesh_export import export_mesh, options_from_config
+        from export.mesh import export_mesh, options_from_config
 
         with torch.no_grad():
             gaussians = self.trainer.gaussians.gaussian_tensors()

@@ -17,7 +17,7 @@ checkpoints/last.pt, and waits for runs that live workers hold (taking them over
 A failed run is recorded (failed.json, with its log) and never stops the sweep; a later launch retries
 it. Workers exit 0 even when runs failed, because torchrun stops every worker as soon as one exits
 non-zero: the failures are in the log and the report. Rank 0 shows the overall bar and writes the
-report (evaluation/report.py) when every run has finished or failed.
+report (training/sweep_report.py) when every run has finished or failed.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def prior_fingerprint(cfg: Config) -> str:
 
 def select_device(cfg: Config, local_rank: int) -> torch.device:
     """One GPU per local rank (CUDA), else the CPU."""
-    from training.trainer import resolve_device
+    from utils.devices import resolve_device
 
     device = resolve_device(cfg.pipeline.device)
     if device.type == "cuda":
@@ -330,7 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks while others hold the rest")
     p.add_argument("--report-only", action="store_true", help="write the report of what is there now, train nothing")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    from evaluation.report import add_report_arguments
+    from training.sweep_report import add_report_arguments
 
     add_report_arguments(p)
     return p.parse_intermixed_args(argv)
@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from evaluation.report import report_options, write_report
     from guidance.prior import ModelNotFoundError
+    from training.sweep_report import report_options, write_report
 
     try:
         env = worker_env()

@@ -29,6 +29,7 @@ from scene.initialisation import initial_points
 from training.distributed import ProcessGroup
 from training.health import NonFiniteGuard, TrainingStopped
 from utils.config import Config
+from utils.devices import resolve_device
 from utils.losses import tv_loss
 from utils.seeding import global_rng_state, restore_global_rng_state
 
@@ -45,14 +46,6 @@ class StepResult:
     render: RenderOutput
     images: Tensor  # [B, 3, H, W] what the prior saw (rgb or depth), before flipping
     shard: BatchShard | None = None  # this process's rows of the camera batch (None: all of them)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("PipelineParams.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def build_prior(cfg: Config, device: torch.device) -> DiffusionPrior:

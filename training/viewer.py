@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from gaussian_renderer import render
-from gaussian_renderer.types import GaussianTensors
 from scene.camera_sampler import look_at_cameras
 from scene.cameras import Cameras
 from scene.gaussian_model import GaussianModel, quat_to_rotmat
+from scene.gaussian_tensors import GaussianTensors
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from gaussian_renderer.torch_backend import quat_scale_to_covar
-from gaussian_renderer.types import GaussianTensors
+from scene.gaussian_tensors import GaussianTensors
 
 SIGMA_CUTOFF = 3.0  # a Gaussian's support: its 3-sigma ellipsoid
 MAX_ALPHA = 0.999  # keeps log(1 - alpha) finite

@@ -1,6 +1,6 @@
 """The sweep's Table 1: report.md, report.csv (one row per loss) and runs.csv (one row per run).
 
-    python -m evaluation.report outputs/table1 --clip-model /models/clip-vit-large-patch14 \\
+    python -m training.sweep_report outputs/table1 --clip-model /models/clip-vit-large-patch14 \\
         --fid-reference outputs/fid_reference --fid-inception inception-2015-12-05.pt
 
 Per loss, as in SegmentDreamer's Table 1: CLIP-L score (mean over 120 views around each asset, then
@@ -278,7 +278,7 @@ def _write_csv(path: Path, columns: tuple, rows: list[dict]) -> None:
 
 def write_report(root: str | Path, options: ReportOptions | None = None) -> tuple[Path, Path, Path]:
     """Evaluate what is finished and write root/report.md, root/report.csv (per loss), root/runs.csv."""
-    from training.trainer import resolve_device
+    from utils.devices import resolve_device
 
     root, options = Path(root), options or ReportOptions()
     scorers = Scorers(options, resolve_device(options.device))
@@ -293,7 +293,7 @@ def write_report(root: str | Path, options: ReportOptions | None = None) -> tupl
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.sweep_report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="a sweep folder (python -m training.sweep --out)")
     add_report_arguments(p)

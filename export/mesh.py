@@ -1,13 +1,13 @@
 """A coloured triangle mesh from 3D Gaussians: GLB and OBJ files for engines and glTF viewers.
 
-    python -m utils.mesh_export RUN_DIR_or_PLY [--out FOLDER] [--resolution 192] [--faces 50000] [--texture 1024]
+    python -m export.mesh RUN_DIR_or_PLY [--out FOLDER] [--resolution 192] [--faces 50000] [--texture 1024]
 
-Steps: the opacity field of the Gaussians on a grid (utils/gaussian_field.py), marching cubes at
+Steps: the opacity field of the Gaussians on a grid (export/gaussian_field.py), marching cubes at
 the iso-level `level`, clean-up (components smaller than a fraction of the largest are dropped:
 floaters), decimation to a target face count (fast-simplification's quadric simplifier), and
-per-vertex colours: from renders of the Gaussians where views see the surface (utils/mesh_bake.py),
+per-vertex colours: from renders of the Gaussians where views see the surface (export/mesh_bake.py),
 elsewhere the Gaussians' degree-0 SH (the view-independent colour) blended over the Gaussians near
-each vertex, weighted by their opacity there. Optionally a baked UV texture (utils/mesh_texture.py).
+each vertex, weighted by their opacity there. Optionally a baked UV texture (export/mesh_texture.py).
 
 Files follow glTF's convention: +Y up, front facing +Z, 1 unit = 1 metre (the training scene's
 units taken as metres; the object fits in about 1-2 units). Both are stated in the GLB (scene
@@ -28,21 +28,20 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
-from gaussian_renderer.types import GaussianTensors
-from scene.gaussian_model import GaussianModel, quat_to_rotmat, sh_to_rgb
-from scene.orientation import world_to_export
-from utils.gaussian_field import MIN_OPACITY, opacity_grid
+from export.gaussian_field import opacity_grid
+from export.mesh_colors import colors_at, vertex_normals
+from scene.gaussian_model import GaussianModel
+from scene.gaussian_tensors import GaussianTensors
+from scene.orientation import MESH_UP_AXIS, world_to_export
 
 if TYPE_CHECKING:
-    from utils.mesh_texture import TexturedMesh
+    from export.mesh_texture import TexturedMesh
 
 log = logging.getLogger(__name__)
 
-MESH_UP_AXIS = "y"  # glTF 2.0 mandates +Y up (scene/orientation.py)
 ASSET_NOTE = {"up_axis": "+Y", "front": "+Z", "units": "metres (1 training-scene unit = 1 m)",
-              "generator": "SegmentDreamer utils/mesh_export.py"}
+              "generator": "SegmentDreamer export/mesh.py"}
 
 
 @dataclass(frozen=True)
@@ -126,41 +125,6 @@ def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[n
 # ---------------------------------------------------------------------- colour
 
 
-def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """[V, 3] area-weighted unit normals."""
-    a, b, c = (verts[faces[:, i]] for i in range(3))
-    face_n = np.cross(b - a, c - a)
-    normals = np.zeros_like(verts)
-    for i in range(3):
-        np.add.at(normals, faces[:, i], face_n)
-    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-
-
-def surface_colors(gaussians: GaussianTensors, points: np.ndarray, normals: np.ndarray, offset: float,
-                   neighbours: int = 16, chunk: int = 65536) -> np.ndarray:
-    """[P, 3] colours at surface points [P, 3] with unit normals [P, 3]: the degree-0 SH colours of
-    the `neighbours` Gaussians nearest to p = point + offset * normal, weighted by o_i g_i(p) (just
-    outside the surface, where the Gaussians a viewer sees weigh most)."""
-    keep = gaussians.opacities.detach().cpu() >= MIN_OPACITY
-    means = gaussians.means.detach().float().cpu()[keep]
-    rgb = sh_to_rgb(gaussians.sh_coeffs.detach().float().cpu()[keep, 0]).clamp(0, 1)  # [N, 3]
-    rot = quat_to_rotmat(gaussians.quats.detach().float().cpu()[keep])  # [N, 3, 3]
-    scales = gaussians.scales.detach().float().cpu()[keep].clamp_min(1e-6)
-    opacity = gaussians.opacities.detach().float().cpu()[keep]
-    k = min(neighbours, means.shape[0])
-    tree = cKDTree(means.numpy())
-    out = []
-    for start in range(0, len(points), chunk):
-        p = torch.from_numpy(points[start:start + chunk] + offset * normals[start:start + chunk]).float()  # [C, 3]
-        _, idx = tree.query(p.numpy(), k=k)
-        idx = torch.from_numpy(np.asarray(idx).reshape(len(p), k))  # [C, k]
-        local = torch.einsum("ckji,ckj->cki", rot[idx], p[:, None] - means[idx]) / scales[idx]  # [C, k, 3]
-        weight = opacity[idx] * torch.exp(-0.5 * local.square().sum(-1))  # [C, k]
-        weight = weight + 1e-12 * (torch.arange(k) == 0)  # nearest Gaussian when none reaches the point
-        out.append((weight[..., None] * rgb[idx]).sum(1) / weight.sum(1, keepdim=True))
-    return torch.cat(out).numpy().astype(np.float32)
-
-
 def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshOptions()) -> ColoredMesh:
     """Extraction, clean-up, decimation and colouring (see the module docstring)."""
     verts, faces = extract_surface(gaussians, options)
@@ -170,26 +134,6 @@ def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshO
     colors = colors_at(gaussians, verts, vertex_normals(verts, faces), verts, faces, options)
     log.info("mesh: %d faces from marching cubes -> %d faces, %d vertices", raw_faces, len(faces), len(verts))
     return ColoredMesh(vertices=verts, faces=faces, colors=colors)
-
-
-def colors_at(gaussians: GaussianTensors, points: np.ndarray, normals: np.ndarray, verts: np.ndarray,
-              faces: np.ndarray, options: MeshOptions) -> np.ndarray:
-    """[P, 3] colours of surface points: from renders of the Gaussians where a bake view sees them
-    (utils/mesh_bake.py), from the nearby Gaussians' SH DC elsewhere (surface_colors)."""
-    offset = color_offset(verts, options)
-    colors = surface_colors(gaussians, points, normals, offset, options.neighbours)
-    if options.bake_views:
-        from utils.mesh_bake import bake_views, rendered_colors
-
-        cams = bake_views(verts, options.bake_views, options.bake_size)
-        baked, seen = rendered_colors(gaussians, points, normals, verts, faces, cams, depth_tolerance=4 * offset)
-        colors[seen] = baked[seen]
-    return colors
-
-
-def color_offset(verts: np.ndarray, options: MeshOptions) -> float:
-    """Half a grid cell: how far outside the surface colours are looked up."""
-    return 0.5 * float(np.ptp(verts, axis=0).max()) / options.resolution
 
 
 # ---------------------------------------------------------------------- files
@@ -282,7 +226,7 @@ def export_mesh(gaussians: GaussianTensors, folder: Path, options: MeshOptions =
     Returns {"glb": ..., "obj": ...}."""
     mesh = mesh_from_gaussians(gaussians, options)
     if options.texture:
-        from utils.mesh_texture import bake_texture
+        from export.mesh_texture import bake_texture
 
         mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options)
     info = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "options": asdict(options),
@@ -342,7 +286,7 @@ def options_from_config(cfg) -> MeshOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.mesh_export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.mesh", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="run folder (finished or interrupted), 3DGS .ply or checkpoint .pt")
     parser.add_argument("--out", type=Path, help="output folder (default: <run folder>/mesh or next to the file)")
     parser.add_argument("--resolution", type=int, help="grid cells per axis (default: the run's mesh_resolution)")

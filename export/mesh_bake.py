@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from export.mesh_render import rasterize
 from gaussian_renderer import render_in_chunks
-from gaussian_renderer.types import GaussianTensors
 from scene.camera_sampler import look_at_cameras
 from scene.cameras import Cameras
-from utils.mesh_render import rasterize
+from scene.gaussian_tensors import GaussianTensors
 
 BAKE_POLARS = (45.0, 75.0, 105.0, 135.0)  # degrees from +z: above, around and below the object
 MIN_COSINE = 0.2  # grazing views smear colours

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from gaussian_renderer.types import GaussianTensors
-from utils.mesh_render import rasterize_flat
+from export.mesh_colors import colors_at, vertex_normals
+from export.mesh_render import rasterize_flat
+from scene.gaussian_tensors import GaussianTensors
 
 
 @dataclass
@@ -25,18 +26,15 @@ class TexturedMesh:
     image: np.ndarray  # [S, S, 3] uint8 sRGB; row 0 is v = 1
 
     def exported_vertices(self) -> np.ndarray:
-        from scene.orientation import world_to_export
-        from utils.mesh_export import MESH_UP_AXIS
+        from scene.orientation import MESH_UP_AXIS, world_to_export
 
         return self.vertices @ world_to_export(MESH_UP_AXIS).numpy().T
 
 
 def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options) -> TexturedMesh:
     """Unwrap (vertices [V, 3], faces [F, 3]) with xatlas and bake an options.texture-sized colour
-    texture (options: utils.mesh_export.MeshOptions)."""
+    texture (options: export.mesh.MeshOptions)."""
     import xatlas
-
-    from utils.mesh_export import colors_at, vertex_normals
 
     size = options.texture
     if size < 16:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from export.mesh_colors import colors_at, vertex_normals
 from scene.gaussian_model import GaussianModel
 from scene.gaussian_tensors import GaussianTensors
 from scene.orientation import MESH_UP_AXIS, world_to_export
+from utils.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from export.mesh_texture import TexturedMesh
@@ -160,7 +160,7 @@ def write_glb(mesh: "ColoredMesh | TexturedMesh", path: Path, extras: dict | Non
 
     scene = trimesh.Scene(_to_trimesh(mesh))
     scene.metadata.update({**ASSET_NOTE, **(extras or {})})
-    _write_bytes(path, trimesh.exchange.gltf.export_glb(scene, tree_postprocessor=_unlit_materials))
+    atomic_write_bytes(path, trimesh.exchange.gltf.export_glb(scene, tree_postprocessor=_unlit_materials))
     return path
 
 
@@ -193,31 +193,22 @@ def write_obj(mesh: "ColoredMesh | TexturedMesh", path: Path) -> Path:
         lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
                   for (x, y, z), (r, g, b) in zip(mesh.exported_vertices(), mesh.colors)]
         lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in mesh.faces]
-        _write_bytes(mtl, b"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\n")
-        _write_bytes(path, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(mtl, b"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\n")
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
         return path
     text, files = trimesh.exchange.obj.export_obj(_to_trimesh(mesh), return_texture=True, mtl_name=mtl.name,
                                                   header=None)
     (texture,) = [name for name in files if name.endswith(".png")]
-    _write_bytes(path.parent / texture, files[texture])
+    atomic_write_bytes(path.parent / texture, files[texture])
     # trimesh's MTL has Kd 0.4, which viewers multiply into the texture: white instead.
-    _write_bytes(mtl, f"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {texture}\n".encode())
-    _write_bytes(path, ("\n".join(header) + "\n" + text).encode())
+    atomic_write_bytes(mtl, f"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {texture}\n".encode())
+    atomic_write_bytes(path, ("\n".join(header) + "\n" + text).encode())
     return path
 
 
 def _rgba8(colors: np.ndarray) -> np.ndarray:
     rgb = np.clip(np.round(colors * 255.0), 0, 255).astype(np.uint8)
     return np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary name, then rename; mode 0644 (readable by other users)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def export_mesh(gaussians: GaussianTensors, folder: Path, options: MeshOptions = MeshOptions(),

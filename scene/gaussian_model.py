@@ -25,7 +25,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from torch import Tensor
 from scene.gaussian_tensors import GaussianTensors
 from scene.orientation import UP_AXES, rotate_gaussians, world_to_export
 from scene.ply_format import read_ply
+from utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -664,13 +664,4 @@ def _columns(vertex, names: list[str]) -> np.ndarray:
 
 
 def _atomic_write_ply(ply: PlyData, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            ply.write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an exported asset is for other users too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: ply.write(str(tmp)))

@@ -14,9 +14,9 @@ from plyfile import PlyData
 import train
 from tests.test_train import TINY
 from training.lock import LOCK_NAME
-from training.run_dir import unique_temp_path
 from training.stop import StopRequest
 from training.trainer import Trainer
+from utils.files import unique_temp_path
 
 EXTRA = ("save_video=false", "OptimizationParams.iterations=4", "checkpoint_interval=2")
 

@@ -26,15 +26,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.files import atomic_write_text
+
 log = logging.getLogger(__name__)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file unique to this process and thread, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -126,7 +120,7 @@ class ClaimStore:
             return None  # another worker won this takeover, or the claim was just released
         log.warning("taking over stale claim %s (owner %s pid %s, heartbeat %.0f s ago)", name, record.get("host"),
                     record.get("pid"), time.time() - float(record.get("heartbeat", 0.0)))
-        write_atomically(path, self._record(token))
+        atomic_write_text(path, self._record(token))
         return Claim(name, path, token)
 
     def owns(self, claim: Claim) -> bool:
@@ -137,7 +131,7 @@ class ClaimStore:
         """Refresh the heartbeat; False (and nothing written) when the claim was taken over."""
         if not self.owns(claim):
             return False
-        write_atomically(claim.path, self._record(claim.token))
+        atomic_write_text(claim.path, self._record(claim.token))
         return True
 
     def release(self, claim: Claim) -> None:

@@ -19,11 +19,12 @@ from training.distributed import ProcessGroup
 from training.health import HealthReport, NonFiniteTrainingError, stop_message
 from training.lock import RunLock
 from training.preflight import preflight
-from training.run_dir import append_command, atomic_torch_save, atomic_write_text, new_run_dir, write_run_metadata
+from training.run_dir import append_command, atomic_torch_save, new_run_dir, write_run_metadata
 from training.stop import StopRequest, TrainingInterrupted
 from training.trainer import CHECKPOINT_VERSION, Trainer
 from training.viewer import ViewerSettings, open_viewer
 from utils.config import Config, ConfigError, save_config
+from utils.files import atomic_write_text
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
 from utils.monitor import Monitor, setup_logging

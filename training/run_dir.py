@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from utils.files import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,29 +69,5 @@ def append_command(run_dir: Path, argv: list[str]) -> None:
         f.write(shlex.join([sys.executable, *argv]) + "\n")
 
 
-def unique_temp_path(path: Path) -> Path:
-    """A fresh empty file next to `path` (same folder, so the final rename is atomic) named after it;
-    unique, so two writers never share a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    return Path(tmp)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) to a unique temporary file, then rename over `path`: the old file survives a crash."""
-    tmp = unique_temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.claims import write_atomically
+from utils.files import atomic_write_text
 
 DONE = "done.json"
 FAILED = "failed.json"
@@ -21,11 +21,11 @@ def read_marker(run_dir: Path, name: str) -> dict | None:
 
 def mark_done(run_dir: Path, record: dict) -> None:
     (run_dir / FAILED).unlink(missing_ok=True)
-    write_atomically(run_dir / DONE, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(run_dir / DONE, json.dumps(record, indent=2) + "\n")
 
 
 def mark_failed(run_dir: Path, record: dict) -> None:
-    write_atomically(run_dir / FAILED, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(run_dir / FAILED, json.dumps(record, indent=2) + "\n")
 
 
 def is_done(run_dir: Path) -> bool:

@@ -89,7 +89,7 @@ class SweepPlan:
 
     def write_manifest(self) -> Path:
         """Write (or check) <sweep>/sweep.json: a second launch of the same sweep must plan the same runs."""
-        from training.run_dir import atomic_write_text
+        from utils.files import atomic_write_text
 
         path = self.root / "sweep.json"
         text = json.dumps(self.manifest(), indent=2) + "\n"

@@ -144,9 +144,9 @@ def score_asset(run_dir: Path, cfg, done: dict, scorers: Scorers) -> dict:
         scores["image_reward"] = reward.score(images, cfg.guidance.text).mean().item()
     if inception is not None:
         torch.save(inception(resize_for_inception(images)), features_path)
-    from training.claims import write_atomically
+    from utils.files import atomic_write_text
 
-    write_atomically(cache_path, json.dumps({"settings": key, "scores": scores}, indent=2) + "\n")
+    atomic_write_text(cache_path, json.dumps({"settings": key, "scores": scores}, indent=2) + "\n")
     return scores
 
 

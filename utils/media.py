@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
 from torch import Tensor
+
+from utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,16 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 30) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = _even(frames)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".partial{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)  # unique: two writers never share a temporary file
-    try:
+    def write_mp4(tmp: Path) -> None:
         with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                 pixelformat="yuv420p", macro_block_size=1, quality=8) as writer:
             for frame in frames:
                 writer.append_data(frame)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write_mp4)
         return path
     except (ImportError, RuntimeError, OSError) as exc:
-        tmp.unlink(missing_ok=True)
         gif = path.with_suffix(".gif")
         log.warning("no H.264 encoder available (%s); writing %s instead", exc, gif.name)
         imageio.mimsave(gif, list(frames), duration=1000 / fps, loop=0)

@@ -25,7 +25,6 @@ import argparse
 import base64
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.headless_chromium import free_port  # noqa: E402
 
 GLB_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>
 <script type="importmap">{"imports": {"three": "./npm/three/build/three.module.js",
@@ -128,12 +129,6 @@ def install_packages(folder: Path) -> Path:
     subprocess.run(["npm", "install", "--silent", "--prefix", str(folder), "three",
                     "@mkkellogg/gaussian-splats-3d"], check=True)
     return folder / "node_modules"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Site:

@@ -33,7 +33,8 @@ def find_chromium() -> str | None:
     return next((path for path in map(shutil.which, EXECUTABLES) if path), None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -56,7 +57,7 @@ class HeadlessChromium:
             raise FileNotFoundError(f"no Chromium executable on PATH (tried {', '.join(EXECUTABLES)})")
         self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
         self._log = open(Path(self._profile.name) / "chromium.log", "wb")
-        port = _free_port()
+        port = free_port()
         args = [executable, *FLAGS, f"--user-data-dir={self._profile.name}", f"--remote-debugging-port={port}",
                 f"--window-size={width},{height}", "about:blank"]
         # A session of its own: close() ends the browser and its helper processes through this group id.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from bench.headless_chromium import free_port
 from gaussian_renderer import render
 from scene.camera_sampler import evaluation_ring
 from scene.gaussian_model import GaussianModel
@@ -41,12 +42,6 @@ TINY_RUN = [
     "OptimizationParams.densify_from_iter=1", "OptimizationParams.densification_interval=2",
     "OptimizationParams.warmup_iter=2", "save_video=false", "export_mesh=false",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def blob_model(n: int = 400, seed: int = 0) -> GaussianModel:

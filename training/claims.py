@@ -26,19 +26,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.lock import process_alive
 from utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -83,7 +74,7 @@ class ClaimStore:
                 return time.time() - path.stat().st_mtime > self.stale_after_s
             except FileNotFoundError:
                 return False
-        if record.get("host") == self.owner["host"] and not pid_alive(int(record.get("pid", -1))):
+        if record.get("host") == self.owner["host"] and not process_alive(int(record.get("pid", -1))):
             return True
         return time.time() - float(record.get("heartbeat", 0.0)) > self.stale_after_s
 

@@ -183,6 +183,25 @@ class GaussianModel:
         logger.info("Initialised %d Gaussians (SH degree %d)", n, max_sh_degree)
         return model
 
+    @classmethod
+    def from_params(cls, params: dict[str, Tensor], device: str | torch.device = "cpu") -> GaussianModel:
+        """A model holding the given raw parameters (the `params()` layout: xyz [N, 3], f_dc [N, 1, 3],
+        f_rest [N, K - 1, 3], opacity [N, 1], scaling [N, 3], rotation [N, 4]); its SH degree follows
+        from f_rest and is active; no optimizer."""
+        n_rest = params["f_rest"].shape[1]
+        degrees = [d for d in range(4) if num_sh_coeffs(d) - 1 == n_rest]
+        if not degrees:
+            raise ValueError(f"f_rest has {n_rest} coefficients: no SH degree 0-3 has that many")
+        model = cls(degrees[0], device)
+        expected = model._empty_params(params["xyz"].shape[0])
+        for name, empty in expected.items():
+            if name not in params or tuple(params[name].shape) != tuple(empty.shape):
+                got = tuple(params[name].shape) if name in params else "missing"
+                raise ValueError(f"parameter {name} must be {tuple(empty.shape)}, got {got}")
+        model._set_params(params)
+        model.active_sh_degree = degrees[0]
+        return model
+
     def _empty_params(self, n: int) -> dict[str, Tensor]:
         k = num_sh_coeffs(self.max_sh_degree)
         shapes = {

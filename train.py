@@ -9,7 +9,7 @@
     torchrun --nproc_per_node=2 train.py --opt config/bagel.yaml   # one asset, each step's cameras on 2 GPUs
 
 Exit codes: 0 done; 2 a user error (the message says which key or file and what to do; nothing is
-left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned); 130
+left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned, a full disk); 130
 stopped by Ctrl-C or SIGTERM (a checkpoint of the last completed step is saved).
 """
 from __future__ import annotations

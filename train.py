@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted: the last checkpoint in the run folder is intact")
         return 130
+    except OSError as exc:  # a full disk outside the training loop (which reports its own, see training/run.py)
+        from utils.files import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        log.error("the disk is full: could not write %s; free some space and run the command again (a run "
+                  "folder with a checkpoint continues with --resume)", exc.filename or "a file of the run")
+        return 1
     finally:
         group.stop()
         setup_logging(None, args.quiet)  # closes the run's train.log (after the messages above reached it)

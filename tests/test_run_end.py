@@ -369,3 +369,19 @@ def test_train_log_drops_a_line_on_a_full_disk_and_reports_other_errors(tmp_path
     handler.stream = FailingStream(ValueError("not a disk problem"))
     handler.emit(record)
     assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def test_a_full_disk_before_training_is_one_message_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    import training.run
+
+    def full(run_dir, argv):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "command.txt"))
+
+    monkeypatch.setattr(training.run, "write_run_metadata", full)
+    assert _run(tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    (error,) = _errors(err)
+    assert error.startswith("the disk is full: could not write ") and error.endswith(
+        "command.txt; free some space and run the command again (a run folder with a checkpoint continues "
+        "with --resume)")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

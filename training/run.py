@@ -324,6 +324,7 @@ class TrainingRun:
             kept += ": the run finished training and --resume writes the final outputs it lacks"
         return head + f"{kept}. Free some space, then continue with: python train.py --resume {run_dir}"
 
+
 @contextlib.contextmanager
 def _disk_full_ignored(ignore: bool):
     """Swallow (with a debug line) a full-disk OSError when `ignore`: a cleanup after a failure."""

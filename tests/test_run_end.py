@@ -385,3 +385,17 @@ def test_a_full_disk_before_training_is_one_message_and_leaves_no_folder(tmp_pat
         "command.txt; free some space and run the command again (a run folder with a checkpoint continues "
         "with --resume)")
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_torch_save_on_a_full_disk_is_a_disk_full_error_naming_the_checkpoint(small_disk):
+    """torch.save reports a full disk as a RuntimeError ('unexpected pos ...'), without errno."""
+    from training.run_dir import atomic_torch_save
+    from utils.files import DiskFullError
+
+    target = small_disk / "checkpoints" / "last.pt"
+    atomic_torch_save({"step": 1}, target)
+    with pytest.raises(DiskFullError) as info:
+        atomic_torch_save({"step": 2, "big": torch.zeros(8 << 20)}, target)  # 32 MiB on a 16 MiB disk
+    assert info.value.filename == str(target) and isinstance(info.value.__cause__, RuntimeError)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert _temp_files(small_disk) == []

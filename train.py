@@ -9,7 +9,7 @@
     torchrun --nproc_per_node=2 train.py --opt config/bagel.yaml   # one asset, each step's cameras on 2 GPUs
 
 Exit codes: 0 done; 2 a user error (the message says which key or file and what to do; nothing is
-left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned); 130
+left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned, a full disk); 130
 stopped by Ctrl-C or SIGTERM (a checkpoint of the last completed step is saved).
 """
 from __future__ import annotations
@@ -65,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted: the last checkpoint in the run folder is intact")
         return 130
+    except OSError as exc:  # a full disk outside the training loop (which reports its own, see training/run.py)
+        from utils.files import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        log.error("the disk is full: could not write %s; free some space and run the command again (a run "
+                  "folder with a checkpoint continues with --resume)", exc.filename or "a file of the run")
+        return 1
     finally:
         group.stop()
         setup_logging(None, args.quiet)  # closes the run's train.log (after the messages above reached it)

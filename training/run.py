@@ -1,6 +1,7 @@
 """One training run end to end: the run folder, the loop, checkpoints, evaluation and outputs."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -16,7 +17,8 @@ from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
 from training.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from training.distributed import ProcessGroup
-from training.health import HealthReport, NonFiniteTrainingError, stop_message
+from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
+from training.health import HealthReport, NonFiniteTrainingError, TrainingStopped, stop_message
 from training.lock import RunLock
 from training.preflight import preflight
 from training.run_dir import append_command, atomic_torch_save, new_run_dir, write_run_metadata
@@ -24,7 +26,7 @@ from training.stop import StopRequest, TrainingInterrupted
 from training.trainer import CHECKPOINT_VERSION, Trainer
 from training.viewer import ViewerSettings, open_viewer
 from utils.config import Config, ConfigError, save_config
-from utils.files import atomic_write_text
+from utils.files import atomic_write_text, free_bytes, is_disk_full, remove_stale_temp_files
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
 from utils.monitor import Monitor, setup_logging
@@ -39,7 +41,6 @@ class RunOutputs:
     point_cloud: Path
     video: Path | None
     metrics: dict = field(default_factory=dict)
-    mesh: Path | None = None
     mesh: Path | None = None
 
 
@@ -73,9 +74,15 @@ def checkpoint_for(cfg: Config, run_dir: Path) -> dict:
         raise ConfigError(f"--resume {run_dir}: OptimizationParams.iterations={iters} is below the checkpoint's "
                           f"step {step}")
     if step == iters:
-        raise ConfigError(f"--resume {run_dir}: the run already finished its {iters} iterations; to train further "
-                          f"add e.g. OptimizationParams.iterations={2 * iters} after --resume")
+        missing = FinalOutputs.read(run_dir, iters).missing(wanted_outputs(cfg.save_video, cfg.export_mesh))
+        if not missing:
+            raise ConfigError(f"--resume {run_dir}: the run already finished its {iters} iterations; to train "
+                              f"further add e.g. OptimizationParams.iterations={2 * iters} after --resume")
     return checkpoint
+
+
+class DiskFullStopped(TrainingStopped):
+    """A file of the run could not be written: its disk is full."""
 
 
 class TrainingRun:
@@ -232,32 +239,101 @@ class TrainingRun:
         self.write_metrics()
 
     def run(self, stop: StopRequest) -> RunOutputs:
+        """Train to cfg.optim.iterations, then write the final outputs this run folder lacks."""
+        start = self.trainer.step
+        try:
+            self.train(stop)
+            return self.finish(start)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise DiskFullStopped(self.disk_full_message(exc)) from None
+
+    def train(self, stop: StopRequest) -> None:
         trainer, cfg = self.trainer, self.cfg
         iters, start = cfg.optim.iterations, trainer.step
         monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
         viewer = open_viewer(self.viewer, cfg, trainer.device, iters)
         t0 = time.perf_counter()
+        failed = False
         try:
             if start == 0:
                 record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
                 self.metrics["initial"] = self.evaluate(0, monitor)
                 self.write_metrics()
             self.loop(monitor, stop, viewer)
+        except BaseException:
+            failed = True
+            raise
         finally:
-            viewer.close()
-            monitor.close()
+            # after a full disk, what still cannot be written (TensorBoard, metrics) must not hide which file failed
+            with _disk_full_ignored(failed):
+                viewer.close()
+            with _disk_full_ignored(failed):
+                monitor.close()
             if self.steps_done:
-                self.record_session(start, time.perf_counter() - t0)
-        self.stop_if_broken(iters, trainer.health.report_now())
-        self.metrics["final"] = self.metrics.get(f"iter_{iters}") or self.evaluate(iters, None)
+                with _disk_full_ignored(failed):
+                    self.record_session(start, time.perf_counter() - t0)
+
+    def finish(self, start: int) -> RunOutputs:
+        """The final outputs, each recorded in final_outputs.json once written: a run stopped between its last
+        checkpoint and here gets on --resume exactly those it lacks. All come from one model, the state of the
+        last iteration's snapshot (the last iteration updates nothing, see Trainer.train_step)."""
+        cfg, iters = self.cfg, self.cfg.optim.iterations
+        self.stop_if_broken(iters, self.trainer.health.report_now())
+        record = FinalOutputs.read(self.run_dir, iters)
+        missing = record.missing(wanted_outputs(cfg.save_video, cfg.export_mesh))
+        if start == iters:  # resumed after its training ended
+            log.info("the run trained its %d iterations but stopped before writing %s: writing them now", iters,
+                     ", ".join(missing))
+        if EVALUATION in missing:
+            views = self.run_dir / "test_views" / f"iter_{iters:05d}"
+            final = self.metrics.get(f"iter_{iters}") if views.is_dir() else None
+            self.metrics["final"] = final or self.evaluate(iters, None)
+            self.metrics["iterations"] = self.trainer.step
+            self.write_metrics()
+            record.mark(EVALUATION, views)
         ply = self.run_dir / "point_cloud.ply"
-        self.save_point_cloud(ply)
-        video = self.write_turntable() if cfg.save_video else None
-        self.write_metrics()
-        mesh = self.write_mesh() if cfg.export_mesh else None
-        outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=self.metrics, mesh=mesh)
+        if POINT_CLOUD in missing:
+            self.save_point_cloud(ply)
+            record.mark(POINT_CLOUD, ply)
+        if VIDEO in missing:
+            record.mark(VIDEO, self.write_turntable())
+        if MESH in missing:
+            record.mark(MESH, self.write_mesh())
+        written = {name: None if path is None else self.run_dir / path for name, path in record.written.items()}
+        outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=written.get(VIDEO), metrics=self.metrics,
+                             mesh=written.get(MESH))
         log_summary(outputs, start)
         return outputs
+
+    def disk_full_message(self, exc: OSError) -> str:
+        """What could not be written, what was kept, and what to do."""
+        run_dir = self.run_dir
+        failed = Path(exc.filename) if exc.filename else None
+        what = (f"could not write {failed}" if failed is not None
+                else f"could not write a file in {run_dir} (e.g. its TensorBoard log)")
+        free = free_bytes(run_dir)
+        space = f" ({free / 2**20:.1f} MiB free there now)" if free is not None else ""
+        head = f"training stopped at step {self.trainer.step}: the disk is full: {what}{space}. "
+        if self.checkpoint_step is None:
+            return head + ("No checkpoint was written yet, so nothing can be resumed: free some space and start "
+                           "the run again")
+        kept = f"Kept: the checkpoint of step {self.checkpoint_step} ({run_dir / CHECKPOINT_NAME}), intact"
+        if self.checkpoint_step == self.cfg.optim.iterations:
+            kept += ": the run finished training and --resume writes the final outputs it lacks"
+        return head + f"{kept}. Free some space, then continue with: python train.py --resume {run_dir}"
+
+
+@contextlib.contextmanager
+def _disk_full_ignored(ignore: bool):
+    """Swallow (with a debug line) a full-disk OSError when `ignore`: a cleanup after a failure."""
+    try:
+        yield
+    except OSError as exc:
+        if not (ignore and is_disk_full(exc)):
+            raise
+        log.debug("not written either, the disk being full: %s", exc)
 
 
 def log_summary(outputs: RunOutputs, start: int) -> None:
@@ -391,6 +467,9 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
         try:
             setup_logging(run_dir, quiet)
             log.info("run folder: %s", run_dir.resolve())
+            if resume:  # left by a process killed mid-write (their final names hold the previous versions)
+                for stale in remove_stale_temp_files(run_dir):
+                    log.info("removed the temporary file %s left by an interrupted write", stale)
             save_config(cfg, run_dir / "config.yaml")
             (append_command if resume else write_run_metadata)(run_dir, argv)
             run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device, viewer)

@@ -195,13 +195,32 @@ class Trainer:
 
         before_update: called between the two (3DGS's train.py saves its snapshots there: before
             densification and the opacity reset change the Gaussians).
+
+        The last iteration (step == OptimizationParams.iterations) computes its loss and gradients but
+        updates nothing: the official SegmentDreamer train.py steps the optimizer only
+        `if iteration < opt.iterations`, and the asset it saves at that iteration (`scene.save`) is taken
+        before its densification and opacity reset. So `iterations` steps make `iterations - 1` updates,
+        and every final output (PLY, test views, video, mesh) is the state of that last snapshot, never
+        the nearly transparent one right after an opacity reset. (The official code still densifies and
+        resets the model it keeps in memory: its `testing()` renders after them.)
         """
         result = self.compute_gradients(step)
         if before_update is not None:
             before_update()
+        if self.is_last_step(step):
+            self.discard_gradients()
+            return result
         with self.timer("optimizer_densify"):
             self.after_backward(step, result.render, result.shard)
         return result
+
+    def is_last_step(self, step: int) -> bool:
+        return step >= self.cfg.optim.iterations
+
+    def discard_gradients(self) -> None:
+        """Drop the Gaussians' gradients without an update (what optimizer_step's zero_grad would do)."""
+        for tensor in self.gaussians.params().values():
+            tensor.grad = None
 
     def compute_gradients(self, step: int) -> StepResult:
         """Render a camera batch, run the distillation loss and back-propagate (no parameter update)."""

@@ -5,11 +5,12 @@ import logging
 from pathlib import Path
 
 import imageio.v2 as imageio
+import imageio.v3 as iio
 import numpy as np
 import torch
 from torch import Tensor
 
-from utils.files import atomic_write
+from utils.files import DiskFullError, atomic_write, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ def save_images(images: Tensor, folder: Path, prefix: str) -> list[Path]:
     paths = []
     for i, frame in enumerate(to_uint8(images)):
         path = folder / f"{prefix}_{i:03d}.png"
-        imageio.imwrite(path, frame)
+        # encoded in memory, then written atomically: a kill or a full disk never leaves half a PNG
+        atomic_write_bytes(path, iio.imwrite("<bytes>", frame, extension=".png"))
         paths.append(path)
     return paths
 
@@ -55,8 +57,10 @@ def write_video(frames: np.ndarray, path: Path, fps: int = 30) -> Path:
     try:
         atomic_write(path, write_mp4)
         return path
+    except DiskFullError:
+        raise  # not a missing encoder: a GIF would not fit either
     except (ImportError, RuntimeError, OSError) as exc:
         gif = path.with_suffix(".gif")
         log.warning("no H.264 encoder available (%s); writing %s instead", exc, gif.name)
-        imageio.mimsave(gif, list(frames), duration=1000 / fps, loop=0)
+        atomic_write_bytes(gif, iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0))
         return gif

@@ -10,7 +10,19 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from utils.files import is_disk_full
+
 log = logging.getLogger(__name__)
+
+
+class RunLogHandler(logging.FileHandler):
+    """run_dir/train.log. On a full disk a line that cannot be written is dropped (the console still shows
+    it): no '--- Logging error ---' traceback per line around the run's one disk-full message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if is_disk_full(sys.exc_info()[1]):
+            return
+        super().handleError(record)
 
 
 def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
@@ -26,7 +38,7 @@ def setup_logging(run_dir: Path | None, quiet: bool = False) -> None:
     console._segmentdreamer = True
     root.addHandler(console)
     if run_dir is not None:
-        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler = RunLogHandler(run_dir / "train.log")
         file_handler.setLevel(logging.DEBUG)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         file_handler._segmentdreamer = True

@@ -91,14 +91,15 @@ class ModelParams:
     eval: bool = param(False, "hold out dataset test views", no_effect=_NO_DATASET)
     opt_path: Optional[str] = param(None, "path of the options file in the official code",
                                     no_effect="use --opt on the command line")
-    sh_deg_aug_ratio: float = param(0.1, "probability of rendering a camera with SH degree 0 (augmentation)",
-                                    min=0.0, max=1.0)
-    bg_aug_ratio: float = param(0.5, "probability of a random background colour per camera (augmentation)",
-                                min=0.0, max=1.0)
+    sh_deg_aug_ratio: float = param(0.1, "probability per iteration of rendering the batch with SH degree 0 "
+                                         "(augmentation)", min=0.0, max=1.0)
+    bg_aug_ratio: float = param(0.5, "probability per camera of drawing its background: a random colour or black, "
+                                     "half each (else black; augmentation)", min=0.0, max=1.0)
     shs_aug_ratio: float = param(0.0, "probability of SH-colour noise per batch, sh <- sh + N(0, 1) sqrt(0.2) sh "
                                       "(augmentation, as the official renderer)",
                                  min=0.0, max=1.0)
-    scale_aug_ratio: float = param(1.0, "probability of the scale augmentation per camera", min=0.0, max=1.0)
+    scale_aug_ratio: float = param(1.0, "probability per iteration of noising the Gaussians' scales (augmentation)",
+                                   min=0.0, max=1.0)
 
 
 @dataclass
@@ -162,9 +163,13 @@ class GuidanceParams:
                          no_effect="superseded by the low-VRAM config overlay", prior_free=True)
     fp16: bool = param(True, "run the prior in half precision (used when precision is 'auto')")
     hf_key: Optional[str] = param(None, "official Hugging Face key alias", no_effect="use model_key", prior_free=True)
-    t_range: list[float] = param([0.02, 0.5], "initial [low, high] timestep range as a fraction of 1000",
-                                 length=2, min=0.0, max=1.0, pair=True, prior_free=True)
-    max_t_range: float = param(0.98, "upper timestep fraction reached after warm-up", min=0.0, max=1.0, prior_free=True)
+    t_range: list[float] = param([0.02, 0.5], "[low, high] timestep window, fractions of 1000, once the warm-up is "
+                                              "over (before, it is shifted up: both bounds for SCTD/GCS, the "
+                                              "upper one for ISM/SDS)", length=2, min=0.0, max=1.0, pair=True,
+                                 prior_free=True)
+    max_t_range: float = param(0.98, "upper timestep fraction at the start: the window's upper bound falls from it "
+                                     "to t_range[1] over OptimizationParams.warmup_iter", min=0.0, max=1.0,
+                               prior_free=True)
     scheduler_type: str = param("DDIM", "official scheduler name",
                                 no_effect="a first-order DDIM-equivalent solver is always used", prior_free=True)
     num_train_timesteps: Optional[int] = param(None, "override of the prior's training timesteps",
@@ -174,8 +179,10 @@ class GuidanceParams:
     noise_seed: int = param(0, "seed of the fixed noise tensor", min=0, prior_free=True)
     ddim_inv: bool = param(False, "official DDIM-inversion switch",
                            no_effect="inversion is part of the chosen guidance_type", prior_free=True)
-    delta_t: int = param(80, "timestep gap of the consistency/inversion step", min=1, max=999, prior_free=True)
-    delta_t_start: int = param(100, "initial interval for ISM annealed intervals", min=1, max=999, prior_free=True)
+    delta_t: int = param(80, "ISM/GCS: interval t - s after the warm-up; SCTD: least gap t - s_m", min=1, max=999,
+                         prior_free=True)
+    delta_t_start: int = param(100, "ISM/GCS: interval t - s at the start, annealed to delta_t over the warm-up",
+                               min=1, max=999, prior_free=True)
     annealing_intervals: bool = param(True, "ISM: anneal the inversion interval", prior_free=True)
     text: str = param("", "prompt", prior_free=True)
     inverse_text: str = param("", "prompt used during DDIM inversion (ISM)")
@@ -347,7 +354,8 @@ class OptimizationParams:
     densify_until_iter: int = param(3000, "last iteration of densification", min=0)
     use_control_net_iter: int = param(10000000, "iteration from which ControlNet is used",
                                       no_effect="ControlNet is not supported")
-    warmup_iter: int = param(1500, "iterations over which the timestep range grows to max_t_range", min=0)
+    warmup_iter: int = param(1500, "iterations over which the timestep window falls from max_t_range to t_range",
+                             min=0)
     use_progressive: bool = param(False, "disable progressive camera expansion when true (official naming)")
     save_process: bool = param(True, "record training-process frames", no_effect=_NOT_LOGGED)
     pro_frames_num: int = param(600, "number of training-process frames", min=0, no_effect=_NOT_LOGGED)

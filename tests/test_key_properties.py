@@ -32,16 +32,11 @@ from utils.config import (
     resumable_keys,
 )
 from utils.config.help import format_config_help, help_sections
-from utils.config.schema import all_keys, field_choices, field_specs, section_class
+from utils.config.schema import all_keys, field_choices, key_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["GuidanceParams.prior=analytic", "PipelineParams.device=cpu", "GenerateCamParams.image_w=16",
         "GenerateCamParams.image_h=16"]
-
-
-def _spec(key: str):
-    section, _, name = key.rpartition(".")
-    return field_specs(section_class(section or None))[name]
 
 
 def _numbers(low, high, default, is_int):
@@ -57,7 +52,7 @@ def _numbers(low, high, default, is_int):
 
 def _candidates(key: str, default):
     """Values other than the default that the key's type and rules may accept, most likely first."""
-    spec = _spec(key)
+    spec = key_spec(key)
     meta, tp = spec.meta, spec.type
     choices = field_choices(meta)
     if choices:
@@ -225,7 +220,7 @@ def test_resume_and_flags_are_the_declarations():
     assert RESUMABLE_KEYS == resumable_keys()
     assert RESUMABLE_KEYS["OptimizationParams.iterations"].startswith("train further")
     assert "PipelineParams.compile" in RESUMABLE_KEYS and "GuidanceParams.guidance_scale" not in RESUMABLE_KEYS
-    assert all(_spec(key).meta["resumable"] for key in RESUMABLE_KEYS)
+    assert all(key_spec(key).meta["resumable"] for key in RESUMABLE_KEYS)
     flags = flag_keys()
     assert flags["guid_scale"] == "GuidanceParams.guidance_scale" and flags["output"] == "output_dir"
     args = build_arg_parser().parse_intermixed_args(["--guid_scale", "3", "--output", "runs", "--phase_num", "5"])

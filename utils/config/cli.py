@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from utils.config.loading import load_config
 from utils.config.resume import config_value, load_run_config
-from utils.config.schema import Config, ConfigError, field_choices, field_specs, flag_keys, section_class
+from utils.config.schema import Config, ConfigError, field_choices, flag_keys, key_spec
 
 logger = logging.getLogger("utils.config")
 
@@ -27,8 +27,7 @@ _BOOL_WORDS = ("true", "false")
 
 
 def _flag_help(key: str) -> str:
-    section, _, name = key.rpartition(".")
-    meta = field_specs(section_class(section or None))[name].meta
+    meta = key_spec(key).meta
     text = f"{key}: {meta['help']}"
     choices = field_choices(meta)
     if choices:
@@ -39,8 +38,7 @@ def _flag_help(key: str) -> str:
 
 
 def _is_bool_key(key: str) -> bool:
-    section, _, name = key.rpartition(".")
-    return field_specs(section_class(section or None))[name].type is bool
+    return key_spec(key).type is bool
 
 
 def _add_key_flags(parser: argparse.ArgumentParser) -> None:

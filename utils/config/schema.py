@@ -515,6 +515,12 @@ def iter_keys() -> typing.Iterator[tuple[Optional[str], FieldSpec]]:
         yield from ((section, spec) for spec in field_specs(section_class(section)).values())
 
 
+def key_spec(key: str) -> FieldSpec:
+    """The field spec of a full key (``Section.key`` or a top-level key)."""
+    section, _, name = key.rpartition(".")
+    return field_specs(section_class(section or None))[name]
+
+
 def field_choices(meta: Any) -> Optional[tuple[Any, ...]]:
     """The allowed values of a field: its ``choices``, or the names in its ``choices_from`` registry now.
 

@@ -286,12 +286,15 @@ class GenerateCamParams:
                                     length=2, gt=0.0, max=_PI, pair=True)
     max_fovy_range: list[float] = param([0.16, 0.60], "final [low, high] vertical field of view in radians",
                                         length=2, gt=0.0, max=_PI, pair=True)
-    rand_cam_gamma: float = param(1.0, "exponent biasing the sampled polar angle", gt=0.0)
+    rand_cam_gamma: float = param(1.0, "exponent of the sampled polar angle and azimuth around their range's "
+                                       "middle: mid +- u^gamma half-width (1 = uniform, > 1 towards the middle)",
+                                  gt=0.0)
     angle_overhead: float = param(30.0, "overhead-view angle of the official view prompts",
                                   no_effect="view prompts use the fixed Perp-Neg/azimuth rules")
     angle_front: float = param(60.0, "front-view angle of the official view prompts",
                                no_effect="view prompts use the fixed Perp-Neg/azimuth rules")
-    render_45: bool = param(True, "sample the polar angle in the 45-degree band")
+    render_45: bool = param(True, "add a second ring of test views at polar floor(default_polar * 2/3) "
+                                  "(60 degrees for 90)")
     uniform_sphere_rate: float = param(0.0, "probability of sampling uniformly on the sphere",
                                        min=0.0, max=1.0, no_effect=_UNUSED_OFFICIAL)
     image_w: int = param(512, "render width in pixels", min=8)

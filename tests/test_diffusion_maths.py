@@ -6,16 +6,14 @@ import torch
 
 from guidance.analytic_prior import mixture_eps, mixture_posterior_mean, stable_diffusion_alphas_cumprod
 from guidance.diffusion import NoiseSchedule, cfg_combine, eps_from_v, perp_neg_combine, perpendicular
-from guidance.losses.sctd import consistency_terms
-from guidance.timesteps import (
-    TimestepGrid,
-    TimestepWindow,
+from guidance.losses.sctd import (
+    consistency_terms,
     monotonic_edges,
     sample_sctd_timesteps,
     segment_start,
     uniform_edges,
-    warm_up_rate,
 )
+from guidance.timesteps import TimestepGrid, TimestepWindow, warm_up_rate
 
 SD_GRID = TimestepGrid.with_offset(1000, 1)  # SD 2.1's scheduler: index i -> timestep i + 1
 

@@ -28,8 +28,10 @@ from diffusers import DDIMScheduler
 
 from guidance.analytic_prior import AnalyticPrior, procedural_scene
 from guidance.losses import StepInfo, build_loss
+from guidance.losses.ism import ism_interval
+from guidance.losses.sctd import SCTDTimesteps, uniform_edges
 from guidance.stable_diffusion import StableDiffusionPrior, scheduler_timestep_grid
-from guidance.timesteps import SCTDTimesteps, TimestepGrid, ism_interval, uniform_edges
+from guidance.timesteps import TimestepGrid
 from scene.cameras import Cameras
 from tests.prior_doubles import RecordingPrior
 from utils.config import load_config

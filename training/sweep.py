@@ -43,17 +43,12 @@ from tqdm import tqdm
 from training.claims import Claim, ClaimStore, Heartbeat
 from training.stop import TrainingInterrupted
 from training.sweep_markers import failed_in, is_done, mark_done, mark_failed
-from training.sweep_plan import LOSSES, SweepPlan, SweepRun
-from utils.config import Config, ConfigError, config_to_dict, load_config
+from training.sweep_plan import SweepPlan, SweepRun, loss_names
+from utils.config import Config, ConfigError, config_value, load_config, prior_keys
 
 log = logging.getLogger("training.sweep")
 
 CHECKPOINT = "checkpoints/last.pt"
-# the GuidanceParams keys a built prior depends on besides the prompts (PipelineParams: all of them)
-PRIOR_KEYS = ("prior", "model_key", "is_safe_tensor", "base_model_key", "precision", "fp16", "LoRA_path",
-              "textual_inversion_path", "inverse_text", "perpneg", "negative_w", "front_decay_factor",
-              "side_decay_factor", "clip_skip", "analytic_scene", "analytic_std", "analytic_distractors",
-              "analytic_seed")
 
 
 @dataclass(frozen=True)
@@ -85,10 +80,9 @@ def worker_env(environ: dict | None = None) -> WorkerEnv:
 
 
 def prior_fingerprint(cfg: Config) -> str:
-    """Two configs with equal fingerprints can share one built prior (after set_prompts)."""
-    data = config_to_dict(cfg)
-    return json.dumps({"guidance": {k: data["GuidanceParams"][k] for k in PRIOR_KEYS},
-                       "pipeline": data["PipelineParams"]}, sort_keys=True)
+    """Two configs with equal fingerprints can share one built prior (after set_prompts): the values of
+    every key not declared prior-free in the schema (utils/config/schema.py prior_keys)."""
+    return json.dumps({key: config_value(cfg, key) for key in prior_keys()}, sort_keys=True)
 
 
 def select_device(cfg: Config, local_rank: int) -> torch.device:
@@ -320,7 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--opt", help="base YAML config (e.g. config/bagel.yaml)")
     p.add_argument("--overlay", action="append", default=[], help="partial YAML applied after --opt (repeatable)")
     p.add_argument("--losses", type=comma_list, default=["sctd"],
-                   help=f"comma-separated losses among {','.join(LOSSES)} (default sctd)")
+                   help=f"comma-separated losses among {','.join(loss_names())} (default sctd)")
     p.add_argument("--seeds", type=lambda text: [int(s) for s in comma_list(text)], default=[0],
                    help="comma-separated seeds (default 0)")
     p.add_argument("overrides", nargs="*", metavar="Section.key=value", help="overrides of the base config")

@@ -18,7 +18,12 @@ from typing import Sequence
 from utils.config import Config, ConfigError, config_to_dict, load_config, validate_config
 from utils.prompts import Prompt, load_prompts, slugify, unique_slugs  # noqa: F401 (the sweep's prompt lists)
 
-LOSSES = ("sctd", "ism", "sds", "cds", "gcs")
+
+def loss_names() -> tuple[str, ...]:
+    """The losses a sweep can train: every name in the loss registry (guidance/losses/registry.py)."""
+    from guidance.losses import LOSSES
+
+    return tuple(LOSSES)
 
 
 @dataclass(frozen=True)
@@ -44,9 +49,10 @@ class SweepPlan:
     @classmethod
     def build(cls, root: str | Path, prompts_path: str | Path, losses: Sequence[str], seeds: Sequence[int],
               opt: str | None = None, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> "SweepPlan":
-        unknown = [loss for loss in losses if loss not in LOSSES]
+        known = loss_names()
+        unknown = [loss for loss in losses if loss not in known]
         if unknown or not losses:
-            raise ConfigError(f"--losses must name some of {LOSSES}, got {list(losses)}")
+            raise ConfigError(f"--losses must name some of {list(known)}, got {list(losses)}")
         if not seeds or any(s < 0 for s in seeds):
             raise ConfigError(f"--seeds must be non-negative integers, got {list(seeds)}")
         base = load_config(opt, list(overrides), overlays=list(overlays))

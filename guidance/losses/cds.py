@@ -11,13 +11,31 @@ prediction uses Perp-Neg when it is on (our extension).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from guidance.losses.base import DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import cds_timesteps
+
+
+def cds_timesteps(
+    step: int, batch: int, t_start: int, t_end: int, anneal_iters: int, gap: tuple[int, int],
+    generator: torch.Generator, lowest: int = 100, highest: int = 980,
+) -> tuple[int, torch.Tensor]:
+    """Consistent3D's square-root annealed s and per-sample t = s + U[gap) (its threestudio
+    guidance/stable_diffusion_guidance.py, `__call__` and `anneal_t`).
+
+    These are timestep values: threestudio conditions the model on them directly, without a
+    scheduler grid.
+    """
+    frac = min(step / anneal_iters, 1.0) if anneal_iters > 0 else 1.0
+    s = int(t_start + (t_end - t_start) * math.sqrt(frac))
+    s = min(max(s, lowest), highest - gap[0])
+    t = s + torch.randint(gap[0], gap[1], (batch,), generator=generator)
+    return s, t.clamp(lowest, highest)
 
 
 @register

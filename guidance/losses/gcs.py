@@ -14,13 +14,20 @@ Noise is fresh every step without Perp-Neg and fixed with it (an official quirk,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from guidance.losses.base import DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import _randint, gcs_interval
+from guidance.timesteps import uniform_integer
+
+
+def gcs_interval(rate: float, delta_t: int, delta_t_start: int) -> int:
+    """GCS interval delta = delta_t + ceil(rate (delta_t_start - delta_t))."""
+    return delta_t + math.ceil(rate * (delta_t_start - delta_t))
 
 
 @register
@@ -45,7 +52,7 @@ class GCSLoss(DistillationLoss):
         delta = gcs_interval(rate, self.cfg.delta_t, self.cfg.delta_t_start)
         t = max(self.window.sample(rate, self.generator), delta + 1)
         s = t - delta
-        e = max(_randint(max(t - 2 * delta, 0), max(t - delta - 10, 1), self.generator), 1)
+        e = max(uniform_integer(max(t - 2 * delta, 0), max(t - delta - 10, 1), self.generator), 1)
         return self.grid(t), self.grid(s), self.grid(e)
 
     def __call__(self, z0: Tensor, cond: Conditioning, info: StepInfo) -> LossOutput:

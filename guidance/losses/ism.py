@@ -11,13 +11,23 @@ s -> t, and its noise prediction is the target.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from guidance.losses.base import DistillationLoss, LossOutput, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import ism_interval
+
+
+def ism_interval(rate: float, delta_t: int, delta_t_start: int, annealing: bool, round_up: bool = False) -> int:
+    """LucidDreamer's interval delta_T = int(delta_t + rate (delta_t_start - delta_t)) (`train_step`);
+    its Perp-Neg path (`train_step_perpneg`) rounds the annealed part up: delta_t + ceil(rate (...))."""
+    if not annealing:
+        return delta_t
+    annealed = rate * (delta_t_start - delta_t)
+    return delta_t + math.ceil(annealed) if round_up else int(delta_t + annealed)
 
 
 @register

@@ -1,4 +1,8 @@
-"""Registry of distillation losses by name (`GuidanceParams.guidance_type`)."""
+"""Registry of distillation losses by name (`GuidanceParams.guidance_type`).
+
+The one list of loss names: the config schema's allowed values (utils/config/schema.py, `choices_from`),
+the `--guidance_type` help and a sweep's `--losses` (training/sweep_plan.py) all read LOSSES.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -10,6 +14,9 @@ LOSSES: dict[str, type["DistillationLoss"]] = {}
 
 
 def register(cls: type["DistillationLoss"]) -> type["DistillationLoss"]:
+    """Class decorator: make the loss selectable as `GuidanceParams.guidance_type: <cls.name>`."""
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` (its GuidanceParams.guidance_type)")
     if cls.name in LOSSES:
         raise ValueError(f"loss {cls.name!r} registered twice")
     LOSSES[cls.name] = cls

@@ -26,13 +26,105 @@ gradient the bracket stands for).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from guidance.losses.base import BatchShard, DistillationLoss, LossOutput, NoiseSource, StepInfo, per_sample_norm
 from guidance.losses.registry import register
 from guidance.prior import Conditioning
-from guidance.timesteps import SCTDTimesteps, sample_sctd_timesteps, segment_edges
+from guidance.timesteps import TimestepGrid, TimestepWindow, uniform_integer
+
+
+def uniform_edges(num_segments: int, grid: TimestepGrid, first: int = 20, last: int = 980) -> list[int]:
+    """Equal segmentation of the trajectory into N_s segments (Sec. 4.3), as official timestep values.
+
+    Official (SegmentDreamer guidance/sctd_utils.py, `trajectory_segmentation`): the indices
+    linspace(first, last, N_s + 1) - 1, truncated to integers by tensor indexing, mapped through the
+    scheduler's grid. With SD's grid (index + 1) and N_s = 5: [20, 212, 404, 596, 788, 980]. The paper's
+    s_0 = 0, s_N = T; the official code uses [min_step, max_step] = [20, 980], which we keep.
+    """
+    if num_segments < 1:
+        raise ValueError(f"GuidanceParams.phase_num must be >= 1, got {num_segments}")
+    if first < 1:
+        raise ValueError(f"GuidanceParams.t_range[0] must give a first index >= 1 for uniform segments "
+                         f"(edges start at index min_step - 1), got min_step = {first}")
+    indices = np.linspace(first, last, num_segments + 1) - 1
+    return [grid(int(i)) for i in indices]
+
+
+def monotonic_edges(num_segments: int, t_threshold: int, first: int = 20, last: int = 980) -> list[int]:
+    """Monotonically increasing segmentation (Sec. 4.3): s_{m+1} - s_m = t_tau + 2m(T - N_s t_tau)/(N_s(N_s - 1)).
+
+    Official form: T -> last - first (960), t_tau -> t_threshold - first (130), the increment floored,
+    and the last edge forced to `last`. N_s = 5, t_threshold = 150 gives [20, 150, 311, 503, 726, 980].
+    These are timestep values as they stand (the official code does not map them through the grid).
+    """
+    if num_segments < 1:
+        raise ValueError(f"GuidanceParams.phase_num must be >= 1, got {num_segments}")
+    if num_segments == 1:
+        return [first, last]
+    span, base = last - first, t_threshold - first
+    if base <= 0 or num_segments * base >= span:
+        raise ValueError(
+            f"GuidanceParams.t_threshold={t_threshold} does not fit {num_segments} monotonic segments "
+            f"in [{first}, {last}]: need {first} < t_threshold and phase_num * (t_threshold - {first}) < {span}"
+        )
+    increment = math.floor(2 * (span - num_segments * base) / ((num_segments - 1) * num_segments))
+    edges = [first]
+    for m in range(num_segments - 1):
+        edges.append(edges[-1] + base + m * increment)
+    edges.append(last)
+    return edges
+
+
+def segment_edges(mode: str, num_segments: int, t_threshold: int, grid: TimestepGrid,
+                  first: int = 20, last: int = 980) -> list[int]:
+    """The segment edges s_m (timestep values) between the official min_step `first` and max_step `last`."""
+    if mode == "uniform":
+        return uniform_edges(num_segments, grid, first, last)
+    if mode == "mono":
+        return monotonic_edges(num_segments, t_threshold, first, last)
+    raise ValueError(f"GuidanceParams.t_mode must be 'uniform' or 'mono', got {mode!r}")
+
+
+def segment_start(edges: list[int], t: int) -> int:
+    """s_m = the largest edge <= t (Algorithm 1, line 5)."""
+    candidates = [e for e in edges if e <= t]
+    if not candidates:
+        raise ValueError(f"timestep {t} lies below the first segment edge {edges[0]}")
+    return candidates[-1]
+
+
+@dataclass(frozen=True)
+class SCTDTimesteps:
+    t: int  # noisy timestep
+    s: int  # intermediate timestep, s_m < s < t
+    edge: int  # segment start s_m
+
+
+def sample_sctd_timesteps(
+    window: TimestepWindow,
+    edges: list[int],
+    rate: float,
+    delta_t: int,
+    grid: TimestepGrid,
+    generator: torch.Generator,
+    margin: int = 10,
+) -> SCTDTimesteps:
+    """Official SCTD timestep rule (SegmentDreamer guidance/sctd_utils.py, `timestep_setting`).
+
+    An index from the sliding window mapped to its timestep value t, s_m the segment start below t,
+    t pushed to at least s_m + delta_t, then s ~ U[s_m + margin, t - margin) drawn directly as a value.
+    """
+    t = grid(window.sample(rate, generator))
+    edge = segment_start(edges, t)
+    t = max(t, edge + delta_t)
+    s = uniform_integer(edge + margin, t - margin, generator)
+    return SCTDTimesteps(t=t, s=s, edge=edge)
 
 
 def consistency_terms(

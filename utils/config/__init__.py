@@ -3,7 +3,7 @@ command line (:mod:`.cli`). Import the public names from here."""
 
 from utils.config.cli import build_arg_parser, cli_overrides, parse_cli
 from utils.config.loading import config_to_dict, load_config, save_config, validate_config
-from utils.config.resume import RESUMABLE_KEYS, load_run_config
+from utils.config.resume import RESUMABLE_KEYS, config_value, load_run_config
 from utils.config.schema import (
     Config,
     ConfigError,
@@ -12,8 +12,11 @@ from utils.config.schema import (
     ModelParams,
     OptimizationParams,
     PipelineParams,
+    flag_keys,
     no_effect_keys,
     param,
+    prior_keys,
+    resumable_keys,
 )
 
 __all__ = [
@@ -30,6 +33,10 @@ __all__ = [
     "config_to_dict",
     "save_config",
     "no_effect_keys",
+    "prior_keys",
+    "resumable_keys",
+    "flag_keys",
+    "config_value",
     "build_arg_parser",
     "cli_overrides",
     "parse_cli",

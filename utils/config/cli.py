@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Optional, Sequence
 
 from utils.config.loading import load_config
 from utils.config.resume import config_value, load_run_config
-from utils.config.schema import Config, ConfigError
+from utils.config.schema import Config, ConfigError, field_choices, flag_keys, key_spec
 
 logger = logging.getLogger("utils.config")
 
 # ---------------------------------------------------------------------------
 # Command line
-
-_FLAG_KEYS = {
-    "guidance_type": "GuidanceParams.guidance_type",
-    "phase_num": "GuidanceParams.phase_num",
-    "num_ddim_timesteps": "GuidanceParams.num_ddim_timesteps",
-    "guid_scale": "GuidanceParams.guidance_scale",
-    "seed": "seed",
-    "output": "output_dir",
-    "port": "port",
-    "test_ratio": "test_ratio",
-    "save_ratio": "save_ratio",
-    "save_video": "save_video",
-    "viewer": "viewer",
-    "viewer_host": "viewer_host",
-    "viewer_port": "viewer_port",
-}
 
 _IGNORED_FLAGS = {
     "ip": "the official SIBR network GUI is not served (the live viewer: --viewer, --viewer_host)",
@@ -38,30 +23,64 @@ _IGNORED_FLAGS = {
     "start_checkpoint": "use --resume RUN_DIR",
 }
 
-
-def _add_published_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--guidance_type", help="GuidanceParams.guidance_type (sctd|ism|sds|cds|gcs)")
-    parser.add_argument("--phase_num", help="GuidanceParams.phase_num: number of trajectory segments N_s")
-    parser.add_argument("--num_ddim_timesteps", help="GuidanceParams.num_ddim_timesteps (no effect)")
-    parser.add_argument("--guid_scale", help="GuidanceParams.guidance_scale (only when given)")
-    parser.add_argument("--seed", help="top-level seed")
+_BOOL_WORDS = ("true", "false")
 
 
-def _add_viewer_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--viewer", action="store_const", const="true",
-                        help="serve a live browser view of the training (top-level viewer=true; needs viser)")
-    parser.add_argument("--viewer_host", help="top-level viewer_host (default 127.0.0.1: this machine only)")
-    parser.add_argument("--viewer_port", help="top-level viewer_port (default 8080)")
+def _flag_help(key: str) -> str:
+    meta = key_spec(key).meta
+    text = f"{key}: {meta['help']}"
+    choices = field_choices(meta)
+    if choices:
+        text += f" (one of {', '.join(str(c) for c in choices)})"
+    if meta["no_effect"]:
+        text += f" (no effect: {meta['no_effect']})"
+    return text.replace("%", "%%")
+
+
+def _is_bool_key(key: str) -> bool:
+    return key_spec(key).type is bool
+
+
+def _add_key_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per key declared with param(..., flag=...) in the schema; a flag becomes an override
+    only when given. A true/false key's flag alone means true (``--viewer``), or takes true/false."""
+    for flag, key in flag_keys().items():
+        if _is_bool_key(key):
+            parser.add_argument(f"--{flag}", nargs="?", const="true", metavar="true|false", help=_flag_help(key))
+        else:
+            parser.add_argument(f"--{flag}", help=_flag_help(key))
+
+
+def _bool_flags_explicit(argv: Sequence[str]) -> list[str]:
+    """``--viewer seed=3`` must not read ``seed=3`` as the flag's value: a true/false flag followed by
+    anything but true/false gets its value spelled out (``--viewer=true``)."""
+    bool_flags = {f"--{flag}" for flag, key in flag_keys().items() if _is_bool_key(key)}
+    out = list(argv)
+    for i, arg in enumerate(out):
+        following = out[i + 1].lower() if i + 1 < len(out) else None
+        if arg in bool_flags and following not in _BOOL_WORDS:
+            out[i] = f"{arg}=true"
+    return out
+
+
+class _HelpConfigAction(argparse.Action):
+    """``--help-config [Section]``: print the keys of the schema (utils/config/help.py) and exit, as --help does."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from utils.config.help import format_config_help
+
+        try:
+            text = format_config_help(values or None)
+        except ConfigError as exc:
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        sys.stdout.write(text)
+        parser.exit(0)
 
 
 def _add_official_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ip", help="official GUI host (no effect)")
-    parser.add_argument("--port", help="top-level port (no effect)")
     parser.add_argument("--debug_from", help="official rasterizer debug start (no effect)")
     parser.add_argument("--detect_anomaly", action="store_true", help="enable torch autograd anomaly detection")
-    parser.add_argument("--test_ratio", help="top-level test_ratio")
-    parser.add_argument("--save_ratio", help="top-level save_ratio")
-    parser.add_argument("--save_video", nargs="?", const="true", help="top-level save_video (true/false)")
     parser.add_argument("--quiet", action="store_true", help="less console output")
     parser.add_argument("--checkpoint_iterations", nargs="+", type=int,
                         help="official checkpoint iterations (no effect)")
@@ -81,16 +100,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="append", metavar="FILE",
                         help="partial YAML applied after --opt (repeatable), e.g. config/low_vram.yaml")
     parser.add_argument("--resume", metavar="RUN_DIR", help="resume from the latest checkpoint of a run folder")
-    parser.add_argument("--output", metavar="DIR", help="top-level output_dir")
-    _add_published_flags(parser)
-    _add_viewer_flags(parser)
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION", action=_HelpConfigAction,
+                        help="print every config key (default, meaning, rules, resume/prior/no-effect properties) "
+                             "of all sections or of one (e.g. GuidanceParams, top-level) and exit")
+    _add_key_flags(parser)
     _add_official_flags(parser)
     return parser
 
 
 def cli_overrides(args: argparse.Namespace) -> list[str]:
     """Overrides implied by the parsed flags (only those given), followed by the positional overrides."""
-    out = [f"{key}={getattr(args, flag)}" for flag, key in _FLAG_KEYS.items() if getattr(args, flag) is not None]
+    out = [f"{key}={getattr(args, flag)}" for flag, key in flag_keys().items() if getattr(args, flag) is not None]
     return out + list(args.overrides)
 
 
@@ -102,7 +122,8 @@ def _warn_ignored_flags(args: argparse.Namespace) -> None:
 
 def parse_cli(argv: Optional[Sequence[str]] = None) -> tuple[Config, argparse.Namespace]:
     """Parse ``argv`` (default ``sys.argv[1:]``), load ``--opt`` with all overrides and validate."""
-    args = build_arg_parser().parse_intermixed_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_arg_parser().parse_intermixed_args(_bool_flags_explicit(argv))
     _warn_ignored_flags(args)
     if args.resume:
         return _resume_config(args), args

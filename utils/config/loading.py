@@ -25,6 +25,7 @@ from utils.config.schema import (
     ConfigError,
     FieldSpec,
     all_keys,
+    field_choices,
     field_specs,
     full_key,
     no_effect_keys,
@@ -105,7 +106,7 @@ def _coerce_list(key: str, value: Any, elem: type, length: Optional[int]) -> lis
     return [_SCALARS[elem](f"{key}[{i}]", v) for i, v in enumerate(value)]
 
 
-def _bounds_text(meta: Any) -> Optional[str]:
+def bounds_text(meta: Any) -> Optional[str]:
     low, high, gt = meta["min"], meta["max"], meta["gt"]
     if gt is not None:
         return f"in ({gt}, {high}]" if high is not None else f"> {gt}"
@@ -125,11 +126,11 @@ def _in_bounds(value: float, meta: Any) -> bool:
 def _check_rules(key: str, value: Any, meta: Any) -> None:
     if value is None:
         return
-    choices = meta["choices"]
+    choices = field_choices(meta)
     if choices and value not in choices:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
     items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-    rule = _bounds_text(meta)
+    rule = bounds_text(meta)
     for index, item in items:
         if rule and not _in_bounds(item, meta):
             name = key if index is None else f"{key}[{index}]"

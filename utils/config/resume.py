@@ -1,8 +1,9 @@
 """The configuration of a resumed run: the run folder's config.yaml plus the overrides that may change.
 
 A checkpoint continues one trajectory; most keys define that trajectory, so changing them on
-resume would silently mix two runs. The keys in RESUMABLE_KEYS only extend the run or change what
-is written and how fast it runs; any other override that changes a value is refused by name.
+resume would silently mix two runs. The keys declared resumable in the schema (RESUMABLE_KEYS) only
+extend the run or change what is written and how fast it runs; any other override that changes a value
+is refused by name.
 """
 from __future__ import annotations
 
@@ -10,41 +11,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from utils.config.loading import load_config
-from utils.config.schema import Config, ConfigError, section_attributes
+from utils.config.schema import Config, ConfigError, resumable_keys, section_attributes
 
-RESUMABLE_KEYS = {
-    "OptimizationParams.iterations": "train further (past the original end the learning rates stay at their "
-                                     "final values)",
-    "checkpoint_interval": "how often checkpoints are written",
-    "log_interval": "how often scalars are logged",
-    "preview_interval": "how often preview images are logged",
-    "nonfinite_patience": "how long NaN/Inf steps are tolerated",
-    "save_video": "whether the turntable video is written",
-    "video_frames": "frames of the turntable video",
-    "test_ratio": "how often test views are rendered",
-    "save_ratio": "how often point clouds are saved",
-    "ply_sh_degree": "the SH padding of exported PLYs",
-    "eval_resolution": "the size of test views and videos",
-    "ply_up_axis": "the up axis of exported PLYs",
-    "export_mesh": "whether the mesh is exported at the end",
-    "mesh_resolution": "the mesh export's grid",
-    "mesh_faces": "the mesh export's face count",
-    "mesh_level": "the mesh export's opacity level",
-    "mesh_bake_views": "the mesh export's colour views",
-    "mesh_texture": "the mesh export's texture size",
-    "viewer": "whether the live viewer is served",
-    "viewer_host": "where the live viewer listens",
-    "viewer_port": "the live viewer's port",
-    "viewer_max_fps": "the live viewer's frame rate",
-    "viewer_render_share": "the live viewer's share of the time",
-    "viewer_resolution": "the live viewer's image size",
-    "PipelineParams.cuda_graphs": "a speed lever",
-    "PipelineParams.channels_last": "a speed lever",
-    "PipelineParams.vae_channels_last": "a speed lever",
-    "PipelineParams.compile": "a speed lever",
-    "PipelineParams.cudnn_benchmark": "a speed lever",
-    "PipelineParams.attention_slicing": "a memory lever",
-}
+# Full key -> what it changes: the keys declared with param(..., resumable=...) in utils/config/schema.py.
+RESUMABLE_KEYS = resumable_keys()
 
 
 def config_value(cfg: Config, key: str) -> Any:

@@ -7,17 +7,25 @@ defaults follow the official ``arguments/__init__.py``; the YAML files in
 ``config/`` set the rest.
 
 Every field carries ``metadata["help"]`` (a one-line meaning) and optional
-rules: ``choices``, ``min``/``max`` (inclusive), ``gt`` (exclusive lower
-bound), ``length`` (fixed list length), ``pair`` (a ``[low, high]`` list with
-``low <= high``) and ``no_effect`` (why the key is accepted but ignored).
+rules: ``choices`` (or ``choices_from``, a registry the names come from),
+``min``/``max`` (inclusive), ``gt`` (exclusive lower bound), ``length`` (fixed
+list length), ``pair`` (a ``[low, high]`` list with ``low <= high``) and
+``no_effect`` (why the key is accepted but ignored). It also carries the key's
+properties, from which every list of keys is derived (nothing else lists keys by
+hand): ``resumable`` (may change when a run resumes), ``prior_free`` (a built
+prior does not depend on it, so a sweep keeps one prior across runs differing in
+it) and ``flag`` (its command-line flag). The defaults are the safe answers: a
+key is refused on resume and rebuilds the prior unless it says otherwise.
 Loading and validation live in :mod:`utils.config.loading`, the command line in
-:mod:`utils.config.cli`.
+:mod:`utils.config.cli`, the printed reference (``train.py --help-config``) in
+:mod:`utils.config.help`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -29,23 +37,33 @@ class ConfigError(ValueError):
 
 
 def param(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None,
+          choices_from: Optional[str] = None,
           min: Optional[float] = None, max: Optional[float] = None,
           gt: Optional[float] = None, length: Optional[int] = None,
-          pair: bool = False, no_effect: Optional[str] = None) -> Any:
-    """Declare a config field with its one-line meaning and validation rules.
+          pair: bool = False, no_effect: Optional[str] = None,
+          resumable: Optional[str] = None, prior_free: bool = False,
+          flag: Optional[str] = None) -> Any:
+    """Declare a config field with its one-line meaning, validation rules and properties.
 
-    ``min``/``max``/``gt`` apply to every element of a list field.
+    ``min``/``max``/``gt`` apply to every element of a list field. ``choices_from`` names a
+    registry as ``"package.module:NAME"`` (a mapping or sequence of the allowed values), read when
+    a value is checked, so that registering a new entry (a loss) is enough to make it selectable.
+    ``resumable`` says what the key changes when it may change on resume (None: refused).
+    ``prior_free=True`` declares that no built prior depends on the key (default: one does).
+    ``flag`` is the command-line flag (without ``--``) that sets the key.
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None,
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "choices_from": choices_from,
             "min": min, "max": max, "gt": gt, "length": length, "pair": pair,
-            "no_effect": no_effect}
+            "no_effect": no_effect, "resumable": resumable, "prior_free": prior_free, "flag": flag}
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _section(cls: type, name: str) -> Any:
-    return field(default_factory=cls, metadata={"section": name, "help": cls.__doc__})
+def _section(cls: type, name: str, prior_free: bool = False) -> Any:
+    """A YAML section. ``prior_free=True``: no prior reads this section (build_prior in
+    training/trainer.py is built from GuidanceParams and PipelineParams), so its keys are prior-free."""
+    return field(default_factory=cls, metadata={"section": name, "help": cls.__doc__, "prior_free": prior_free})
 
 
 _LR = "learning rate"
@@ -73,14 +91,15 @@ class ModelParams:
     eval: bool = param(False, "hold out dataset test views", no_effect=_NO_DATASET)
     opt_path: Optional[str] = param(None, "path of the options file in the official code",
                                     no_effect="use --opt on the command line")
-    sh_deg_aug_ratio: float = param(0.1, "probability of rendering a camera with SH degree 0 (augmentation)",
-                                    min=0.0, max=1.0)
-    bg_aug_ratio: float = param(0.5, "probability of a random background colour per camera (augmentation)",
-                                min=0.0, max=1.0)
+    sh_deg_aug_ratio: float = param(0.1, "probability per iteration of rendering the batch with SH degree 0 "
+                                         "(augmentation)", min=0.0, max=1.0)
+    bg_aug_ratio: float = param(0.5, "probability per camera of drawing its background: a random colour or black, "
+                                     "half each (else black; augmentation)", min=0.0, max=1.0)
     shs_aug_ratio: float = param(0.0, "probability of SH-colour noise per batch, sh <- sh + N(0, 1) sqrt(0.2) sh "
                                       "(augmentation, as the official renderer)",
                                  min=0.0, max=1.0)
-    scale_aug_ratio: float = param(1.0, "probability of the scale augmentation per camera", min=0.0, max=1.0)
+    scale_aug_ratio: float = param(1.0, "probability per iteration of noising the Gaussians' scales (augmentation)",
+                                   min=0.0, max=1.0)
 
 
 @dataclass
@@ -88,26 +107,32 @@ class PipelineParams:
     """Rendering pipeline options (official ``PipelineParams``)."""
 
     convert_SHs_python: bool = param(False, "evaluate SH colours in Python instead of the rasterizer",
-                                     no_effect="the renderer backend decides where SH colours are evaluated")
+                                     no_effect="the renderer backend decides where SH colours are evaluated",
+                                     prior_free=True)
     compute_cov3D_python: bool = param(False, "build 3D covariances in Python instead of the rasterizer",
-                                       no_effect="the renderer backend decides where covariances are built")
+                                       no_effect="the renderer backend decides where covariances are built",
+                                       prior_free=True)
     debug: bool = param(False, "rasterizer debug mode of the official CUDA extension",
-                        no_effect="the official CUDA rasterizer is not used")
+                        no_effect="the official CUDA rasterizer is not used", prior_free=True)
     renderer: str = param("auto", "rasterizer backend: auto (gsplat on CUDA, else torch), gsplat or torch",
                           choices=("auto", "gsplat", "torch"))
     device: str = param("auto", "compute device: auto (cuda if available), cpu or cuda",
                         choices=("auto", "cpu", "cuda"))
-    cuda_graphs: bool = param(True, "replay a CUDA graph of each fixed-shape UNet call (CUDA only)")
-    channels_last: bool = param(True, "channels-last UNet convolutions")
+    cuda_graphs: bool = param(True, "replay a CUDA graph of each fixed-shape UNet call (CUDA only)",
+                              resumable="a speed lever")
+    channels_last: bool = param(True, "channels-last UNet convolutions", resumable="a speed lever")
     vae_channels_last: bool = param(True, "channels-last VAE encoder with Triton NHWC GroupNorm+SiLU kernels "
-                                          "(CUDA with Triton only)")
+                                          "(CUDA with Triton only)", resumable="a speed lever")
     compile: bool = param(True, "torch.compile the UNet and the VAE encoder (CUDA with Triton only; minutes of "
-                                "compilation on the first run, cached for later runs)")
-    cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)")
-    render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code")
+                                "compilation on the first run, cached for later runs)", resumable="a speed lever")
+    cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)",
+                                  prior_free=True, resumable="a speed lever")
+    render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code",
+                                    prior_free=True)
     encode_chunk: int = param(0, "images per VAE-encoder forward+backward (0 = whole batch; 1 = lowest memory, "
                                  "recomputes the encoder and uses the posterior mean)", min=0)
-    attention_slicing: bool = param(False, "compute UNet attention in slices (lower memory, slower)")
+    attention_slicing: bool = param(False, "compute UNet attention in slices (lower memory, slower)",
+                                    resumable="a memory lever")
     vae_attention: str = param("matmul", "VAE-encoder attention (one head of width 512, slow in fused kernels): "
                                          "matmul = explicit matmul + softmax, sdpa = torch's fused kernels",
                                choices=("matmul", "sdpa"))
@@ -121,84 +146,102 @@ class GuidanceParams:
     """2D diffusion prior and distillation loss (official ``GuidanceParams`` plus our switches)."""
 
     guidance: str = param("SD", "official guidance family name",
-                          no_effect="the prior is chosen by GuidanceParams.prior")
+                          no_effect="the prior is chosen by GuidanceParams.prior", prior_free=True)
     g_device: str = param("cuda", "device of the official guidance model",
-                          no_effect="the prior runs on PipelineParams.device")
+                          no_effect="the prior runs on PipelineParams.device", prior_free=True)
     model_key: Optional[str] = param(None, "Stable Diffusion weights: local folder, hub id or .safetensors file")
     is_safe_tensor: bool = param(False, "model_key is a single .safetensors checkpoint (e.g. DreamShaper-8)")
     base_model_key: Optional[str] = param(None, "diffusers folder providing configs/tokenizer for a "
                                                 ".safetensors model_key")
-    controlnet_model_key: Optional[str] = param(None, "ControlNet weights", no_effect="ControlNet is not supported")
+    controlnet_model_key: Optional[str] = param(None, "ControlNet weights", no_effect="ControlNet is not supported",
+                                                prior_free=True)
     perpneg: bool = param(True, "use Perp-Neg view-dependent negative prompts")
     negative_w: float = param(-2.0, "Perp-Neg weight of the negative view prompts")
     front_decay_factor: float = param(2.0, "Perp-Neg decay of the front-view weight", min=0.0)
     side_decay_factor: float = param(10.0, "Perp-Neg decay of the side-view weight", min=0.0)
     vram_O: bool = param(False, "official memory-saving switch",
-                         no_effect="superseded by the low-VRAM config overlay")
+                         no_effect="superseded by the low-VRAM config overlay", prior_free=True)
     fp16: bool = param(True, "run the prior in half precision (used when precision is 'auto')")
-    hf_key: Optional[str] = param(None, "official Hugging Face key alias", no_effect="use model_key")
-    t_range: list[float] = param([0.02, 0.5], "initial [low, high] timestep range as a fraction of 1000",
-                                 length=2, min=0.0, max=1.0, pair=True)
-    max_t_range: float = param(0.98, "upper timestep fraction reached after warm-up", min=0.0, max=1.0)
+    hf_key: Optional[str] = param(None, "official Hugging Face key alias", no_effect="use model_key", prior_free=True)
+    t_range: list[float] = param([0.02, 0.5], "[low, high] timestep window, fractions of 1000, once the warm-up is "
+                                              "over (before, it is shifted up: both bounds for SCTD/GCS, the "
+                                              "upper one for ISM/SDS)", length=2, min=0.0, max=1.0, pair=True,
+                                 prior_free=True)
+    max_t_range: float = param(0.98, "upper timestep fraction at the start: the window's upper bound falls from it "
+                                     "to t_range[1] over OptimizationParams.warmup_iter", min=0.0, max=1.0,
+                               prior_free=True)
     scheduler_type: str = param("DDIM", "official scheduler name",
-                                no_effect="a first-order DDIM-equivalent solver is always used")
+                                no_effect="a first-order DDIM-equivalent solver is always used", prior_free=True)
     num_train_timesteps: Optional[int] = param(None, "override of the prior's training timesteps",
-                                               no_effect="the prior's own schedule is always used")
-    sds: bool = param(False, "official SDS switch", no_effect="use guidance_type: sds")
-    fix_noise: bool = param(False, "reuse one fixed noise tensor across iterations")
-    noise_seed: int = param(0, "seed of the fixed noise tensor", min=0)
+                                               no_effect="the prior's own schedule is always used", prior_free=True)
+    sds: bool = param(False, "official SDS switch", no_effect="use guidance_type: sds", prior_free=True)
+    fix_noise: bool = param(False, "reuse one fixed noise tensor across iterations", prior_free=True)
+    noise_seed: int = param(0, "seed of the fixed noise tensor", min=0, prior_free=True)
     ddim_inv: bool = param(False, "official DDIM-inversion switch",
-                           no_effect="inversion is part of the chosen guidance_type")
-    delta_t: int = param(80, "timestep gap of the consistency/inversion step", min=1, max=999)
-    delta_t_start: int = param(100, "initial interval for ISM annealed intervals", min=1, max=999)
-    annealing_intervals: bool = param(True, "ISM: anneal the inversion interval")
-    text: str = param("", "prompt")
+                           no_effect="inversion is part of the chosen guidance_type", prior_free=True)
+    delta_t: int = param(80, "ISM/GCS: interval t - s after the warm-up; SCTD: least gap t - s_m", min=1, max=999,
+                         prior_free=True)
+    delta_t_start: int = param(100, "ISM/GCS: interval t - s at the start, annealed to delta_t over the warm-up",
+                               min=1, max=999, prior_free=True)
+    annealing_intervals: bool = param(True, "ISM: anneal the inversion interval", prior_free=True)
+    text: str = param("", "prompt", prior_free=True)
     inverse_text: str = param("", "prompt used during DDIM inversion (ISM)")
     textual_inversion_path: Optional[str] = param(None, "textual-inversion embedding file to load into the prior")
     LoRA_path: Optional[str] = param(None, "LoRA weights to load into the prior")
-    controlnet_ratio: float = param(0.5, "ControlNet conditioning ratio", no_effect="ControlNet is not supported")
-    negative: str = param("", "negative prompt")
-    guidance_scale: float = param(7.5, "classifier-free guidance scale", min=0.0)
+    controlnet_ratio: float = param(0.5, "ControlNet conditioning ratio", no_effect="ControlNet is not supported",
+                                    prior_free=True)
+    negative: str = param("", "negative prompt", prior_free=True)
+    guidance_scale: float = param(7.5, "classifier-free guidance scale", min=0.0, prior_free=True, flag="guid_scale")
     denoise_guidance_scale: float = param(1.0, "guidance scale of the ISM denoising step", min=0.0,
                                           no_effect="ISM inverts with the empty prompt alone, i.e. scale 1.0, "
-                                                    "the official default")
-    lambda_guidance: float = param(1.0, "weight of the distillation loss", min=0.0)
-    xs_delta_t: int = param(200, "ISM: timestep gap of the x_s inversion", min=1, max=999)
-    xs_inv_steps: int = param(5, "ISM: number of x_s inversion steps", min=1)
+                                                    "the official default", prior_free=True)
+    lambda_guidance: float = param(1.0, "weight of the distillation loss", min=0.0, prior_free=True)
+    xs_delta_t: int = param(200, "ISM: timestep gap of the x_s inversion", min=1, max=999, prior_free=True)
+    xs_inv_steps: int = param(5, "ISM: number of x_s inversion steps", min=1, prior_free=True)
     xs_eta: float = param(0.0, "ISM: DDIM eta of the x_s inversion", min=0.0, max=1.0,
-                          no_effect="the x_s inversion is deterministic DDIM (eta 0, the official default)")
-    C_batch_size: int = param(1, "cameras rendered and distilled per iteration", min=1)
+                          no_effect="the x_s inversion is deterministic DDIM (eta 0, the official default)",
+                          prior_free=True)
+    C_batch_size: int = param(1, "cameras rendered and distilled per iteration", min=1, prior_free=True)
     vis_interval: int = param(100, "iterations between guidance visualisations (0 = off)", min=0,
-                              no_effect="previews go to TensorBoard every preview_interval iterations")
+                              no_effect="previews go to TensorBoard every preview_interval iterations", prior_free=True)
     t_mode: str = param("uniform", "timestep sampling: uniform or mono (monotonically increasing)",
-                        choices=_T_CHOICES)
-    t_threshold: int = param(150, "SCTD: timesteps below this use the self-consistency branch", min=0, max=999)
-    w_cp: float = param(0.0, "weight of the conditional-prediction term", min=0.0)
-    BEG: bool = param(False, "Brightness-Equalized Generation (periodic brightness reset)")
-    rgb_scale: float = param(1.0, "scale of the RGB loss term", min=0.0)
+                        choices=_T_CHOICES, prior_free=True)
+    t_threshold: int = param(150, "SCTD: z_t is inverted from z_sm in two empty-prompt DDIM steps via s when "
+                                  "t >= t_threshold, in one step below (Eq. 11); also t_tau of t_mode mono",
+                             min=0, max=999, prior_free=True)
+    w_cp: float = param(0.0, "weight of the pixel constraint L_CP (GCS; optional in SCTD): a gradient on the "
+                             "rendered RGB towards the decoded x0 difference, cond - empty prompt (0 = off)",
+                        min=0.0, prior_free=True)
+    BEG: bool = param(False, "Brightness-Equalized Generation (GCS): scale the colours down when the renders get "
+                             "too bright (OptimizationParams.thresh, lgt_thresh, reset_rate)", prior_free=True)
+    rgb_scale: float = param(1.0, "extra multiplier of the pixel constraint L_CP (w_cp)", min=0.0, prior_free=True)
     clip_skip: int = param(1, "CLIP text-encoder layers to skip (as in the official DreamShaper configs)", min=0)
-    interval_ratio: Optional[float] = param(None, "official SegmentDreamer key", no_effect=_UNUSED_OFFICIAL)
-    guidance_type: str = param("sctd", "distillation loss", choices=("sctd", "ism", "sds", "cds", "gcs"))
-    phase_num: int = param(4, "number of trajectory segments N_s (README/paper use 5)", min=1)
+    interval_ratio: Optional[float] = param(None, "official SegmentDreamer key", no_effect=_UNUSED_OFFICIAL,
+                                            prior_free=True)
+    guidance_type: str = param("sctd", "distillation loss: a name registered in guidance/losses/",
+                               choices_from="guidance.losses:LOSSES", prior_free=True, flag="guidance_type")
+    phase_num: int = param(4, "number of trajectory segments N_s (README/paper use 5)", min=1,
+                           prior_free=True, flag="phase_num")
     num_ddim_timesteps: int = param(50, "accepted for compatibility with the published command", min=1,
-                                    no_effect=_UNUSED_OFFICIAL)
+                                    no_effect=_UNUSED_OFFICIAL, prior_free=True, flag="num_ddim_timesteps")
     prior: str = param("stable_diffusion", "2D prior: stable_diffusion or analytic (offline, closed form)",
                        choices=("stable_diffusion", "analytic"))
     precision: str = param("auto", "prior precision; auto = fp16 if fp16 else fp32",
                            choices=("auto", "fp16", "bf16", "fp32"))
     sctd_cross_prediction: str = param("cfg", "SCTD cross term: cfg (official CFG noise) or cond "
-                                              "(paper's pure conditional)", choices=("cfg", "cond"))
-    sctd_approximate_null: bool = param(True, "approximate G(z_t, t, empty) by z_sm (paper Sec. 4.4)")
-    sctd_generative_prior: bool = param(False, "add the generative-prior term of Eq. 9")
+                                              "(paper's pure conditional)", choices=("cfg", "cond"), prior_free=True)
+    sctd_approximate_null: bool = param(True, "approximate G(z_t, t, empty) by z_sm (paper Sec. 4.4)", prior_free=True)
+    sctd_generative_prior: bool = param(False, "add the generative-prior term of Eq. 9", prior_free=True)
     sctd_weighting: str = param("official", "SCTD loss weighting: official code or paper",
-                                choices=("official", "paper"))
-    w_cc: float = param(1.0, "GCS: weight of the cross-consistency term", min=0.0)
-    w_gc: float = param(0.5, "GCS: weight of the generative-consistency term", min=0.0)
-    cds_t_start: int = param(700, "CDS: timestep at the start of annealing", min=0, max=999)
-    cds_t_end: int = param(100, "CDS: timestep at the end of annealing", min=0, max=999)
-    cds_anneal_iters: int = param(3000, "CDS: iterations to anneal from cds_t_start to cds_t_end", min=0)
+                                choices=("official", "paper"), prior_free=True)
+    w_cc: float = param(1.0, "GCS: weight of the cross-consistency term", min=0.0, prior_free=True)
+    w_gc: float = param(0.5, "GCS: weight of the generative-consistency term", min=0.0, prior_free=True)
+    cds_t_start: int = param(700, "CDS: timestep at the start of annealing", min=0, max=999, prior_free=True)
+    cds_t_end: int = param(100, "CDS: timestep at the end of annealing", min=0, max=999, prior_free=True)
+    cds_anneal_iters: int = param(3000, "CDS: iterations to anneal from cds_t_start to cds_t_end", min=0,
+                                  prior_free=True)
     cds_gap: list[int] = param([100, 300], "CDS: [low, high] gap between the two timesteps",
-                               length=2, min=0, max=999, pair=True)
+                               length=2, min=0, max=999, pair=True, prior_free=True)
     analytic_scene: str = param("blobs", "analytic prior: procedural scene name or a .ply path")
     analytic_std: float = param(0.05, "analytic prior: pixel std of the mixture components", gt=0.0)
     analytic_distractors: int = param(2, "analytic prior: distractor components in the unconditional mixture",
@@ -243,12 +286,15 @@ class GenerateCamParams:
                                     length=2, gt=0.0, max=_PI, pair=True)
     max_fovy_range: list[float] = param([0.16, 0.60], "final [low, high] vertical field of view in radians",
                                         length=2, gt=0.0, max=_PI, pair=True)
-    rand_cam_gamma: float = param(1.0, "exponent biasing the sampled polar angle", gt=0.0)
+    rand_cam_gamma: float = param(1.0, "exponent of the sampled polar angle and azimuth around their range's "
+                                       "middle: mid +- u^gamma half-width (1 = uniform, > 1 towards the middle)",
+                                  gt=0.0)
     angle_overhead: float = param(30.0, "overhead-view angle of the official view prompts",
                                   no_effect="view prompts use the fixed Perp-Neg/azimuth rules")
     angle_front: float = param(60.0, "front-view angle of the official view prompts",
                                no_effect="view prompts use the fixed Perp-Neg/azimuth rules")
-    render_45: bool = param(True, "sample the polar angle in the 45-degree band")
+    render_45: bool = param(True, "add a second ring of test views at polar floor(default_polar * 2/3) "
+                                  "(60 degrees for 90)")
     uniform_sphere_rate: float = param(0.0, "probability of sampling uniformly on the sphere",
                                        min=0.0, max=1.0, no_effect=_UNUSED_OFFICIAL)
     image_w: int = param(512, "render width in pixels", min=8)
@@ -274,7 +320,9 @@ _NOT_LOGGED = "process frames are not recorded (turntable videos cover this)"
 class OptimizationParams:
     """Optimiser, schedules and densification (official ``OptimizationParams``)."""
 
-    iterations: int = param(5000, "number of training iterations", min=1)
+    iterations: int = param(5000, "number of training iterations", min=1,
+                            resumable="train further (past the original end the learning rates stay at their "
+                                      "final values)")
     position_lr_init: float = param(0.00016, "initial position " + _LR + " (times the scene extent)", min=0.0)
     position_lr_final: float = param(0.0000016, "final position " + _LR + " (times the scene extent)", min=0.0)
     position_lr_delay_mult: float = param(0.01, "official position lr delay multiplier", min=0.0,
@@ -286,9 +334,9 @@ class OptimizationParams:
     opacity_lr: float = param(0.05, "opacity " + _LR, min=0.0)
     scaling_lr: float = param(0.005, "initial scaling " + _LR, min=0.0)
     rotation_lr: float = param(0.001, "initial rotation " + _LR, min=0.0)
-    geo_iter: int = param(0, "iterations of geometry-only warm-up", min=0)
-    as_latent_ratio: float = param(0.2, "probability of distilling with the latent render as input",
-                                   min=0.0, max=1.0)
+    geo_iter: int = param(0, "first iterations that distil the depth map instead of the RGB (geometry warm-up)", min=0)
+    as_latent_ratio: float = param(0.2, "probability of distilling the depth map (as a 3-channel image) instead of "
+                                        "the RGB", min=0.0, max=1.0)
     resnet_lr: float = param(1e-4, "official ResNet " + _LR, min=0.0, no_effect=_UNUSED_OFFICIAL)
     resnet_lr_init: float = param(2e-3, "official initial ResNet " + _LR, min=0.0, no_effect=_UNUSED_OFFICIAL)
     resnet_lr_final: float = param(5e-5, "official final ResNet " + _LR, min=0.0, no_effect=_UNUSED_OFFICIAL)
@@ -309,7 +357,8 @@ class OptimizationParams:
     densify_until_iter: int = param(3000, "last iteration of densification", min=0)
     use_control_net_iter: int = param(10000000, "iteration from which ControlNet is used",
                                       no_effect="ControlNet is not supported")
-    warmup_iter: int = param(1500, "iterations over which the timestep range grows to max_t_range", min=0)
+    warmup_iter: int = param(1500, "iterations over which the timestep window falls from max_t_range to t_range",
+                             min=0)
     use_progressive: bool = param(False, "disable progressive camera expansion when true (official naming)")
     save_process: bool = param(True, "record training-process frames", no_effect=_NOT_LOGGED)
     pro_frames_num: int = param(600, "number of training-process frames", min=0, no_effect=_NOT_LOGGED)
@@ -322,13 +371,16 @@ class OptimizationParams:
     fovy_scale_up_factor: list[float] = param([0.75, 1.1], "[low, high] multipliers of the fovy range per "
                                                            "expansion", length=2, gt=0.0)
     phi_scale_up_factor: float = param(1.5, "azimuth-range multiplier per expansion", gt=0.0)
-    grad_clip: Optional[list[float]] = param([2.0, 8.0, 1000.0], "latent-gradient clip [start, end, ramp "
-                                                                 "iterations]; null = off", length=3, min=0.0)
-    thresh: float = param(0.85, "BEG: brightness threshold", min=0.0, max=1.0)
+    grad_clip: Optional[list[float]] = param([2.0, 8.0, 1000.0], "per-tensor clipping of the Gaussians' gradients: "
+                                                                 "clip_grad_norm_ on each parameter tensor, max norm "
+                                                                 "start -> end over ramp iterations ([start, end, "
+                                                                 "ramp]); null = off", length=3, min=0.0)
+    thresh: float = param(0.85, "BEG: quantile level, per view over bright pixels and then over the views",
+                          min=0.0, max=1.0)
     start_reset_iter: int = param(1000, "BEG: first iteration of brightness resets", min=0)
     end_reset_iter: int = param(4500, "BEG: last iteration of brightness resets", min=0)
-    reset_rate: float = param(0.8, "BEG: brightness reset rate", min=0.0, max=1.0)
-    lgt_thresh: float = param(0.9, "BEG: lightness threshold", min=0.0, max=1.0)
+    reset_rate: float = param(0.8, "BEG: factor scaling every SH colour coefficient at a reset", min=0.0, max=1.0)
+    lgt_thresh: float = param(0.9, "BEG: brightness above which the colours are scaled by reset_rate", min=0.0, max=1.0)
     min_opacity: float = param(0.005, "Gaussians below this opacity are pruned", min=0.0, max=1.0)
     max_screen_size: int = param(20, "prune Gaussians larger than this many pixels after the first "
                                      "opacity reset (0 = off)", min=0)
@@ -338,52 +390,72 @@ class OptimizationParams:
 class Config:
     """The whole run configuration: five sections plus top-level keys."""
 
-    model: ModelParams = _section(ModelParams, "ModelParams")
+    model: ModelParams = _section(ModelParams, "ModelParams", prior_free=True)
     pipeline: PipelineParams = _section(PipelineParams, "PipelineParams")
     guidance: GuidanceParams = _section(GuidanceParams, "GuidanceParams")
-    camera: GenerateCamParams = _section(GenerateCamParams, "GenerateCamParams")
-    optim: OptimizationParams = _section(OptimizationParams, "OptimizationParams")
+    camera: GenerateCamParams = _section(GenerateCamParams, "GenerateCamParams", prior_free=True)
+    optim: OptimizationParams = _section(OptimizationParams, "OptimizationParams", prior_free=True)
     port: int = param(2355, "official network-GUI port", no_effect="the official SIBR network GUI is not served; "
-                                                             "the live viewer uses viewer_port")
-    save_video: bool = param(True, "write a turntable video (RGB | depth) at the end of the run")
-    seed: int = param(0, "global random seed (Python, NumPy, torch)", min=0)
-    output_dir: str = param("outputs", "root folder of the run folders")
-    test_ratio: int = param(5, "test renders every iterations/test_ratio iterations", min=1)
-    save_ratio: int = param(2, "point clouds saved every iterations/save_ratio iterations", min=1)
-    checkpoint_interval: int = param(500, "iterations between full checkpoints (0 = only at the end)", min=0)
-    video_frames: int = param(120, "turntable frames per ring", min=1)
-    log_interval: int = param(10, "iterations between scalar log entries", min=1)
-    preview_interval: int = param(100, "iterations between preview images (0 = off)", min=0)
+                                                             "the live viewer uses viewer_port", flag="port")
+    save_video: bool = param(True, "write a turntable video (RGB | depth) at the end of the run",
+                             resumable="whether the turntable video is written", flag="save_video")
+    seed: int = param(0, "global random seed (Python, NumPy, torch)", min=0, flag="seed")
+    output_dir: str = param("outputs", "root folder of the run folders", flag="output")
+    test_ratio: int = param(5, "test renders every iterations/test_ratio iterations", min=1,
+                            resumable="how often test views are rendered", flag="test_ratio")
+    save_ratio: int = param(2, "point clouds saved every iterations/save_ratio iterations", min=1,
+                            resumable="how often point clouds are saved", flag="save_ratio")
+    checkpoint_interval: int = param(500, "iterations between full checkpoints (0 = only at the end)", min=0,
+                                     resumable="how often checkpoints are written")
+    video_frames: int = param(120, "turntable frames per ring", min=1, resumable="frames of the turntable video")
+    log_interval: int = param(10, "iterations between scalar log entries", min=1,
+                              resumable="how often scalars are logged")
+    preview_interval: int = param(100, "iterations between preview images (0 = off)", min=0,
+                                  resumable="how often preview images are logged")
     eval_resolution: Optional[int] = param(None, "height in pixels of test views, held-out views and videos (width "
-                                                 "keeps the training aspect); null = the training size", min=8)
+                                                 "keeps the training aspect); null = the training size", min=8,
+                                                 resumable="the size of test views and videos")
     nonfinite_patience: int = param(20, "consecutive iterations with NaN/Inf gradients or Gaussians (each one "
-                                        "skipped) before the run stops", min=1)
+                                        "skipped) before the run stops", min=1,
+                                        resumable="how long NaN/Inf steps are tolerated")
     viewer: bool = param(False, "serve a live browser view of the Gaussians while training (needs viser), "
-                                "with pause/resume")
+                                "with pause/resume", resumable="whether the live viewer is served", flag="viewer")
     viewer_host: str = param("127.0.0.1", "address the viewer listens on (127.0.0.1 = this machine only; reach it "
-                                          "over ssh -L, or 0.0.0.0 for every interface)")
-    viewer_port: int = param(8080, "viewer port (the next free one is taken when it is busy)", min=1, max=65535)
+                                          "over ssh -L, or 0.0.0.0 for every interface)",
+                                          resumable="where the live viewer listens", flag="viewer_host")
+    viewer_port: int = param(8080, "viewer port (the next free one is taken when it is busy)", min=1, max=65535,
+                             resumable="the live viewer's port", flag="viewer_port")
     viewer_max_fps: float = param(10.0, "most frames per second the viewer renders (each competes with training)",
-                                  gt=0.0)
+                                  gt=0.0, resumable="the live viewer's frame rate")
     viewer_render_share: float = param(0.25, "most fraction of the wall-clock time the viewer spends rendering "
                                              "while training runs (1 = only viewer_max_fps limits it)",
-                                       gt=0.0, max=1.0)
+                                       gt=0.0, max=1.0, resumable="the live viewer's share of the time")
     viewer_resolution: int = param(512, "longer side in pixels of the viewer's images (a slider on the page "
-                                        "changes it)", min=64, max=2048)
+                                        "changes it)", min=64, max=2048, resumable="the live viewer's image size")
     ply_sh_degree: Optional[int] = param(None, "pad the exported PLYs' SH coefficients to this degree for viewers "
-                                               "that expect it (e.g. 3); null = the model's degree", min=0, max=3)
+                                               "that expect it (e.g. 3); null = the model's degree", min=0, max=3,
+                                               resumable="the SH padding of exported PLYs")
     ply_up_axis: str = param("-y", "up axis of the exported PLYs: -y (3DGS/COLMAP convention: SuperSplat, "
                                    "GaussianSplats3D show it upright), y, or z (training world)",
-                       choices=("-y", "y", "z"))
-    export_mesh: bool = param(True, "write mesh/mesh.glb and mesh/mesh.obj (+Y up, metres) at the end of the run")
-    mesh_resolution: int = param(192, "grid cells per axis of the opacity field the mesh is extracted from", min=16)
-    mesh_faces: int = param(50000, "target face count of the exported mesh (0 = no decimation)", min=0)
-    mesh_level: float = param(0.3, "opacity iso-level of the mesh surface", gt=0.0, max=0.99)
+                       choices=("-y", "y", "z"), resumable="the up axis of exported PLYs")
+    export_mesh: bool = param(True, "write mesh/mesh.glb and mesh/mesh.obj (+Y up, metres) at the end of the run",
+                              resumable="whether the mesh is exported at the end")
+    mesh_resolution: int = param(192, "grid cells per axis of the opacity field the mesh is extracted from", min=16,
+                                 resumable="the mesh export's grid")
+    mesh_faces: int = param(50000, "target face count of the exported mesh (0 = no decimation)", min=0,
+                            resumable="the mesh export's face count")
+    mesh_level: float = param(0.3, "opacity iso-level of the mesh surface", gt=0.0, max=0.99,
+                              resumable="the mesh export's opacity level")
     mesh_bake_views: int = param(12, "views per ring (4 rings) whose Gaussian renders colour the mesh; 0 = colours "
-                                     "from the nearby Gaussians' SH DC only", min=0)
+                                     "from the nearby Gaussians' SH DC only", min=0,
+                                     resumable="the mesh export's colour views")
     mesh_texture: int = param(0, "size of a baked UV texture for the mesh (e.g. 1024; 0 = per-vertex colours)",
-                              choices=(0, 256, 512, 1024, 2048, 4096))
+                              choices=(0, 256, 512, 1024, 2048, 4096), resumable="the mesh export's texture size")
 
+
+# No prior reads the top-level keys (run folder, outputs, exports, viewer, seed): like the sections
+# declared with _section(..., prior_free=True), they are prior-free (tests/test_key_properties.py checks it).
+TOP_LEVEL_PRIOR_FREE = True
 
 # ---------------------------------------------------------------------------
 # Schema introspection
@@ -438,3 +510,51 @@ def no_effect_keys() -> dict[str, str]:
             if spec.meta["no_effect"]:
                 out[full_key(section, name)] = spec.meta["no_effect"]
     return out
+
+
+def iter_keys() -> typing.Iterator[tuple[Optional[str], FieldSpec]]:
+    """(YAML section or None for a top-level key, field spec) of every key, in declaration order."""
+    for section in (None, *section_attributes()):
+        yield from ((section, spec) for spec in field_specs(section_class(section)).values())
+
+
+def key_spec(key: str) -> FieldSpec:
+    """The field spec of a full key (``Section.key`` or a top-level key)."""
+    section, _, name = key.rpartition(".")
+    return field_specs(section_class(section or None))[name]
+
+
+def field_choices(meta: Any) -> Optional[tuple[Any, ...]]:
+    """The allowed values of a field: its ``choices``, or the names in its ``choices_from`` registry now.
+
+    A registry lives above this package (the losses in guidance/losses/registry.py), so it is imported
+    by name when a value is checked, and a loss registered at any time is a valid choice from then on."""
+    if meta["choices_from"] is None:
+        return meta["choices"]
+    module, _, name = meta["choices_from"].partition(":")
+    return tuple(getattr(importlib.import_module(module), name))
+
+
+def section_prior_free(section: Optional[str]) -> bool:
+    """Whether no prior reads any key of this section (None: the top-level keys)."""
+    if section is None:
+        return TOP_LEVEL_PRIOR_FREE
+    return next(f.metadata["prior_free"] for f in dataclasses.fields(Config) if f.metadata.get("section") == section)
+
+
+def prior_keys() -> tuple[str, ...]:
+    """Full keys a built prior may depend on: every key not declared prior-free (by itself or its section).
+    Runs that differ in these keys need different priors (training/sweep.py prior_fingerprint)."""
+    return tuple(full_key(section, spec.name) for section, spec in iter_keys()
+                 if not (spec.meta["prior_free"] or section_prior_free(section)))
+
+
+def resumable_keys() -> dict[str, str]:
+    """Full key -> what it changes, for the keys a resumed run may change (utils/config/resume.py)."""
+    return {full_key(section, spec.name): spec.meta["resumable"] for section, spec in iter_keys()
+            if spec.meta["resumable"]}
+
+
+def flag_keys() -> dict[str, str]:
+    """Command-line flag (without ``--``) -> the full key it sets (utils/config/cli.py)."""
+    return {spec.meta["flag"]: full_key(section, spec.name) for section, spec in iter_keys() if spec.meta["flag"]}

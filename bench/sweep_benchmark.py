@@ -99,10 +99,10 @@ def prior_factory(tiny: bool):
 
 def sweep(args, prompts_file: Path, out: Path, mode: str) -> list[RunTiming]:
     """Train every prompt of the file with one worker (one prior); timings from each run's done.json."""
-    from training.claims import ClaimStore
-    from training.sweep import SweepWorker, worker_env
-    from training.sweep_markers import DONE, read_marker
-    from training.sweep_plan import SweepPlan
+    from training.sweep.claims import ClaimStore
+    from training.sweep.markers import DONE, read_marker
+    from training.sweep.plan import SweepPlan
+    from training.sweep.worker import SweepWorker, worker_env
 
     plan = SweepPlan.build(out, prompts_file, ["sctd"], [0], str(REPO / "config" / "bagel.yaml"), overrides(args))
     plan.write_manifest()
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
             (timing,) = sweep(args, write_prompts([args.prompt], work / "prompt.txt"), work / "sweep", "single")
             args.result.write_text(json.dumps(asdict(timing)))
             return 0
-        from training.sweep_plan import load_prompts
+        from training.sweep.plan import load_prompts
 
         prompts = [p.text for p in load_prompts(REPO / "config" / "paper_prompts.yaml")][:args.prompts]
         runs = sweep(args, write_prompts(prompts, work / "prompts.txt"), work / "sweep", "sweep")

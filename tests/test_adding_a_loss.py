@@ -12,7 +12,7 @@ import pytest
 from guidance.losses import LOSSES
 from tests.sweep_helpers import TINY_ANALYTIC, write_prompts
 from tests.test_resume import _crash_at, _ply, _resume, _run
-from training.sweep import main as sweep_main
+from training.sweep.worker import main as sweep_main
 from training.trainer import Trainer
 from utils.config import ConfigError, build_arg_parser, load_config, parse_cli
 from utils.config.help import format_config_help

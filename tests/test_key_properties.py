@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import train
-import training.sweep as sweep
+import training.sweep.worker as sweep
 from scene.camera_sampler import orbit_cameras
 from tests.sweep_helpers import write_prompts
-from training.claims import ClaimStore
-from training.sweep import SweepWorker, WorkerEnv, prior_fingerprint
-from training.sweep_plan import SweepPlan
+from training.sweep.claims import ClaimStore
+from training.sweep.plan import SweepPlan
+from training.sweep.worker import SweepWorker, WorkerEnv, prior_fingerprint
 from training.trainer import build_prior
 from utils.config import (
     RESUMABLE_KEYS,

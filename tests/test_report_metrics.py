@@ -14,7 +14,7 @@ from evaluation.fid import (
 )
 from evaluation.image_reward import INSTALL_HINT, ImageRewardScorer, ImageRewardUnavailable, image_reward_installed
 from tests.tiny_models import save_tiny_inception
-from training.sweep_report import ReportOptions, Scorers
+from training.sweep.report import ReportOptions, Scorers
 from utils.media import save_images
 
 

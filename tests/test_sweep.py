@@ -11,13 +11,13 @@ import torch
 
 import train
 from tests.sweep_helpers import PROMPTS, TINY_ANALYTIC, assert_same_result, tiny_sd, write_prompts
-from training.claims import ClaimStore, Heartbeat
-from training.sweep import SweepWorker, WorkerEnv, prior_fingerprint, worker_env
-from training.sweep import main as sweep_main
-from training.sweep_markers import DONE, FAILED
-from training.sweep_plan import Prompt, SweepPlan, load_prompts, slugify, unique_slugs
-from training.sweep_report import ReportOptions, write_report
-from training.sweep_report import main as report_main
+from training.sweep.claims import ClaimStore, Heartbeat
+from training.sweep.markers import DONE, FAILED
+from training.sweep.plan import Prompt, SweepPlan, load_prompts, slugify, unique_slugs
+from training.sweep.report import ReportOptions, write_report
+from training.sweep.report import main as report_main
+from training.sweep.worker import SweepWorker, WorkerEnv, prior_fingerprint, worker_env
+from training.sweep.worker import main as sweep_main
 from utils.config import ConfigError, save_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from evaluation import fid
 from tests.sweep_helpers import TINY_ANALYTIC, assert_same_result, tiny_sd, write_prompts
 from tests.test_sweep import _alone
 from tests.tiny_models import save_tiny_clip, save_tiny_inception
-from training.sweep_markers import DONE
+from training.sweep.markers import DONE
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = ("sctd", "ism")

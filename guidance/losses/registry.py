@@ -1,7 +1,7 @@
 """Registry of distillation losses by name (`GuidanceParams.guidance_type`).
 
 The one list of loss names: the config schema's allowed values (utils/config/schema.py, `choices_from`),
-the `--guidance_type` help and a sweep's `--losses` (training/sweep_plan.py) all read LOSSES.
+the `--guidance_type` help and a sweep's `--losses` (training/sweep/plan.py) all read LOSSES.
 """
 from __future__ import annotations
 

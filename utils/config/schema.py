@@ -544,7 +544,7 @@ def section_prior_free(section: Optional[str]) -> bool:
 
 def prior_keys() -> tuple[str, ...]:
     """Full keys a built prior may depend on: every key not declared prior-free (by itself or its section).
-    Runs that differ in these keys need different priors (training/sweep.py prior_fingerprint)."""
+    Runs that differ in these keys need different priors (training/sweep/worker.py prior_fingerprint)."""
     return tuple(full_key(section, spec.name) for section, spec in iter_keys()
                  if not (spec.meta["prior_free"] or section_prior_free(section)))
 

@@ -1,6 +1,6 @@
 """The sweep's Table 1: report.md, report.csv (one row per loss) and runs.csv (one row per run).
 
-    python -m training.sweep_report outputs/table1 --clip-model /models/clip-vit-large-patch14 \\
+    python -m training.sweep.report outputs/table1 --clip-model /models/clip-vit-large-patch14 \\
         --fid-reference outputs/fid_reference --fid-inception inception-2015-12-05.pt
 
 Per loss, as in SegmentDreamer's Table 1: CLIP-L score (mean over 120 views around each asset, then
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from training.sweep_markers import DONE, FAILED, read_marker
+from training.sweep.markers import DONE, FAILED, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def run_status(run_dir: Path, claims: Path, name: str) -> str:
 
 
 def run_rows(root: Path, scorers: Scorers) -> list[dict]:
-    from training.sweep_plan import read_manifest
+    from training.sweep.plan import read_manifest
     from utils.config import load_config
 
     rows = []
@@ -293,7 +293,7 @@ def write_report(root: str | Path, options: ReportOptions | None = None) -> tupl
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m training.sweep_report", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.sweep.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="a sweep folder (python -m training.sweep --out)")
     add_report_arguments(p)

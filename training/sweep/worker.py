@@ -12,12 +12,12 @@ trains its runs back to back, only re-targeting the prompt embeddings between ru
 
 Workers are started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK; one GPU per local rank) or by hand, on
 one host or many sharing the folder. They need no process group and no coordinator: each takes the
-next run it can claim (training/claims.py), skips finished runs, resumes half-finished ones from
+next run it can claim (training/sweep/claims.py), skips finished runs, resumes half-finished ones from
 checkpoints/last.pt, and waits for runs that live workers hold (taking them over if their owner dies).
 A failed run is recorded (failed.json, with its log) and never stops the sweep; a later launch retries
 it. Workers exit 0 even when runs failed, because torchrun stops every worker as soon as one exits
 non-zero: the failures are in the log and the report. Rank 0 shows the overall bar and writes the
-report (training/sweep_report.py) when every run has finished or failed.
+report (training/sweep/report.py) when every run has finished or failed.
 """
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from training.claims import Claim, ClaimStore, Heartbeat
 from training.stop import TrainingInterrupted
-from training.sweep_markers import failed_in, is_done, mark_done, mark_failed
-from training.sweep_plan import SweepPlan, SweepRun, loss_names
+from training.sweep.claims import Claim, ClaimStore, Heartbeat
+from training.sweep.markers import failed_in, is_done, mark_done, mark_failed
+from training.sweep.plan import SweepPlan, SweepRun, loss_names
 from utils.config import Config, ConfigError, config_value, load_config, prior_keys
 
 log = logging.getLogger("training.sweep")
@@ -117,7 +117,7 @@ def setup_sweep_logging(root: Path, env: WorkerEnv) -> Path:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     for handler in (console, file_handler):
         log.addHandler(handler)
-    logging.getLogger("training.claims").addHandler(file_handler)
+    logging.getLogger("training.sweep.claims").addHandler(file_handler)
     return log_file
 
 
@@ -324,7 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks while others hold the rest")
     p.add_argument("--report-only", action="store_true", help="write the report of what is there now, train nothing")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    from training.sweep_report import add_report_arguments
+    from training.sweep.report import add_report_arguments
 
     add_report_arguments(p)
     return p.parse_intermixed_args(argv)
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from guidance.prior import ModelNotFoundError
-    from training.sweep_report import report_options, write_report
+    from training.sweep.report import report_options, write_report
 
     try:
         env = worker_env()

@@ -92,9 +92,10 @@ def sample_surface(mesh: ColouredMesh, count: int, generator: torch.Generator) -
         return mesh.verts[index], None if mesh.colours is None else mesh.colours[index]
     corners = mesh.verts[mesh.faces]  # [F, 3 corners, 3]
     area = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]).norm(dim=-1)
-    if not float(area.sum()) > 0:
+    if not (torch.isfinite(area).all() and float(area.sum()) > 0):
         raise ValueError("the mesh has no surface area (all faces are degenerate)")
-    face = torch.multinomial(area.float(), count, replacement=True, generator=generator)  # [N]
+    # relative areas: a file at any scale (1e30 overflows float32 areas) samples the same points
+    face = torch.multinomial((area / area.max()).float(), count, replacement=True, generator=generator)  # [N]
     u, v = torch.rand(2, count, 1, generator=generator, dtype=torch.float64)
     flip = (u + v) > 1  # reflect into the triangle: uniform barycentric coordinates
     u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)

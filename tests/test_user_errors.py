@@ -191,7 +191,7 @@ def test_output_dir_that_is_a_file(tmp_path, caplog):
 
 def test_read_only_output_dir(tmp_path, caplog, monkeypatch):
     # the test may run as root, for whom chmod does not deny writing: the access check itself is replaced
-    monkeypatch.setattr("training.preflight.os.access", lambda path, mode: False)
+    monkeypatch.setattr("utils.cli_errors.os.access", lambda path, mode: False)
     out = tmp_path / "out"
     _assert_message(caplog, _run(out), f"output_dir {str(out)!r} is not writable", "read-only")
     assert _no_run_folder(out)

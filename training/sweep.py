@@ -40,15 +40,17 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.claims import Claim, ClaimStore, Heartbeat
 from training.stop import TrainingInterrupted
 from training.sweep_markers import failed_in, is_done, mark_done, mark_failed
 from training.sweep_plan import LOSSES, SweepPlan, SweepRun
+from utils.cli_errors import require_writable_folder, run_command, user_errors
 from utils.config import Config, ConfigError, config_to_dict, load_config
 
 log = logging.getLogger("training.sweep")
 
-CHECKPOINT = "checkpoints/last.pt"
+CHECKPOINT = CHECKPOINT_NAME
 # the GuidanceParams keys a built prior depends on besides the prompts (PipelineParams: all of them)
 PRIOR_KEYS = ("prior", "model_key", "is_safe_tensor", "base_model_key", "precision", "fp16", "LoRA_path",
               "textual_inversion_path", "inverse_text", "perpneg", "negative_w", "front_decay_factor",
@@ -254,11 +256,13 @@ class SweepWorker:
         except Exception as exc:  # noqa: BLE001 - one failed run never stops the sweep
             seconds = time.perf_counter() - t0
             log_path = folder / "train.log"
-            if log_path.is_file():  # the traceback into the run's own log (the root logger points at it)
-                logging.getLogger("training.run").error("run failed:\n%s", traceback.format_exc())
+            # a user error (a damaged checkpoint or config in the run folder) is its message; a bug its traceback
+            detail = str(exc) if isinstance(exc, user_errors()) else traceback.format_exc()
+            if log_path.is_file():  # into the run's own log (the root logger points at it)
+                logging.getLogger("training.run").error("run failed:\n%s", detail)
             else:
                 log_path = self.log_file
-                log.error("%s failed:\n%s", run.name, traceback.format_exc())
+                log.error("%s failed:\n%s", run.name, detail)
             mark_failed(folder, {"name": run.name, "error": f"{type(exc).__name__}: {exc}",
                                  "log": None if log_path is None else str(log_path),
                                  "launch": self.env.launch, "host": socket.gethostname(), "rank": self.env.rank,
@@ -279,7 +283,7 @@ class SweepWorker:
         resume = (folder / CHECKPOINT).is_file()
         if resume:
             cfg = load_config(folder / "config.yaml", warn_no_effect=False)
-            start_step = int(torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)["step"])
+            start_step = int(load_checkpoint(folder / CHECKPOINT)["step"])  # weights only: a shared folder runs no code
         else:
             if folder.exists():  # started but killed before its first checkpoint: start again
                 shutil.rmtree(folder)
@@ -355,18 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from guidance.prior import ModelNotFoundError
+    return run_command(lambda: run_sweep(args, argv), logging.getLogger("training.sweep"))
+
+
+def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """The sweep of main(): every user error (config, prompts, --out, model) is found before any folder."""
     from training.sweep_report import report_options, write_report
 
     try:
         env = worker_env()
-        plan = SweepPlan.build(args.out, args.prompts, args.losses, args.seeds, args.opt, args.overrides,
-                               args.overlay)
-        if not args.report_only:
-            preflight(plan.base)
-    except (ConfigError, ModelNotFoundError, ValueError) as exc:
-        logging.getLogger("training.sweep").error("%s", exc)
-        return 2
+    except ValueError as exc:  # the launcher's environment: RANK / WORLD_SIZE / LOCAL_RANK
+        raise ConfigError(str(exc)) from None
+    require_writable_folder("--out", args.out)
+    plan = SweepPlan.build(args.out, args.prompts, args.losses, args.seeds, args.opt, args.overrides, args.overlay)
+    if not args.report_only:
+        preflight(plan.base)
     if args.report_only:
         paths = write_report(plan.root, report_options(args))
         print(f"report: {paths[0].resolve()}")

@@ -102,7 +102,19 @@ class SweepPlan:
 
 
 def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / "sweep.json"
+    """<sweep>/sweep.json; InputError naming the folder or file when it is not a sweep folder's."""
+    from utils.cli_errors import InputError, require_folder
+
+    root = require_folder("sweep folder", Path(root), "pass the --out folder of python -m training.sweep")
+    path = root / "sweep.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a sweep folder written by python -m training.sweep")
-    return json.loads(path.read_text())
+        raise InputError(f"{path} not found: {root} is not a sweep folder written by python -m training.sweep")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {exc}); relaunch the sweep with its arguments "
+                         "to write it again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
+        raise InputError(f"{path} is not a sweep manifest (no list of runs); relaunch the sweep with its arguments "
+                         "to write it again")
+    return manifest

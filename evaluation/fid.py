@@ -81,7 +81,8 @@ class InceptionFeatures:
         except RuntimeError as exc:  # not a TorchScript archive (truncated download, another file)
             raise FeatureExtractorMissing(
                 f"{path} is not the Inception TorchScript file (torch.jit.load: {str(exc).splitlines()[0]}); "
-                f"download it again with\n  wget {INCEPTION_URL}\nand pass its path (--inception; the sweep report: --fid-inception).") from None
+                f"download it again with\n  wget {INCEPTION_URL}\nand pass its path (--inception; the sweep report: "
+                "--fid-inception).") from None
 
     @torch.no_grad()
     def __call__(self, images: Tensor, batch: int = 32) -> Tensor:

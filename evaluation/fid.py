@@ -222,11 +222,9 @@ def _run(args: argparse.Namespace) -> int:
                                    args.guidance_scale, args.resolution, args.seed, device, dtype)
         print(f"{len(files)} reference images under {args.out.resolve()}")
         return 0
-    for folder in (args.images, args.reference):
-        require_folder("image folder", folder)
+    images, reference = (load_image_folder(folder, INCEPTION_SIZE) for folder in (args.images, args.reference))
     extractor = InceptionFeatures(args.inception, device)
-    a = feature_statistics(extractor(load_image_folder(args.images, INCEPTION_SIZE)))
-    b = feature_statistics(extractor(load_image_folder(args.reference, INCEPTION_SIZE)))
+    a, b = feature_statistics(extractor(images)), feature_statistics(extractor(reference))
     print(f"FID {frechet_distance(*a, *b):.3f}")
     return 0
 

@@ -189,6 +189,8 @@ def _read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file '{path}' is a folder; pass a YAML file (e.g. config/demo.yaml)") from None
     except UnicodeDecodeError as exc:
         hint = "saved as UTF-16; save it as UTF-8" if text_looks_utf16(path) else "a binary file, not YAML text"
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}): {hint}") from None

@@ -223,6 +223,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(files)} reference images under {args.out.resolve()}")
         return 0
     images, reference = (load_image_folder(folder, INCEPTION_SIZE) for folder in (args.images, args.reference))
+    for folder, batch in ((args.images, images), (args.reference, reference)):
+        if batch.shape[0] < 2:
+            raise InputError(f"image folder {folder} holds {batch.shape[0]} image: FID needs a covariance, so at "
+                             "least 2 images per folder (the paper: 120 views per asset)")
     extractor = InceptionFeatures(args.inception, device)
     a, b = feature_statistics(extractor(images)), feature_statistics(extractor(reference))
     print(f"FID {frechet_distance(*a, *b):.3f}")

@@ -166,6 +166,9 @@ CASES = {
                              ["c.yaml", "not found"]),
     "sweep/out a file": ("sweep", lambda t, o: ["--prompts", str(_text(t / "p.txt", "a cat")), "--out",
                                                 str(_text(t / "o", "x")), *TINY], ["--out", "is a file"]),
+    "sweep/damaged sweep.json": ("sweep", lambda t, o: ["--prompts", str(_text(t / "p.txt", "a cat")), "--out",
+                                                        str(_text(t / "s" / "sweep.json", "{").parent), *TINY],
+                                 ["sweep.json is damaged"]),
     # training.sweep_report: sweep folders
     "report/missing": ("report", lambda t, o: [str(t / "none")], ["sweep folder", "no such folder"]),
     "report/a file": ("report", lambda t, o: [str(_text(t / "f", "x"))], ["sweep folder", "is a file"]),
@@ -184,6 +187,8 @@ CASES = {
     "mesh/NaN": ("mesh", lambda t, o: [str(_splats(t / "s.ply", nan=True))], ["source", "s.ply", "NaN or infinite"]),
     "mesh/transparent": ("mesh", lambda t, o: [str(_splats(t / "s.ply", opacity_logit=-30.0))],
                          ["source", "s.ply", "transparent"]),
+    "mesh/point cloud without colours": ("mesh", lambda t, o: [str(_points(t / "p.ply"))],
+                                         ["source", "p.ply", "not a 3DGS PLY"]),
     "mesh/out a file": ("mesh", lambda t, o: [str(_splats(t / "s.ply")), "--out", str(_text(t / "o", "x"))],
                         ["--out", "is a file"]),
     # evaluation.fid: image folders, the Inception file, prompt lists, models
@@ -204,6 +209,8 @@ CASES = {
                            ["p.txt", "not UTF-8 text"]),
     "fid/model missing": ("fid", lambda t, o: ["reference", "--model-key", str(t / "sd"), "--prompts",
                                                str(_text(t / "p.txt", "a cat")), "--out", str(o)], ["model_key", "sd"]),
+    "fid/one image": ("fid", lambda t, o: ["score", str(_images(t, 1)), str(_images(t, 1)), "--inception", "i.pt"],
+                      ["holds 1 image", "at least 2"]),
     # evaluation.clip_score: run folders, configs, PLYs, models, the output file
     "clip/run missing": ("clip", lambda t, o: [str(t / "none")], ["RUN_DIR", "no such folder"]),
     "clip/run a file": ("clip", lambda t, o: [str(_text(t / "f", "x"))], ["RUN_DIR", "is a file"]),
@@ -222,12 +229,12 @@ CASES = {
 }
 
 
-def _images(folder: Path) -> Path:
+def _images(folder: Path, count: int = 2) -> Path:
     import imageio.v3 as iio
 
     images = folder / "images"
     images.mkdir(exist_ok=True)
-    for k in range(2):
+    for k in range(count):
         iio.imwrite(images / f"{k}.png", np.full((8, 8, 3), 40 * k, np.uint8))
     return images
 
@@ -339,3 +346,15 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path, command, argv, par
     assert result.returncode == 2, result.stderr
     assert part in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "ERROR" in line or part in line]) == 1
+
+
+def test_text_to_3d_starts_with_few_points(monkeypatch):
+    """Shap-E (and Point-E) below 5000 points: init_num_pts of the generator's points, not a traceback."""
+    from types import SimpleNamespace
+
+    from scene import initialisation
+
+    monkeypatch.setitem(initialisation.GENERATED, "shapee", lambda cfg, gen: (torch.rand(4096, 3), torch.rand(4096, 3)))
+    cfg = SimpleNamespace(init_shape="shapee", init_num_pts=300, use_pointe_rgb=True)
+    xyz, rgb = initialisation.initial_points(cfg, torch.Generator().manual_seed(0))
+    assert xyz.shape == rgb.shape == (300, 3)

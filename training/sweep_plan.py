@@ -93,7 +93,7 @@ class SweepPlan:
 
         path = self.root / "sweep.json"
         text = json.dumps(self.manifest(), indent=2) + "\n"
-        if path.is_file() and json.loads(path.read_text()) != json.loads(text):
+        if path.is_file() and read_manifest(self.root) != json.loads(text):
             raise ConfigError(f"{path} describes another sweep (other prompts, losses, seeds or config); "
                               "use another sweep folder, or delete sweep.json to redefine this one")
         self.root.mkdir(parents=True, exist_ok=True)

@@ -324,6 +324,13 @@ def test_a_boolean_for_a_string_key_is_the_text_with_a_warning(caplog):
     assert "GuidanceParams.negative=no" in caplog.text and "read as the text 'no'" in caplog.text
 
 
+def test_an_empty_config_file_is_the_defaults_with_a_warning(tmp_path, caplog):
+    from utils.config import load_config
+
+    assert load_config(_text(tmp_path / "empty.yaml", "")) == load_config(None)
+    assert "empty.yaml' is empty: it changes nothing" in caplog.text
+
+
 def test_the_demo_config_starts_from_a_mesh_with_few_points(tmp_path):
     """init_num_pts below 5000 (one ball of points per surface point would be 0 points) works for meshes."""
     mesh = _text(tmp_path / "tetra.obj", "v 0 0 0\nv 0.5 0 0\nv 0 0.5 0\nv 0 0 0.5\nf 1 2 3\nf 1 2 4\nf 1 3 4\n"

@@ -414,7 +414,10 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     touched: list[str] = []
     for doc in ([path] if path is not None else []) + list(overlays):
         doc = Path(doc)
-        touched += _apply_document(cfg, _read_yaml(doc), doc.name)
+        data = _read_yaml(doc)
+        if data is None:
+            logger.warning("config file '%s' is empty: it changes nothing (the defaults and the overrides apply)", doc)
+        touched += _apply_document(cfg, data, doc.name)
     for text in overrides:
         touched.append(_apply_override(cfg, text))
     validate_config(cfg)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from utils.cli_errors import report_user_error, user_errors
-from utils.config import parse_cli
+from utils.cli_errors import report_user_error
+from utils.config import ConfigError, parse_cli
 
 log = logging.getLogger("train")
 
@@ -28,10 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, args = parse_cli(argv)
-    except user_errors() as exc:
+    except ConfigError as exc:
         return report_user_error(log, exc)
     import torch
 
+    from guidance.prior import ModelNotFoundError
+    from training.checkpoint import CheckpointError
     from training.distributed import ProcessGroup
     from training.health import TrainingStopped
     from training.lock import RunLockedError
@@ -50,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     group = ProcessGroup.from_environment()  # several processes under torchrun: one asset, cameras split
     try:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group)
-    except user_errors(RunLockedError, FileNotFoundError, ViewerUnavailableError) as exc:
-        return report_user_error(log, exc)
+    except (ConfigError, ModelNotFoundError, CheckpointError, RunLockedError, FileNotFoundError,
+            ViewerUnavailableError) as exc:
+        return report_user_error(log, exc)  # the contract every command keeps (utils/cli_errors.py)
     except TrainingStopped as exc:
         log.error("%s", exc)
         return 1

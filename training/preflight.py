@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli_errors import require_writable_folder
+from utils.cli_errors import InputError, require_writable_folder
 from utils.config import Config, ConfigError
 
 
@@ -38,7 +38,10 @@ def check_device(cfg: Config) -> None:
 
 def check_output_dir(output_dir: str) -> None:
     """output_dir must be (or be creatable as) a writable folder; '~' is expanded by new_run_dir."""
-    require_writable_folder("output_dir", output_dir)
+    try:
+        require_writable_folder("output_dir", output_dir)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_initialisation(cfg: Config) -> None:

@@ -40,17 +40,15 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from training.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from training.claims import Claim, ClaimStore, Heartbeat
 from training.stop import TrainingInterrupted
 from training.sweep_markers import failed_in, is_done, mark_done, mark_failed
 from training.sweep_plan import LOSSES, SweepPlan, SweepRun
-from utils.cli_errors import require_writable_folder, run_command, user_errors
 from utils.config import Config, ConfigError, config_to_dict, load_config
 
 log = logging.getLogger("training.sweep")
 
-CHECKPOINT = CHECKPOINT_NAME
+CHECKPOINT = "checkpoints/last.pt"
 # the GuidanceParams keys a built prior depends on besides the prompts (PipelineParams: all of them)
 PRIOR_KEYS = ("prior", "model_key", "is_safe_tensor", "base_model_key", "precision", "fp16", "LoRA_path",
               "textual_inversion_path", "inverse_text", "perpneg", "negative_w", "front_decay_factor",
@@ -257,6 +255,8 @@ class SweepWorker:
             seconds = time.perf_counter() - t0
             log_path = folder / "train.log"
             # a user error (a damaged checkpoint or config in the run folder) is its message; a bug its traceback
+            from utils.cli_errors import user_errors
+
             detail = str(exc) if isinstance(exc, user_errors()) else traceback.format_exc()
             if log_path.is_file():  # into the run's own log (the root logger points at it)
                 logging.getLogger("training.run").error("run failed:\n%s", detail)
@@ -278,6 +278,7 @@ class SweepWorker:
         return RunResult(run, True, record["wall_seconds"])
 
     def _train(self, run: SweepRun, folder: Path) -> dict:
+        from training.checkpoint import load_checkpoint
         from training.run import train
 
         resume = (folder / CHECKPOINT).is_file()
@@ -359,12 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from utils.cli_errors import run_command
+
     return run_command(lambda: run_sweep(args, argv), logging.getLogger("training.sweep"))
 
 
 def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     """The sweep of main(): every user error (config, prompts, --out, model) is found before any folder."""
     from training.sweep_report import report_options, write_report
+    from utils.cli_errors import require_writable_folder
 
     try:
         env = worker_env()

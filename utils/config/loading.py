@@ -330,8 +330,6 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-
-
 def _check_cross(cfg: Config) -> None:
     g, o, c = cfg.guidance, cfg.optim, cfg.camera
     _require(g.t_range[0] < g.t_range[1] <= g.max_t_range,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from utils.cli_errors import report_user_error
 from utils.config import ConfigError, parse_cli
 
 log = logging.getLogger("train")
@@ -28,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = parse_cli(argv)
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return report_user_error(log, exc)
     import torch
 
     from guidance.prior import ModelNotFoundError
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group)
     except (ConfigError, ModelNotFoundError, CheckpointError, RunLockedError, FileNotFoundError,
             ViewerUnavailableError) as exc:
-        log.error("%s", exc)
-        return 2
+        return report_user_error(log, exc)  # the contract every command keeps (utils/cli_errors.py)
     except TrainingStopped as exc:
         log.error("%s", exc)
         return 1

@@ -30,6 +30,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from guidance.prior import ModelNotFoundError  # noqa: E402
+from utils.cli_errors import (  # noqa: E402
+    InputError,
+    reading,
+    require_file,
+    require_folder,
+    require_writable_folder,
+    run_command,
+)
 
 log = logging.getLogger("clip_score")
 
@@ -170,24 +178,42 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from utils.config import load_config
-    from utils.devices import resolve_device
+    return run_command(lambda: _score(args), log)
 
-    config_path = args.run_dir / "config.yaml"
+
+def _score(args: argparse.Namespace) -> int:
+    """main()'s work: the run folder, its config, the asset and the output are checked before the model loads."""
+    from scene.gaussian_model import GaussianModel
+    from utils.config import ConfigError, load_config
+    from utils.devices import resolve_device
+    from utils.files import atomic_write_text
+
+    run_dir = require_folder("RUN_DIR", args.run_dir, "pass a run folder written by train.py")
+    config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: RUN_DIR must be a folder written by train.py")
-    cfg = load_config(config_path, warn_no_effect=False)
+        raise InputError(f"{config_path} not found: RUN_DIR must be a folder written by train.py")
+    try:
+        cfg = load_config(config_path, warn_no_effect=False)
+    except ConfigError as exc:
+        raise ConfigError(f"RUN_DIR's {config_path}: {exc}") from None
     device = resolve_device(args.device)
     prompt = args.prompt or cfg.guidance.text
-    ply = args.ply or asset_ply(args.run_dir)
+    if args.ply is not None:
+        require_file("--ply", args.ply)
+    with reading("--ply" if args.ply else "RUN_DIR", args.ply or run_dir):
+        ply = args.ply or asset_ply(run_dir)
+        GaussianModel.load_ply(ply).check_usable(str(ply))
+    out = args.out or run_dir / "clip_score.json"
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; pass a .json file path")
+    require_writable_folder("--out's folder", out.parent)
     scorer = CLIPScorer.from_pretrained(args.model, device)
     images = render_ring(ply, cfg.camera, args.views, args.resolution, device)
     scores = scorer.score(images, prompt).cpu()
     result = {"model": args.model, "prompt": prompt, "ply": str(ply), "views": args.views,
               "resolution": args.resolution, "mean": scores.mean().item(),
               "std": scores.std().item() if len(scores) > 1 else 0.0, "per_view": scores.tolist()}
-    out = args.out or args.run_dir / "clip_score.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     log.info("CLIP score %.2f +- %.2f over %d views of %s (%r, %s) -> %s",
              result["mean"], result["std"], args.views, ply, prompt, args.model, out)
     return 0

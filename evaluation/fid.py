@@ -26,6 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from utils.checkpoint_file import CheckpointError, load_tensor_file
+from utils.cli_errors import InputError, reading, require_folder, require_writable_folder, run_command
+from utils.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -70,9 +74,15 @@ class InceptionFeatures:
         if not path.is_file():
             raise FeatureExtractorMissing(
                 f"FID needs the Inception TorchScript file; none at {path.resolve()}. Download it with\n"
-                f"  wget {INCEPTION_URL}\nand pass its path (--fid-inception).")
+                f"  wget {INCEPTION_URL}\nand pass its path (--inception; the sweep report: --fid-inception).")
         self.device = torch.device(device)
-        self.detector = torch.jit.load(str(path), map_location=self.device).eval()
+        try:
+            self.detector = torch.jit.load(str(path), map_location=self.device).eval()
+        except RuntimeError as exc:  # not a TorchScript archive (truncated download, another file)
+            raise FeatureExtractorMissing(
+                f"{path} is not the Inception TorchScript file (torch.jit.load: {str(exc).splitlines()[0]}); "
+                f"download it again with\n  wget {INCEPTION_URL}\nand pass its path (--inception; the sweep report: "
+                "--fid-inception).") from None
 
     @torch.no_grad()
     def __call__(self, images: Tensor, batch: int = 32) -> Tensor:
@@ -99,8 +109,12 @@ def reference_features(folder: Path, extractor: InceptionFeatures, cache: Path) 
     """[N, D] features of the reference images, cached (keyed by the folder's file list)."""
     files = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if cache.is_file():
-        cached = torch.load(cache)
-        if cached["files"] == files:
+        try:
+            cached = load_tensor_file(cache, "FID feature cache")
+        except CheckpointError as exc:  # a damaged or foreign cache is recomputed, never unpickled with code
+            log.warning("%s; computing the features again", exc)
+            cached = None
+        if isinstance(cached, dict) and cached.get("files") == files and torch.is_tensor(cached.get("features")):
             return cached["features"]
     features = extractor(load_image_folder(folder, INCEPTION_SIZE))
     torch.save({"files": files, "features": features}, cache)
@@ -112,12 +126,15 @@ def load_image_folder(folder: Path, resolution: int | None = None) -> Tensor:
     import imageio.v3 as iio
     import torch.nn.functional as F
 
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    folder = require_folder("image folder", Path(folder))
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {Path(folder).resolve()}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder.resolve()}; pass a folder of "
+                         "rendered or reference images")
     images = []
     for f in files:
-        array = iio.imread(f)
+        with reading("image", f):
+            array = iio.imread(f)
         x = torch.from_numpy(np.ascontiguousarray(array[..., :3] if array.ndim == 3 else np.stack([array] * 3, -1)))
         x = x.permute(2, 0, 1).float().unsqueeze(0) / 255.0
         if resolution is not None and x.shape[-2:] != (resolution, resolution):
@@ -183,21 +200,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    return run_command(lambda: _run(args), log, FeatureExtractorMissing)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """main()'s work; inputs, the model and the output folder are checked before any image is made."""
     from utils.devices import resolve_device
 
     device = resolve_device(args.device)
     if args.command == "reference":
+        from guidance.stable_diffusion import check_model_available
         from utils.prompts import load_prompts
 
         prompts = [p.text for p in load_prompts(args.prompts)]
+        check_model_available(args.model_key)  # ModelNotFoundError naming the key and what to do
+        require_writable_folder("--out", args.out)
+        if args.per_prompt <= 0 or args.steps <= 0:
+            raise ConfigError(f"--per-prompt and --steps must be positive, got {args.per_prompt}, {args.steps}")
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         files = generate_reference(args.model_key, prompts, args.per_prompt, args.out, args.steps,
                                    args.guidance_scale, args.resolution, args.seed, device, dtype)
         print(f"{len(files)} reference images under {args.out.resolve()}")
         return 0
+    images, reference = (load_image_folder(folder, INCEPTION_SIZE) for folder in (args.images, args.reference))
+    for folder, batch in ((args.images, images), (args.reference, reference)):
+        if batch.shape[0] < 2:
+            raise InputError(f"image folder {folder} holds {batch.shape[0]} image: FID needs a covariance, so at "
+                             "least 2 images per folder (the paper: 120 views per asset)")
     extractor = InceptionFeatures(args.inception, device)
-    a = feature_statistics(extractor(load_image_folder(args.images, INCEPTION_SIZE)))
-    b = feature_statistics(extractor(load_image_folder(args.reference, INCEPTION_SIZE)))
+    a, b = feature_statistics(extractor(images)), feature_statistics(extractor(reference))
     print(f"FID {frechet_distance(*a, *b):.3f}")
     return 0
 

@@ -22,6 +22,10 @@ MAX_ALPHA = 0.999  # keeps log(1 - alpha) finite
 MIN_OPACITY = 0.01  # Gaussians below this opacity are ignored (the renderer's 1/255 alpha cutoff is close)
 
 
+class NoSurfaceError(ValueError):
+    """The Gaussians have no surface to extract (none opaque enough, or the field never reaches the level)."""
+
+
 @dataclass
 class OpacityGrid:
     values: Tensor  # [R, R, R] opacity in [0, 1); index (i, j, k) is the point origin + (i, j, k) * voxel
@@ -38,7 +42,7 @@ def content_bounds(gaussians: GaussianTensors, quantile: float = 0.002, margin: 
     floaters do not blow up the box), padded by 3 sigma of a typical Gaussian and a relative margin."""
     keep = gaussians.opacities >= MIN_OPACITY
     if not bool(keep.any()):
-        raise ValueError("no Gaussian has opacity >= 0.01: nothing to extract")
+        raise NoSurfaceError("no Gaussian has opacity >= 0.01: nothing to extract")
     means = gaussians.means[keep].float()
     q = torch.tensor([quantile, 1.0 - quantile], device=means.device)
     lo, hi = torch.quantile(means, q, dim=0)  # [3] each

@@ -28,11 +28,13 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from export.gaussian_field import opacity_grid
+from export.gaussian_field import NoSurfaceError, opacity_grid
 from export.mesh_colors import colors_at, vertex_normals
 from scene.gaussian_model import GaussianModel
 from scene.gaussian_tensors import GaussianTensors
 from scene.orientation import MESH_UP_AXIS, world_to_export
+from utils.checkpoint_file import load_checkpoint
+from utils.cli_errors import InputError, reading, require_writable_folder, run_command
 from utils.files import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ def extract_surface(gaussians: GaussianTensors, options: MeshOptions) -> tuple[n
     values = np.pad(grid.values.cpu().numpy().astype(np.float64), 1)  # closed surfaces at the box edges
     verts, faces = mcubes.marching_cubes(values, options.level)
     if len(faces) == 0:
-        raise ValueError(f"the opacity field never reaches level {options.level} (max "
+        raise NoSurfaceError(f"the opacity field never reaches level {options.level} (max "
                          f"{float(grid.values.max()):.3f}): no surface; lower the level")
     verts = grid.origin.cpu().numpy() + (verts - 1.0) * grid.voxel
     faces = faces.astype(np.int64)
@@ -235,28 +237,38 @@ def find_source(path: Path) -> tuple[Path, int | None]:
     if path.is_file():
         return path, None
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: neither a run folder nor a file")
+        raise InputError(f"source {path}: no such run folder or file; pass a run folder, a 3DGS .ply or a "
+                         "checkpoint .pt")
     if (path / "point_cloud.ply").is_file():
         return path / "point_cloud.ply", None
     candidates = [(int(m.group(1)), p) for p in path.glob("point_cloud/iteration_*/point_cloud.ply")
                   if (m := re.fullmatch(r"iteration_(\d+)", p.parent.name))]
     checkpoint = path / "checkpoints" / "last.pt"
     if checkpoint.is_file():
-        candidates.append((int(torch.load(checkpoint, map_location="cpu", weights_only=False)["step"]), checkpoint))
+        candidates.append((int(load_checkpoint(checkpoint)["step"]), checkpoint))
     if not candidates:
-        raise FileNotFoundError(f"{path}: no point_cloud.ply, checkpoints/last.pt or point_cloud/iteration_*/")
+        raise InputError(f"source {path}: no point_cloud.ply, checkpoints/last.pt or point_cloud/iteration_*/ in "
+                         "this folder; pass a run folder written by train.py, a 3DGS .ply or a checkpoint .pt")
     step, best = max(candidates, key=lambda c: c[0])
     return best, step
 
 
 def load_gaussians(path: Path, file_up_axis: str | None = None) -> GaussianTensors:
-    """Activated Gaussians (training world) from a 3DGS PLY or a training checkpoint (.pt)."""
-    if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=False)["gaussians"]
-        model = GaussianModel(state["max_sh_degree"])
-        model.load_state_dict({**state, "optimizer": None})
-    else:
-        model = GaussianModel.load_ply(path, file_up_axis=file_up_axis)
+    """Activated Gaussians (training world) from a 3DGS PLY or a training checkpoint (.pt); InputError or
+    CheckpointError naming the file when it is of another kind, damaged, empty, non-finite or transparent."""
+    if path.suffix.lower() not in (".pt", ".ply"):
+        raise InputError(f"source {path}: a {path.suffix or 'suffix-less'} file; python -m export.mesh reads a run "
+                         "folder, a 3DGS .ply or a checkpoint .pt")
+    with reading("source", path):
+        if path.suffix.lower() == ".pt":
+            state = load_checkpoint(path)  # weights only: a received run folder runs no code
+            if not isinstance(state.get("gaussians"), dict) or "max_sh_degree" not in state["gaussians"]:
+                raise InputError(f"source {path}: a checkpoint without Gaussians; pass a train.py checkpoint")
+            model = GaussianModel(state["gaussians"]["max_sh_degree"])
+            model.load_state_dict({**state["gaussians"], "optimizer": None})
+        else:
+            model = GaussianModel.load_ply(path, file_up_axis=file_up_axis)
+        model.check_usable(str(path))
     with torch.no_grad():
         return model.gaussian_tensors(sh_degree=model.max_sh_degree)
 
@@ -290,7 +302,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="up axis of a PLY whose header does not record one (default z, our training world;"
                              " PLYs of COLMAP scenes are -y)")
     args = parser.parse_args(argv)
+    for name, low in (("resolution", 8), ("faces", 0), ("texture", 0), ("bake_views", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.level is not None and not 0.0 < args.level < 1.0:
+        parser.error(f"--level must be an opacity in (0, 1), got {args.level}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_command(lambda: _export(args), log, NoSurfaceError)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """main()'s work: inputs and the output folder checked before the (minutes-long) extraction."""
     source, step = find_source(args.source)
     defaults = run_options(source.parent)
     options = MeshOptions(resolution=args.resolution or defaults.resolution,
@@ -298,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                           level=args.level or defaults.level,
                           texture=defaults.texture if args.texture is None else args.texture,
                           bake_views=defaults.bake_views if args.bake_views is None else args.bake_views)
-    out = args.out or (args.source / "mesh" if args.source.is_dir() else source.parent)
-    files = export_mesh(load_gaussians(source, args.ply_up), out, options,
-                        {"source": str(source), **({"step": step} if step is not None else {})})
+    out = require_writable_folder("--out", args.out or (args.source / "mesh" if args.source.is_dir()
+                                                        else source.parent))
+    gaussians = load_gaussians(source, args.ply_up)
+    extras = {"source": str(source), **({"step": step} if step is not None else {})}
+    files = export_mesh(gaussians, out, options, extras)
     print(json.dumps({name: str(p) for name, p in files.items()}))
     return 0
 

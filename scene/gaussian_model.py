@@ -56,6 +56,7 @@ PARAM_NAMES: dict[str, str] = {
 }
 SCHEDULED_GROUPS = ("xyz", "f_dc", "scaling", "rotation")
 CHECKPOINT_VERSION = 1
+VISIBLE_OPACITY = 1.0 / 255.0  # below this a Gaussian adds less than one 8-bit level to any pixel
 # PLY header comment recording the axis convention of an exported file (scene/orientation.py).
 UP_AXIS_COMMENT = "up_axis"
 
@@ -245,6 +246,19 @@ class GaussianModel:
     @property
     def features(self) -> Tensor:
         return torch.cat([self._features_dc, self._features_rest], dim=1)  # [N, K, 3]
+
+    def check_usable(self, source: str) -> None:
+        """Gaussians read from a file (a PLY, a checkpoint) must be finite and some of them visible:
+        ValueError naming `source` and what is wrong otherwise (NaN would render black or crash later)."""
+        bad = {name: int((~torch.isfinite(t.detach()).reshape(t.shape[0], -1).all(dim=1)).sum())
+               for name, t in self.params().items()}
+        bad = {name: count for name, count in bad.items() if count}
+        if bad:
+            raise ValueError(f"{source}: {max(bad.values())} of {self.num_points} Gaussians have NaN or infinite "
+                             f"values (in {', '.join(sorted(bad))}); the file is damaged or comes from a diverged run")
+        if not bool((self.opacities >= VISIBLE_OPACITY).any()):
+            raise ValueError(f"{source}: all {self.num_points} Gaussians are transparent (opacity < 1/255): nothing "
+                             "would be seen; was the file saved right after an opacity reset?")
 
     def one_up_sh_degree(self) -> None:
         """Official `oneupSHdegree` (called every 500 iterations); saturates at max_sh_degree."""
@@ -554,6 +568,8 @@ class GaussianModel:
             another tool; default "z", the training world); a recorded one always wins.
         """
         ply, vertex = _read_vertex(path)
+        if vertex.count == 0:
+            raise ValueError(f"{path}: the PLY holds 0 Gaussians; nothing to load (was the run pruned empty?)")
         up_axis = _recorded_up_axis(ply, path) or file_up_axis or "z"
         file_degree = _ply_sh_degree(vertex, path)
         degree = file_degree if max_sh_degree is None else max_sh_degree

@@ -15,10 +15,10 @@
     mesh         4096 points on the surface of the mesh / point cloud in init_path (PLY, OBJ, GLB, ...)
 
 pointe, shapee and mesh expand each of their points into the same ball of int(init_num_pts / 5000)
-points of radius 0.05 (official); pointe and shapee are also mirrored in y and raised by 0.15 in z
-(official: their generators' frame to the training cameras' frame). Primitives, and the others unless
-use_pointe_rgb, get the official near-grey colour rgb = 0.5 + C0 * U(0, 1) / 255. All randomness comes
-from the given torch generator.
+points of radius 0.05 (official; below 5000, init_num_pts of their points are kept, one each); pointe
+and shapee are also mirrored in y and raised by 0.15 in z (official: their generators' frame to the
+training cameras' frame). Primitives, and the others unless use_pointe_rgb, get the official near-grey
+colour rgb = 0.5 + C0 * U(0, 1) / 255. All randomness comes from the given torch generator.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ BALL_DIVISOR = 5000  # points per ball = int(init_num_pts / 5000)
 SHAPEE_MAX_VERTICES = 10000  # official: above this, POINTE_POINTS vertices are drawn
 MESH_POINTS = POINTE_POINTS  # surface samples of a mesh file: the Point-E density the settings were tuned for
 GENERATOR_SHIFT_Z = 0.15
+MAX_COORDINATE = 1e4  # an initial point farther out cannot belong to an object seen by cameras at radius ~3.5
 IN_GENERATOR_FRAME = ("pointe", "shapee")  # shapes whose points need generator_to_training_frame
 
 
@@ -60,7 +61,8 @@ def initial_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor,
     """
     shape = camera_cfg.init_shape
     if shape == "ply":
-        return _ply_points(camera_cfg.init_path)
+        xyz, rgb = _ply_points(camera_cfg.init_path)
+        return xyz, grey_colors(xyz.shape[0], generator) if rgb is None else rgb
     if shape in GENERATED:
         return _generated_points(shape, camera_cfg, generator)
     if shape not in PRIMITIVES:
@@ -131,8 +133,24 @@ def grey_colors(n: int, generator: torch.Generator) -> Tensor:
 # ---------------------------------------------------------------------- PLY
 
 
-def _ply_points(init_path: str | None) -> tuple[Tensor, Tensor]:
-    """Points and colours of a point-cloud PLY (x, y, z, red, green, blue) or a 3DGS PLY (f_dc_*)."""
+def check_points(xyz: Tensor, source: str, scale_hint: str | None) -> None:
+    """A file's points [N, 3] must exist, be finite and, unless rescaled (scale_hint None), lie where the
+    cameras (radius about 3.5) can see them: ValueError naming `source` and what to do otherwise."""
+    if xyz.shape[0] == 0:
+        raise ValueError(f"{source}: the file holds 0 points; export the shape again, or choose another init_shape")
+    bad = int((~torch.isfinite(xyz).all(dim=1)).sum())
+    if bad:
+        raise ValueError(f"{source}: {bad} of {xyz.shape[0]} points have NaN or infinite coordinates; repair or "
+                         "re-export the file")
+    extent = float(xyz.abs().max())
+    if scale_hint is not None and extent > MAX_COORDINATE:
+        raise ValueError(f"{source}: coordinates reach {extent:.3g}, far beyond the scene the cameras see (about "
+                         f"1 unit around the origin, cameras at radius 3 to 4); {scale_hint}")
+
+
+def _ply_points(init_path: str | None) -> tuple[Tensor, Tensor | None]:
+    """Points and colours of a point-cloud PLY (x, y, z, red, green, blue) or a 3DGS PLY (f_dc_*); colours
+    None when the file has none (the caller gives them the official grey)."""
     if not init_path:
         raise ValueError("GenerateCamParams.init_path must name a PLY file when init_shape is ply")
     path = Path(init_path).expanduser()
@@ -140,21 +158,32 @@ def _ply_points(init_path: str | None) -> tuple[Tensor, Tensor]:
     names = [prop.name for prop in vertex.properties]
     if not {"x", "y", "z"} <= set(names):
         raise ValueError(f"GenerateCamParams.init_path {str(path)!r}: no x, y, z properties (found {names})")
-    xyz = _stack(vertex, ("x", "y", "z"))
+    xyz = torch.from_numpy(_stack(vertex, ("x", "y", "z")))
+    check_points(xyz, f"GenerateCamParams.init_path {str(path)!r}", "scale the point cloud in the file")
     logger.info("Initial point cloud: %d points from %s", xyz.shape[0], path)
-    return torch.from_numpy(xyz).float(), torch.from_numpy(_ply_colors(vertex, names, path)).float()
+    rgb = _ply_colors(vertex, names, path)
+    return xyz.float(), None if rgb is None else torch.from_numpy(rgb).float()
 
 
-def _ply_colors(vertex, names: list[str], path: Path) -> np.ndarray:
+def _ply_colors(vertex, names: list[str], path: Path) -> np.ndarray | None:
     if {"red", "green", "blue"} <= set(names):
         rgb = _stack(vertex, ("red", "green", "blue"))
         dtype = np.asarray(vertex["red"]).dtype
         return rgb / np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else rgb
     if {"f_dc_0", "f_dc_1", "f_dc_2"} <= set(names):
         return sh_to_rgb(_stack(vertex, ("f_dc_0", "f_dc_1", "f_dc_2")))
-    raise ValueError(
-        f"GenerateCamParams.init_path {str(path)!r}: no colours (need red, green, blue or f_dc_0..2; found {names})"
-    )
+    logger.warning("GenerateCamParams.init_path %r: no colours (no red, green, blue or f_dc_0..2); the points "
+                   "start grey", str(path))
+    return None
+
+
+def read_initial_file(camera_cfg: Any) -> None:
+    """Read and check the file of init_shape 'ply' or 'mesh' (preflight: before a run folder exists);
+    FileNotFoundError / ValueError naming GenerateCamParams.init_path and what is wrong."""
+    if camera_cfg.init_shape == "ply":
+        _ply_points(camera_cfg.init_path)
+    elif camera_cfg.init_shape == "mesh":
+        _mesh_file(camera_cfg)
 
 
 def _stack(vertex, names: tuple[str, ...]) -> np.ndarray:
@@ -164,18 +193,19 @@ def _stack(vertex, names: tuple[str, ...]) -> np.ndarray:
 # ---------------------------------------------------------------------- generated shapes
 
 
-def _points_per_ball(camera_cfg: Any) -> int:
+def _generated_points(shape: str, camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Base points of a generator or file, expanded to balls (official `readCircleCamInfo`).
+
+    Below BALL_DIVISOR points (a quick CPU run, config/demo.yaml) the official int(init_num_pts / 5000)
+    would be 0 points per ball: init_num_pts of the base points are drawn instead, one point each."""
+    coords, colors = GENERATED[shape](camera_cfg, generator)  # [P, 3], [P, 3] or None
     per_point = int(camera_cfg.init_num_pts / BALL_DIVISOR)
     if per_point < 1:
-        raise ValueError(f"GenerateCamParams.init_num_pts must be >= {BALL_DIVISOR} for init_shape "
-                         f"{camera_cfg.init_shape}, got {camera_cfg.init_num_pts}")
-    return per_point
-
-
-def _generated_points(shape: str, camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Base points of a generator or file, expanded to balls (official `readCircleCamInfo`)."""
-    per_point = _points_per_ball(camera_cfg)  # fail before running a generator
-    coords, colors = GENERATED[shape](camera_cfg, generator)  # [P, 3], [P, 3] or None
+        index = torch.randperm(coords.shape[0], generator=generator)[: int(camera_cfg.init_num_pts)]
+        coords, colors = coords[index], None if colors is None else colors[index]
+        per_point = 1
+        logger.info("GenerateCamParams.init_num_pts=%d < %d: %d of the %s points, one each (no balls)",
+                    camera_cfg.init_num_pts, BALL_DIVISOR, coords.shape[0], shape)
     if shape in IN_GENERATOR_FRAME:
         coords = generator_to_training_frame(coords)
     xyz, rgb = expand_to_balls(coords, colors, per_point, bool(camera_cfg.use_pointe_rgb), generator)
@@ -234,15 +264,26 @@ def _shapee_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor,
 
 def _mesh_points(camera_cfg: Any, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
     """MESH_POINTS points on the surface of the init_path file, oriented and fitted as configured."""
-    from scene.mesh_file import load_mesh_file, sample_surface
+    from scene.mesh_file import sample_surface
 
-    if not camera_cfg.init_path:
-        raise ValueError("GenerateCamParams.init_path must name a mesh or point-cloud file when init_shape is mesh")
-    xyz, rgb = sample_surface(load_mesh_file(camera_cfg.init_path), MESH_POINTS, generator)
+    xyz, rgb = sample_surface(_mesh_file(camera_cfg), MESH_POINTS, generator)
     xyz = to_z_up(xyz, camera_cfg.mesh_up_axis)
     if camera_cfg.mesh_fit_radius > 0:
         xyz = fit_to_radius(xyz, float(camera_cfg.mesh_fit_radius))
     return xyz, rgb
+
+
+def _mesh_file(camera_cfg: Any):
+    """The init_path mesh, its vertices checked (a file at any scale is fine when mesh_fit_radius rescales it)."""
+    from scene.mesh_file import load_mesh_file
+
+    if not camera_cfg.init_path:
+        raise ValueError("GenerateCamParams.init_path must name a mesh or point-cloud file when init_shape is mesh")
+    mesh = load_mesh_file(camera_cfg.init_path)
+    check_points(mesh.verts, f"GenerateCamParams.init_path {str(camera_cfg.init_path)!r}",
+                 None if camera_cfg.mesh_fit_radius > 0 else
+                 "set GenerateCamParams.mesh_fit_radius (e.g. 1.0) to scale it into the scene")
+    return mesh
 
 
 def to_z_up(xyz: Tensor, up_axis: str) -> Tensor:

@@ -44,6 +44,8 @@ def _vertex_colours(geometry) -> np.ndarray | None:
     if kind not in ("vertex", "face"):
         return None
     rgba = np.asarray(visual.vertex_colors, dtype=np.float64)
+    if rgba.size == 0:  # a point cloud without colours (a PLY of x, y, z only)
+        return None
     return np.broadcast_to(rgba[..., :3], (len(geometry.vertices), 3)) / 255.0
 
 
@@ -54,21 +56,23 @@ def load_mesh_file(path: str | Path) -> ColouredMesh:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{KEY}: no such file {str(path)!r}")
-    try:
+    try:  # trimesh parses lazily: a damaged file can fail while loading, dumping or reading colours
         scene = trimesh.load_scene(str(path))
-    except (ValueError, KeyError, NotImplementedError) as err:
-        raise ValueError(f"{KEY} {str(path)!r}: trimesh cannot read it ({type(err).__name__}: {err})") from err
-    parts = [g for g in scene.dump() if len(getattr(g, "vertices", ())) > 0]
-    if not parts:
-        raise ValueError(f"{KEY} {str(path)!r}: the file holds no vertices")
-    verts, faces, colours, offset = [], [], [], 0
-    for part in parts:
-        v = np.asarray(part.vertices, dtype=np.float64)
-        f = np.asarray(getattr(part, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
-        verts.append(v)
-        faces.append(f + offset)
-        colours.append(_vertex_colours(part))
-        offset += len(v)
+        parts = [g for g in scene.dump() if len(getattr(g, "vertices", ())) > 0]
+        if not parts:
+            raise ValueError(f"{KEY} {str(path)!r}: the file holds no vertices")
+        verts, faces, colours, offset = [], [], [], 0
+        for part in parts:
+            v = np.asarray(part.vertices, dtype=np.float64)
+            f = np.asarray(getattr(part, "faces", np.zeros((0, 3))), dtype=np.int64).reshape(-1, 3)
+            verts.append(v)
+            faces.append(f + offset)
+            colours.append(_vertex_colours(part))
+            offset += len(v)
+    except (ValueError, KeyError, IndexError, NotImplementedError) as err:
+        if str(err).startswith(KEY):
+            raise
+        raise ValueError(f"{KEY} {str(path)!r}: trimesh cannot read it ({type(err).__name__}: {err})") from None
     coloured = any(c is not None for c in colours)
     if coloured:  # parts without colour are grey beside coloured ones
         colours = [np.full((len(v), 3), 0.5) if c is None else c for v, c in zip(verts, colours)]
@@ -92,9 +96,10 @@ def sample_surface(mesh: ColouredMesh, count: int, generator: torch.Generator) -
         return mesh.verts[index], None if mesh.colours is None else mesh.colours[index]
     corners = mesh.verts[mesh.faces]  # [F, 3 corners, 3]
     area = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]).norm(dim=-1)
-    if not float(area.sum()) > 0:
+    if not (torch.isfinite(area).all() and float(area.sum()) > 0):
         raise ValueError("the mesh has no surface area (all faces are degenerate)")
-    face = torch.multinomial(area.float(), count, replacement=True, generator=generator)  # [N]
+    # relative areas: a file at any scale (1e30 overflows float32 areas) samples the same points
+    face = torch.multinomial((area / area.max()).float(), count, replacement=True, generator=generator)  # [N]
     u, v = torch.rand(2, count, 1, generator=generator, dtype=torch.float64)
     flip = (u + v) > 1  # reflect into the triangle: uniform barycentric coordinates
     u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)

@@ -89,8 +89,8 @@ def test_a_finished_runs_final_ply_is_preferred(tmp_path):
         clip_score.asset_ply(tmp_path / "empty")
 
 
-def test_cli_rejects_a_folder_without_config(tmp_path, tiny_clip_dir):
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
-        clip_score.main([str(tmp_path), "--model", str(tiny_clip_dir), "--device", "cpu"])
+def test_cli_rejects_a_folder_without_config(tmp_path, tiny_clip_dir, caplog):
+    assert clip_score.main([str(tmp_path), "--model", str(tiny_clip_dir), "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'config.yaml'} not found: RUN_DIR must be a folder written by train.py" in caplog.text
     with pytest.raises(SystemExit):
         clip_score.parse_args([str(tmp_path), "--views", "0"])

@@ -144,9 +144,12 @@ def test_mesh_errors(tmp_path):
         initial_points(mesh_cfg(tmp_path / "nope.obj"), gen())
     with pytest.raises(ValueError, match="init_path must name"):
         initial_points(mesh_cfg(""), gen())
+
+
+def test_fewer_points_than_one_ball_each_keep_that_many_surface_points(tmp_path):
     path = write_obj(tmp_path / "cube.obj", CUBE_VERTS, CUBE_FACES, CUBE_COLOURS)
-    with pytest.raises(ValueError, match="init_num_pts must be >= 5000"):
-        initial_points(mesh_cfg(path, init_num_pts=4999), gen())
+    xyz, rgb = initial_points(mesh_cfg(path, init_num_pts=300), gen())
+    assert xyz.shape == (300, 3) and rgb.shape == (300, 3) and torch.isfinite(xyz).all()
 
 
 def test_saved_initial_cloud_reads_back_through_init_shape_ply(tmp_path):

@@ -46,9 +46,6 @@ CASES = {
                                       ["ply_sh_degree", ">= ModelParams.sh_degree", "ply_sh_degree=1"]),
     "init_num_pts too small": (["GenerateCamParams.init_num_pts=1"],
                                ["GenerateCamParams.init_num_pts must be >= 2", "got 1"]),
-    "pointe needs more points": (["GenerateCamParams.init_shape=pointe", "GenerateCamParams.init_num_pts=100",
-                                  "GenerateCamParams.init_prompt=a cat"],
-                                 ["GenerateCamParams.init_num_pts must be >= 5000", "got 100"]),
     "gsplat on the CPU": (["PipelineParams.renderer=gsplat", "PipelineParams.device=cpu"],
                           ["PipelineParams.renderer is 'gsplat'", "CPU"]),
     "unknown analytic scene": (["GuidanceParams.analytic_scene=castle"],
@@ -191,7 +188,7 @@ def test_output_dir_that_is_a_file(tmp_path, caplog):
 
 def test_read_only_output_dir(tmp_path, caplog, monkeypatch):
     # the test may run as root, for whom chmod does not deny writing: the access check itself is replaced
-    monkeypatch.setattr("training.preflight.os.access", lambda path, mode: False)
+    monkeypatch.setattr("utils.cli_errors.os.access", lambda path, mode: False)
     out = tmp_path / "out"
     _assert_message(caplog, _run(out), f"output_dir {str(out)!r} is not writable", "read-only")
     assert _no_run_folder(out)

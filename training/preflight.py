@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from utils.cli_errors import InputError, require_writable_folder
 from utils.config import Config, ConfigError
 
 
@@ -36,24 +36,12 @@ def check_device(cfg: Config) -> None:
             "or use PipelineParams.renderer=auto")
 
 
-def writable_ancestor(path: Path) -> Path:
-    """The nearest existing folder at or above path."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path(".")
-
-
 def check_output_dir(output_dir: str) -> None:
     """output_dir must be (or be creatable as) a writable folder; '~' is expanded by new_run_dir."""
-    path = Path(output_dir).expanduser()
-    require(not path.exists() or path.is_dir(),
-            f"output_dir {output_dir!r} is a file, not a folder; choose another output_dir")
-    base = writable_ancestor(path)
-    require(base.is_dir(), f"output_dir {output_dir!r}: {base} is a file, so the folder cannot be created")
-    require(os.access(base, os.W_OK | os.X_OK),
-            f"output_dir {output_dir!r} is not writable ({base} is read-only for this user); choose another "
-            "output_dir")
+    try:
+        require_writable_folder("output_dir", output_dir)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_initialisation(cfg: Config) -> None:
@@ -67,16 +55,13 @@ def check_initialisation(cfg: Config) -> None:
     require(c.init_shape != "mesh" or Path(c.init_path).expanduser().is_file(),
             f"GenerateCamParams.init_path {c.init_path!r}: no such mesh or point-cloud file (init_shape 'mesh')")
     require(c.init_shape != "pointe" or importlib.util.find_spec("point_e") is not None, POINTE_MISSING)
-    if c.init_shape == "ply":
-        from scene.ply_format import read_ply
+    if c.init_shape in ("ply", "mesh"):  # read and checked now: empty, NaN or absurd files fail before any folder
+        from scene.initialisation import read_initial_file
 
         try:
-            vertex = read_ply(c.init_path, "GenerateCamParams.init_path")["vertex"]
+            read_initial_file(c)
         except (OSError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
-        names = {prop.name for prop in vertex.properties}
-        require({"x", "y", "z"} <= names,
-                f"GenerateCamParams.init_path {c.init_path!r}: no x, y, z vertex properties (found {sorted(names)})")
 
 
 def check_analytic_scene(cfg: Config) -> None:
@@ -90,7 +75,7 @@ def check_analytic_scene(cfg: Config) -> None:
             f"GuidanceParams.analytic_scene must be one of {list(PROCEDURAL_SCENES)} or a path ending in .ply, "
             f"got {scene!r}")
     try:
-        GaussianModel.load_ply(Path(scene).expanduser())
+        GaussianModel.load_ply(Path(scene).expanduser()).check_usable(scene)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"GuidanceParams.analytic_scene: {exc}") from None
     require(scene.endswith(".ply"), f"GuidanceParams.analytic_scene {scene!r} is a 3DGS PLY: name it with the "

@@ -36,18 +36,30 @@ def _prompt_entry(entry, where: str) -> Prompt:
 def load_prompts(path: str | Path) -> list[Prompt]:
     """A text file (one prompt per line; blank lines and lines starting with '#' skipped) or a YAML file:
     a list (or {prompts: list}) of strings or {text, negative} mappings."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"prompt list {path} is a folder, not a file; pass a text file (one prompt per line) "
+                          "or a YAML list")
     if not path.is_file():
         raise ConfigError(f"prompt list {path.resolve()} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"prompt list {path} is not UTF-8 text (byte {exc.start}): a binary file? pass a text "
+                          "file (one prompt per line) or a YAML list, saved as UTF-8") from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"prompt list {path} is not valid YAML ({str(exc).splitlines()[0]}); write a YAML "
+                              "list of prompts, or use a .txt file with one prompt per line") from None
         if isinstance(data, dict) and set(data) == {"prompts"}:
             data = data["prompts"]
         if not isinstance(data, list):
             raise ConfigError(f"{path}: expected a list of prompts (or a mapping 'prompts: [...]')")
         prompts = [_prompt_entry(e, f"{path} item {i + 1}") for i, e in enumerate(data)]
     else:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text.splitlines()
         prompts = [Prompt(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ConfigError(f"{path}: no prompts")

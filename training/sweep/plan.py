@@ -99,7 +99,7 @@ class SweepPlan:
 
         path = self.root / "sweep.json"
         text = json.dumps(self.manifest(), indent=2) + "\n"
-        if path.is_file() and json.loads(path.read_text()) != json.loads(text):
+        if path.is_file() and read_manifest(self.root) != json.loads(text):
             raise ConfigError(f"{path} describes another sweep (other prompts, losses, seeds or config); "
                               "use another sweep folder, or delete sweep.json to redefine this one")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,19 @@ class SweepPlan:
 
 
 def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / "sweep.json"
+    """<sweep>/sweep.json; InputError naming the folder or file when it is not a sweep folder's."""
+    from utils.cli_errors import InputError, require_folder
+
+    root = require_folder("sweep folder", Path(root), "pass the --out folder of python -m training.sweep")
+    path = root / "sweep.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not a sweep folder written by python -m training.sweep")
-    return json.loads(path.read_text())
+        raise InputError(f"{path} not found: {root} is not a sweep folder written by python -m training.sweep")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{path} is damaged ({type(exc).__name__}: {exc}); relaunch the sweep with its arguments "
+                         "to write it again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list):
+        raise InputError(f"{path} is not a sweep manifest (no list of runs); relaunch the sweep with its arguments "
+                         "to write it again")
+    return manifest

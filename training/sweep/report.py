@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import statistics
@@ -25,6 +26,10 @@ from pathlib import Path
 import torch
 
 from training.sweep.markers import DONE, FAILED, read_marker
+from utils.checkpoint_file import load_tensor_file
+from utils.cli_errors import require_writable_folder, run_command
+from utils.config import ConfigError
+from utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 def report_options(args: argparse.Namespace) -> ReportOptions:
     if args.views <= 0 or args.eval_resolution <= 0:
-        raise ValueError(f"--views and --eval-resolution must be positive, got {args.views}, {args.eval_resolution}")
+        raise ConfigError(f"--views and --eval-resolution must be positive, got {args.views}, {args.eval_resolution}")
     return ReportOptions(args.clip_model or None, args.views, args.eval_resolution, args.image_reward or None,
                          args.fid_reference, args.fid_inception, args.eval_device)
 
@@ -144,8 +149,6 @@ def score_asset(run_dir: Path, cfg, done: dict, scorers: Scorers) -> dict:
         scores["image_reward"] = reward.score(images, cfg.guidance.text).mean().item()
     if inception is not None:
         torch.save(inception(resize_for_inception(images)), features_path)
-    from utils.files import atomic_write_text
-
     atomic_write_text(cache_path, json.dumps({"settings": key, "scores": scores}, indent=2) + "\n")
     return scores
 
@@ -205,7 +208,7 @@ def loss_fid(root: Path, rows: list[dict], scorers: Scorers) -> float | None:
     if not files or scorers.inception() is None:
         return None
     reference = reference_features(scorers.options.fid_reference, scorers.inception(), root / "fid_reference.pt")
-    features = torch.cat([torch.load(f) for f in files])
+    features = torch.cat([load_tensor_file(f, "FID features") for f in files])  # weights only: shared folders
     return frechet_distance(*feature_statistics(features), *feature_statistics(reference))
 
 
@@ -270,10 +273,11 @@ def markdown(root: Path, losses: list[dict], rows: list[dict], notes: list[str])
 
 
 def _write_csv(path: Path, columns: tuple, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())  # never a half-written table (full disk)
 
 
 def write_report(root: str | Path, options: ReportOptions | None = None) -> tuple[Path, Path, Path]:
@@ -285,7 +289,7 @@ def write_report(root: str | Path, options: ReportOptions | None = None) -> tupl
     rows = run_rows(root, scorers)
     losses = loss_rows(root, rows, scorers)
     md, per_loss, per_run = root / "report.md", root / "report.csv", root / "runs.csv"
-    md.write_text(markdown(root, losses, rows, scorers.notes), encoding="utf-8")
+    atomic_write_text(md, markdown(root, losses, rows, scorers.notes))
     _write_csv(per_loss, LOSS_COLUMNS, losses)
     _write_csv(per_run, RUN_COLUMNS, rows)
     return md, per_loss, per_run
@@ -298,9 +302,17 @@ def main(argv=None) -> int:
     p.add_argument("sweep", type=Path, help="a sweep folder (python -m training.sweep --out)")
     add_report_arguments(p)
     args = p.parse_args(argv)
-    paths = write_report(args.sweep, report_options(args))
-    print(f"report: {paths[0].resolve()}")
-    return 0
+
+    def report() -> int:
+        from training.sweep.plan import read_manifest
+
+        read_manifest(args.sweep)  # a sweep folder, before any model loads
+        require_writable_folder("sweep folder", args.sweep)
+        paths = write_report(args.sweep, report_options(args))
+        print(f"report: {paths[0].resolve()}")
+        return 0
+
+    return run_command(report, log)
 
 
 if __name__ == "__main__":

@@ -248,11 +248,15 @@ class SweepWorker:
         except Exception as exc:  # noqa: BLE001 - one failed run never stops the sweep
             seconds = time.perf_counter() - t0
             log_path = folder / "train.log"
-            if log_path.is_file():  # the traceback into the run's own log (the root logger points at it)
-                logging.getLogger("training.run").error("run failed:\n%s", traceback.format_exc())
+            # a user error (a damaged checkpoint or config in the run folder) is its message; a bug its traceback
+            from utils.cli_errors import user_errors
+
+            detail = str(exc) if isinstance(exc, user_errors()) else traceback.format_exc()
+            if log_path.is_file():  # into the run's own log (the root logger points at it)
+                logging.getLogger("training.run").error("run failed:\n%s", detail)
             else:
                 log_path = self.log_file
-                log.error("%s failed:\n%s", run.name, traceback.format_exc())
+                log.error("%s failed:\n%s", run.name, detail)
             mark_failed(folder, {"name": run.name, "error": f"{type(exc).__name__}: {exc}",
                                  "log": None if log_path is None else str(log_path),
                                  "launch": self.env.launch, "host": socket.gethostname(), "rank": self.env.rank,
@@ -268,12 +272,13 @@ class SweepWorker:
         return RunResult(run, True, record["wall_seconds"])
 
     def _train(self, run: SweepRun, folder: Path) -> dict:
+        from training.checkpoint import load_checkpoint
         from training.run import train
 
         resume = (folder / CHECKPOINT).is_file()
         if resume:
             cfg = load_config(folder / "config.yaml", warn_no_effect=False)
-            start_step = int(torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=False)["step"])
+            start_step = int(load_checkpoint(folder / CHECKPOINT)["step"])  # weights only: a shared folder runs no code
         else:
             if folder.exists():  # started but killed before its first checkpoint: start again
                 shutil.rmtree(folder)
@@ -349,18 +354,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from guidance.prior import ModelNotFoundError
+    from utils.cli_errors import run_command
+
+    return run_command(lambda: run_sweep(args, argv), logging.getLogger("training.sweep"))
+
+
+def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """The sweep of main(): every user error (config, prompts, --out, model) is found before any folder."""
     from training.sweep.report import report_options, write_report
+    from utils.cli_errors import require_writable_folder
 
     try:
         env = worker_env()
-        plan = SweepPlan.build(args.out, args.prompts, args.losses, args.seeds, args.opt, args.overrides,
-                               args.overlay)
-        if not args.report_only:
-            preflight(plan.base)
-    except (ConfigError, ModelNotFoundError, ValueError) as exc:
-        logging.getLogger("training.sweep").error("%s", exc)
-        return 2
+    except ValueError as exc:  # the launcher's environment: RANK / WORLD_SIZE / LOCAL_RANK
+        raise ConfigError(str(exc)) from None
+    require_writable_folder("--out", args.out)
+    plan = SweepPlan.build(args.out, args.prompts, args.losses, args.seeds, args.opt, args.overrides, args.overlay)
+    if not args.report_only:
+        preflight(plan.base)
     if args.report_only:
         paths = write_report(plan.root, report_options(args))
         print(f"report: {paths[0].resolve()}")

@@ -190,6 +190,8 @@ def _read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file '{path}' is a folder; pass a YAML file (e.g. config/demo.yaml)") from None
     except UnicodeDecodeError as exc:
         hint = "saved as UTF-16; save it as UTF-8" if text_looks_utf16(path) else "a binary file, not YAML text"
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}): {hint}") from None
@@ -299,6 +301,8 @@ def _override_value(spec: FieldSpec, raw: str, source: str) -> Any:
             return raw
         raise
     if wants_str and not isinstance(value, str) and not (value is None and spec.type is not str):
+        if isinstance(value, bool):  # e.g. GuidanceParams.negative=no: YAML 1.1 reads a boolean
+            logger.warning("%s: %r is read as the text %r (the key is a string, not a switch)", source, raw, raw)
         return raw
     return value
 
@@ -327,9 +331,6 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-_POINT_CLOUD_INITS = ("sphere", "box", "rectangle_x", "rectangle_z", "scene")
-
-
 def _check_cross(cfg: Config) -> None:
     g, o, c = cfg.guidance, cfg.optim, cfg.camera
     _require(g.t_range[0] < g.t_range[1] <= g.max_t_range,
@@ -351,11 +352,42 @@ def _check_cross(cfg: Config) -> None:
     _require(cfg.ply_sh_degree is None or cfg.ply_sh_degree >= cfg.model.sh_degree,
              "ply_sh_degree must be >= ModelParams.sh_degree (PLYs are padded, never cut), "
              f"got ply_sh_degree={cfg.ply_sh_degree} < sh_degree={cfg.model.sh_degree}")
-    _require(c.init_shape not in _POINT_CLOUD_INITS or c.init_num_pts >= 2,
+    _require(c.init_shape == "ply" or c.init_num_pts >= 2,
              "GenerateCamParams.init_num_pts must be >= 2 (initial scales come from each point's nearest "
              f"neighbours), got {c.init_num_pts}")
-    _require(c.init_shape != "pointe" or c.init_num_pts >= 5000,
-             f"GenerateCamParams.init_num_pts must be >= 5000 for init_shape 'pointe', got {c.init_num_pts}")
+    _check_sctd_segments(g)
+    _require(g.prior != "stable_diffusion" or (c.image_w % 8 == 0 and c.image_h % 8 == 0),
+             "GenerateCamParams.image_w and image_h must be multiples of 8 with the Stable Diffusion prior (its "
+             f"VAE downsamples by 8), got {c.image_w} x {c.image_h}; use e.g. "
+             f"{8 * max(1, round(c.image_w / 8))} x {8 * max(1, round(c.image_h / 8))}")
+    for key, value in (("default_fovy", c.default_fovy), ("fovy_range", c.fovy_range[1]),
+                       ("max_fovy_range", c.max_fovy_range[1])):
+        _require(value < math.pi,
+                 f"GenerateCamParams.{key} must be a field of view below pi radians (180 degrees: the image plane "
+                 f"would be infinitely wide), got {value!r}; the paper's cameras use about 0.55")
+
+
+# every prior's noise schedule has 1000 training timesteps (Stable Diffusion's; the analytic prior copies it)
+SCHEDULE_TIMESTEPS = 1000
+
+
+def _check_sctd_segments(g) -> None:
+    """SCTD's N_s segments (phase_num) must fit between the window's first and last timestep (Sec. 4.3);
+    the same bounds as guidance/timesteps.py's TimestepWindow and segment_edges."""
+    if g.guidance_type != "sctd":
+        return
+    first = int(SCHEDULE_TIMESTEPS * g.t_range[0])
+    last = int(SCHEDULE_TIMESTEPS * g.t_range[1]) + int(SCHEDULE_TIMESTEPS * (g.max_t_range - g.t_range[1]))
+    span = last - first
+    _require(g.phase_num <= span,
+             f"GuidanceParams.phase_num must be <= {span}, the timesteps between the first ({first}) and last "
+             f"({last}) that t_range and max_t_range allow (one segment needs at least one timestep), got "
+             f"{g.phase_num}; the paper uses 5")
+    if g.t_mode == "mono" and g.phase_num > 1:
+        base = g.t_threshold - first
+        _require(0 < base and g.phase_num * base < span,
+                 f"GuidanceParams.t_threshold={g.t_threshold} does not fit phase_num={g.phase_num} monotonic segments "
+                 f"in [{first}, {last}]: need {first} < t_threshold and phase_num * (t_threshold - {first}) < {span}")
 
 
 def validate_config(cfg: Config) -> Config:
@@ -381,7 +413,10 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     touched: list[str] = []
     for doc in ([path] if path is not None else []) + list(overlays):
         doc = Path(doc)
-        touched += _apply_document(cfg, _read_yaml(doc), doc.name)
+        data = _read_yaml(doc)
+        if data is None:
+            logger.warning("config file '%s' is empty: it changes nothing (the defaults and the overrides apply)", doc)
+        touched += _apply_document(cfg, data, doc.name)
     for text in overrides:
         touched.append(_apply_override(cfg, text))
     validate_config(cfg)

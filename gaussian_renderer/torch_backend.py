@@ -87,7 +87,7 @@ def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
         dim=-1,
     ).reshape(-1, 3, 3)  # [N, 3, 3]
     m = rot * scales[..., None, :]  # [..., N, 3, 3] = R S
-    return m @ m.transpose(1, 2)
+    return m @ m.transpose(-1, -2)
 
 
 def sh_to_rgb(means: Tensor, sh_coeffs: Tensor, sh_degree: int, camera_centers: Tensor) -> Tensor:

@@ -108,7 +108,7 @@ def test_scale_noise_is_drawn_independently_per_camera():
     trainer = _trainer()
     n = trainer.gaussians.num_points
     rng, noise_rng = trainer.rng.get_state(), trainer.noise_rng.get_state()
-    noise = trainer.scale_noise(None)
+    noise = trainer.scale_noise(4)
     assert noise.shape == (4, n, 3)
     flat = noise.reshape(4, -1)
     corr = torch.corrcoef(flat)  # [4, 4]
@@ -119,7 +119,7 @@ def test_scale_noise_is_drawn_independently_per_camera():
     # a process's share of the batch gets its rows of the whole batch's draw (training/distributed.py)
     trainer.rng.set_state(rng)
     trainer.noise_rng.set_state(noise_rng)
-    torch.testing.assert_close(trainer.scale_noise(BatchShard(2, 4, 4)), noise[2:4], rtol=0, atol=0)
+    torch.testing.assert_close(trainer.scale_noise(2, BatchShard(2, 4, 4)), noise[2:4], rtol=0, atol=0)
 
     # the rendered scales are the official per-camera clamp(s + noise sqrt(0.2) s / 4, 0)
     trainer.rng.set_state(rng)
@@ -133,11 +133,11 @@ def test_scale_noise_is_drawn_independently_per_camera():
 
 def test_scale_noise_respects_the_per_camera_probability():
     trainer = _trainer("ModelParams.scale_aug_ratio=0.0")
-    assert trainer.scale_noise(None) is None
+    assert trainer.scale_noise(4) is None
     _, scales = trainer.render_batch(trainer.sampler.sample(4), torch.zeros(4, 3))
     assert scales.shape == (trainer.gaussians.num_points, 3)
     trainer = _trainer("ModelParams.scale_aug_ratio=0.5")
-    per_camera = [trainer.scale_noise(None) for _ in range(20)]
+    per_camera = [trainer.scale_noise(4) for _ in range(20)]
     augmented = torch.stack([(p.abs().sum((1, 2)) > 0) for p in per_camera if p is not None])  # [draws, 4]
     assert 0.2 < augmented.float().mean() < 0.8 and augmented.any(0).all() and (~augmented).any(0).all()
 

@@ -124,14 +124,14 @@ class Trainer:
         bg = torch.where((replace & use_random).unsqueeze(1), colours, torch.zeros_like(colours))
         return bg.to(self.device)
 
-    def scale_noise(self, shard: BatchShard | None) -> Tensor | None:
-        """[b, N, 3] standard-normal scale noise for this process's b cameras, or None when no camera is augmented.
+    def scale_noise(self, cameras: int, shard: BatchShard | None = None) -> Tensor | None:
+        """[cameras, N, 3] standard-normal scale noise, one draw per camera; None when no camera is augmented.
 
         The official `render()` draws `randn_like(scales)` at each call, i.e. independently per camera,
         each camera with probability scale_aug_ratio. Every process draws the whole batch's decisions and
         noise (the same streams as one process) and keeps its rows; a camera not augmented gets zero noise.
         """
-        total = shard.total if shard is not None else self.batch_size
+        total = shard.total if shard is not None else cameras
         augmented = torch.rand(total, generator=self.rng) < self.cfg.model.scale_aug_ratio  # [total], on the CPU
         if not bool(augmented.any()):
             return None
@@ -145,7 +145,8 @@ class Trainer:
         with one set per camera when the scale augmentation is on ([N, 3] otherwise)."""
         model = self.cfg.model
         sh_degree = 0 if self._uniform() < model.sh_deg_aug_ratio else None
-        tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=self.scale_noise(shard))
+        noise = self.scale_noise(len(cameras), shard)
+        tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=noise)
         # drawn only when enabled, so that runs without it keep their random streams
         if model.shs_aug_ratio > 0 and self._uniform() < model.shs_aug_ratio:
             sh = tensors.sh_coeffs

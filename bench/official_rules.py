@@ -34,7 +34,7 @@ OVERLAY = REPO / "config" / "improvements.yaml"
 RULES = {"official (defaults)": (), "improvements overlay": (OVERLAY,)}
 
 
-def analytic_rows(args) -> list[str]:
+def analytic_rows(args, progress) -> list[str]:
     from training.run import train
 
     rows = ["| rules | as_latent_ratio | held-out PSNR start (dB) | held-out PSNR end (dB) | Gaussians | "
@@ -50,11 +50,11 @@ def analytic_rows(args) -> list[str]:
                 rows.append(f"| {label} | {ratio:g} | {m['initial']['psnr_heldout']:.2f} | "
                             f"{m['final']['psnr_heldout']:.2f} | {m['final']['gaussians']} | "
                             f"{m['train_seconds']:.1f} |")
-                print(rows[-1], flush=True)
+                progress(rows)
     return rows
 
 
-def sd_rows(args) -> list[str]:
+def sd_rows(args, progress) -> list[str]:
     from bench.benchmark import make_prior
     from guidance.stable_diffusion import SDComponents
     from training.trainer import Trainer, apply_pipeline_options
@@ -100,7 +100,7 @@ def sd_rows(args) -> list[str]:
         # the first window holds compilation / graph capture: leave it out when there are others
         ms = statistics.median(windows[1:] or windows)
         rows.append(f"| {label} | {ms:.1f} | {start_points} | {trainer.gaussians.num_points} | {args.steps} |")
-        print(rows[-1], flush=True)
+        progress(rows)
         del trainer, prior
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -124,17 +124,20 @@ def main(argv=None) -> int:
     args.opt = args.opt or str(REPO / "config" / ("demo.yaml" if analytic else "bagel.yaml"))
     if analytic and args.device == "auto":
         args.device = "cpu"
-    rows = analytic_rows(args) if analytic else sd_rows(args)
     device = torch.cuda.get_device_name() if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else f"CPU, {torch.get_num_threads()} threads"
     header = (f"Official rules (defaults) against config/improvements.yaml; {Path(args.opt).name}, prior "
               f"{args.prior}{' (tiny)' if args.tiny else ''}, device: {device}; overrides: "
               f"{' '.join(args.overrides) or 'none'}\n\n")
-    table = header + "\n".join(rows) + "\n"
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+
+    def progress(rows: list[str]) -> None:  # each row as it comes; the file rewritten, so a killed run keeps it
+        print(rows[-1], flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(header + "\n".join(rows) + "\n")
+
+    rows = analytic_rows(args, progress) if analytic else sd_rows(args, progress)
+    print(header + "\n".join(rows))
     return 0
 
 

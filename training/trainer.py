@@ -209,8 +209,8 @@ class Trainer:
     def train_step(self, step: int, before_update: Callable[[], None] | None = None) -> StepResult:
         """One iteration: gradients, then clipping, densification and the optimizer step.
 
-        before_update: called between the two (3DGS's train.py saves its snapshots there: before
-            densification and the opacity reset change the Gaussians).
+        before_update: called between the two (the official train.py renders its test views and saves
+            its snapshots there: before densification, the opacity reset and the step change the Gaussians).
         """
         result = self.compute_gradients(step)
         if before_update is not None:

@@ -9,9 +9,12 @@ Stable Diffusion 2.1-base architecture with random weights (GPU): the bagel conf
 sphere of 81,920 points (the official Point-E start's count), iterations 1..--steps with densification;
 ms per iteration and the Gaussian count after the densifications.
 
-    python bench/official_rules.py --out bench/results/official_rules_cpu.md        # analytic, CPU
+    OMP_NUM_THREADS=1 python bench/official_rules.py --out bench/results/official_rules_cpu.md  # analytic, CPU
     python bench/official_rules.py --prior sd-random --steps 500 --out bench/results/official_rules_h100.md
     python bench/official_rules.py --prior sd-random --tiny --steps 3               # CPU smoke test
+    OMP_NUM_THREADS=1 python bench/official_rules.py --render-cost --out bench/results/official_rules_render_cpu.md
+
+On a CPU shared with other jobs, OMP_NUM_THREADS=1: OpenMP's spin-waiting threads otherwise cost ~20x here.
 """
 from __future__ import annotations
 
@@ -107,6 +110,41 @@ def sd_rows(args, progress) -> list[str]:
     return rows
 
 
+def render_cost_rows(args, progress) -> list[str]:
+    """CPU cost of the renderer rules: forward + backward of the torch backend (the demo's 2000-Gaussian
+    sphere, 4 cameras at 64 x 64, RGB + depth loss) with each depth rule and with shared or per-camera scales."""
+    from gaussian_renderer import render
+    from scene.camera_sampler import orbit_cameras
+    from scene.gaussian_tensors import GaussianTensors
+
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    means = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * torch.rand(n, 1, generator=g)
+    base = dict(means=means, quats=torch.randn(n, 4, generator=g), scales=torch.full((n, 3), 0.05),
+                opacities=torch.full((n,), 0.1), sh_coeffs=torch.zeros(n, 1, 3))
+    cams = orbit_cameras(torch.full((4,), 3.5), torch.full((4,), 80.0), torch.tensor([0.0, 90.0, 180.0, -90.0]),
+                         torch.full((4,), 0.55), 64, 64)
+    noise = 1 + 0.1 * torch.randn(4, n, 3, generator=g)
+    rows = ["| scales | depth_grad_to_z | torch backend forward + backward (ms, median of 20) |", "|---|---|---|"]
+    variants = [(per_camera, to_z) for per_camera in (False, True) for to_z in (False, True)]
+    times = {v: [] for v in variants}
+    for repeat in range(22):  # the variants interleaved, so that a busy moment of the machine hits them all
+        for per_camera, to_z in variants:
+            leaves = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+            scales = leaves["scales"] * noise if per_camera else leaves["scales"]
+            t0 = time.perf_counter()
+            out = render(GaussianTensors(**{**leaves, "scales": scales}, sh_degree=0), cams, torch.zeros(3),
+                         backend="torch", depth_grad_to_z=to_z)
+            (out.rgb.sum() + out.depth.sum()).backward()
+            if repeat >= 2:  # warm-up
+                times[(per_camera, to_z)].append((time.perf_counter() - t0) * 1000)
+    for (per_camera, to_z), values in times.items():
+        rows.append(f"| {'per camera [4, N, 3]' if per_camera else 'shared [N, 3]'} | {str(to_z).lower()} | "
+                    f"{statistics.median(values):.1f} |")
+        progress(rows)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", default="analytic", choices=("analytic", "sd-random"),
@@ -115,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--opt", default=None, help="config (default: config/demo.yaml or config/bagel.yaml)")
     p.add_argument("--steps", type=int, default=500, help="sd-random: iterations from 1 (densification included)")
     p.add_argument("--as-latent-ratios", type=float, nargs="+", default=[0.0, 0.2], help="analytic rows")
+    p.add_argument("--render-cost", action="store_true", help="instead: the renderer rules' cost on this device")
     p.add_argument("--tiny", action="store_true", help="sd-random with a tiny random SD at 64x64 (smoke test)")
     p.add_argument("--out", type=Path, help="write the table (markdown) here")
     p.add_argument("overrides", nargs="*", help="Section.key=value overrides for every row")
@@ -129,6 +168,8 @@ def main(argv=None) -> int:
     header = (f"Official rules (defaults) against config/improvements.yaml; {Path(args.opt).name}, prior "
               f"{args.prior}{' (tiny)' if args.tiny else ''}, device: {device}; overrides: "
               f"{' '.join(args.overrides) or 'none'}\n\n")
+    if args.render_cost:
+        header = f"Renderer rules' cost (bench/official_rules.py --render-cost), device: {device}\n\n"
 
     def progress(rows: list[str]) -> None:  # each row as it comes; the file rewritten, so a killed run keeps it
         print(rows[-1], flush=True)
@@ -136,7 +177,10 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(header + "\n".join(rows) + "\n")
 
-    rows = analytic_rows(args, progress) if analytic else sd_rows(args, progress)
+    if args.render_cost:
+        rows = render_cost_rows(args, progress)
+    else:
+        rows = analytic_rows(args, progress) if analytic else sd_rows(args, progress)
     print(header + "\n".join(rows))
     return 0
 

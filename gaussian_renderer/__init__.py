@@ -53,14 +53,18 @@ def render(
     cameras: Cameras,
     background: Tensor,
     backend: str = "auto",
+    depth_grad_to_z: bool = False,
 ) -> RenderOutput:
     """Renders the Gaussians into every camera of the batch.
 
     Args:
-        gaussians: activated parameters (N Gaussians) on the cameras' device.
+        gaussians: activated parameters (N Gaussians) on the cameras' device; scales [N, 3], or
+            [B, N, 3] for one set per camera (the official per-camera scale augmentation).
         cameras: B cameras, all of one image size.
         background: [3] or [B, 3] background colour(s).
         backend: "auto" (gsplat on CUDA when it imports, else "torch"), "torch" or "gsplat".
+        depth_grad_to_z: False (the official rasterizer's rule): the depth image's gradient reaches
+            the Gaussians through the blend weights only; True: also through their view depth z.
 
     Returns:
         RenderOutput with rgb [B, 3, H, W], normalised disparity [B, 1, H, W], alpha
@@ -69,7 +73,7 @@ def render(
         gradient (the one its densification threshold refers to) is dL/d(NDC), i.e. this
         gradient times (W / 2, H / 2).
     """
-    inputs = RasterizeInputs.from_cameras(gaussians, cameras, background)
+    inputs = RasterizeInputs.from_cameras(gaussians, cameras, background, depth_grad_to_z=depth_grad_to_z)
     name = resolve_backend(backend, cameras.device)
     rasterize = rasterize_gsplat if name == "gsplat" else rasterize_torch
     rgb, accum_depth, alpha, means2d, radii = rasterize(inputs)  # channels last, see RasterizeOutputs

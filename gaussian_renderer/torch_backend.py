@@ -3,7 +3,8 @@
 It follows the 3DGS / gsplat "classic" pipeline, batched over B cameras without Python loops
 over cameras:
 
-1. means to camera space (OpenCV axes); Gaussians with depth outside [near, far] are culled;
+1. means to camera space (OpenCV axes); Gaussians with depth outside (near, far] are culled (the
+   official rasterizer culls z <= 0.2, `in_frustum`); scales may differ per camera ([B, N, 3]);
 2. EWA projection: cov2d = J W Sigma W^T J^T with the Jacobian of the perspective projection
    evaluated at the mean, whose x/z, y/z are clamped to the frustum enlarged by 30 %
    (1.3 tan(fov / 2) for a centred principal point, exactly gsplat's ``persp_proj``);
@@ -26,8 +27,12 @@ Gaussian, image tile) pairs where alpha can reach 1/255 are enumerated and evalu
 of at most about ``max_chunk_elements`` (pair, pixel) entries, each chunk under activation
 checkpointing when there are several and gradients are needed; its backward pass is written out.
 ``_rasterize_pixels_dense`` is the dense reference ([B, N, pixels]: every Gaussian at every
-pixel) that it reproduces (the tests compare both). Unlike the official rasterizer, the
-accumulated depth also passes gradients to the per-Gaussian depth z_i (as gsplat does).
+pixel) that it reproduces (the tests compare both).
+
+The accumulated depth's gradient reaches the Gaussians through the blend weights a_i T_i only, as
+in the official rasterizer (LucidDreamer's diff-gaussian-rasterization fork, `backward.cu`), unless
+``RasterizeInputs.depth_grad_to_z`` also passes it to the per-Gaussian depth z_i (the exact derivative).
+Camera centres (for the SH directions) are the translation of the inverted view matrix.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from gaussian_renderer.types import RasterizeInputs, RasterizeOutputs
+from scene.cameras import centers_from_view_matrices
 from scene.spherical_harmonics import spherical_harmonics
 
 __all__ = [
@@ -66,10 +72,10 @@ def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
 
     Args:
         quats: [N, 4] rotations (w, x, y, z), normalised here.
-        scales: [N, 3] standard deviations along the local axes.
+        scales: [..., N, 3] standard deviations along the local axes (e.g. [B, N, 3], one set per camera).
 
     Returns:
-        [N, 3, 3] covariances.
+        [..., N, 3, 3] covariances.
     """
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
     rot = torch.stack(
@@ -80,8 +86,8 @@ def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
         ],
         dim=-1,
     ).reshape(-1, 3, 3)  # [N, 3, 3]
-    m = rot * scales[:, None, :]  # [N, 3, 3] = R S
-    return m @ m.transpose(1, 2)
+    m = rot * scales[..., None, :]  # [..., N, 3, 3] = R S
+    return m @ m.transpose(-1, -2)
 
 
 def sh_to_rgb(means: Tensor, sh_coeffs: Tensor, sh_degree: int, camera_centers: Tensor) -> Tensor:
@@ -116,11 +122,11 @@ def project_gaussians(
 
     Args:
         means: [N, 3] world positions.
-        covars: [N, 3, 3] world covariances.
+        covars: [N, 3, 3] world covariances, or [B, N, 3, 3] one set per camera.
         viewmats: [B, 4, 4] world-to-camera transforms (OpenCV axes).
         Ks: [B, 3, 3] pixel intrinsics.
         width, height: image size in pixels.
-        near, far: depth range kept; Gaussians outside it get radius 0.
+        near, far: depth range (near, far] kept; Gaussians outside it get radius 0.
         eps2d: low-pass dilation added to the 2D covariance diagonal (pixels^2).
 
     Returns:
@@ -133,9 +139,10 @@ def project_gaussians(
     rot = viewmats[:, :3, :3]  # [B, 3, 3]
     trans = viewmats[:, :3, 3]  # [B, 3]
     means_c = torch.einsum("bij,nj->bni", rot, means) + trans[:, None, :]  # [B, N, 3]
-    covars_c = torch.einsum("bij,njk,blk->bnil", rot, covars, rot)  # [B, N, 3, 3]
+    per_camera = "bnjk" if covars.dim() == 4 else "njk"
+    covars_c = torch.einsum(f"bij,{per_camera},blk->bnil", rot, covars, rot)  # [B, N, 3, 3]
     x, y, z = means_c.unbind(-1)  # each [B, N]
-    in_range = (z >= near) & (z <= far)
+    in_range = (z > near) & (z <= far)
     # Culled Gaussians are evaluated at a harmless depth so that no inf/NaN reaches autograd.
     z = torch.where(in_range, z, torch.ones_like(z))
 
@@ -624,16 +631,18 @@ def rasterize_torch(
     """
     g, viewmats = inputs.gaussians, inputs.viewmats
     width, height = inputs.width, inputs.height
-    covars = quat_scale_to_covar(g.quats, g.scales)  # [N, 3, 3]
+    covars = quat_scale_to_covar(g.quats, g.scales)  # [N, 3, 3], or [B, N, 3, 3] with per-camera scales
     means2d, conics, depths, radii, visible = project_gaussians(
         g.means, covars, viewmats, inputs.Ks, width, height, inputs.near, inputs.far, inputs.eps2d
     )
     if means2d.requires_grad:
         means2d.retain_grad()
-    centers = -(viewmats[:, :3, :3].transpose(1, 2) @ viewmats[:, :3, 3:]).squeeze(-1)  # [B, 3]
-    colors = sh_to_rgb(g.means, g.sh_coeffs, g.sh_degree, centers)  # [B, N, 3]
+    colors = sh_to_rgb(g.means, g.sh_coeffs, g.sh_degree, centers_from_view_matrices(viewmats))  # [B, N, 3]
     opac = torch.where(visible, g.opacities[None, :].expand_as(depths), torch.zeros_like(depths))
-    features = torch.cat([colors, depths[..., None]], dim=-1)  # [B, N, 4]
+    # The depth channel composites z_i; detached, its gradient still reaches the blend weights
+    # (means2d, conics, opacities) through the compositing, as in the official rasterizer.
+    z = depths if inputs.depth_grad_to_z else depths.detach()
+    features = torch.cat([colors, z[..., None]], dim=-1)  # [B, N, 4]
     feats, trans = rasterize_pixels(
         means2d, conics, opac, features, depths, width, height, max_chunk_elements
     )

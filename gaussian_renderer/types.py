@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from scene.cameras import Cameras
+from scene.cameras import NEAR_PLANE, Cameras
 from scene.gaussian_tensors import GaussianTensors
 
 # the 3DGS rasterizer's low-pass dilation added to every 2D covariance (pixels^2)
@@ -30,25 +30,35 @@ class RasterizeInputs:
     backgrounds: Tensor  # [B, 3] background colours ([3] is broadcast to every camera)
     width: int  # image size in pixels
     height: int
-    near: float = 0.01  # camera depths kept: [near, far]; Gaussians outside are culled
+    near: float = NEAR_PLANE  # camera depths kept: (near, far]; Gaussians outside are culled
     far: float = 100.0
     eps2d: float = EPS2D
+    # False (official): the depth image's gradient reaches the Gaussians only through the blend weights
+    # (opacity, shape, 2D position), never their view depth z; True: also through z (the exact derivative)
+    depth_grad_to_z: bool = False
 
     @classmethod
     def from_cameras(cls, gaussians: GaussianTensors, cameras: Cameras, background: Tensor,
-                     eps2d: float = EPS2D) -> "RasterizeInputs":
+                     eps2d: float = EPS2D, depth_grad_to_z: bool = False) -> "RasterizeInputs":
         """The cameras' matrices and the background in the Gaussians' dtype."""
         dtype = gaussians.means.dtype
         return cls(gaussians, cameras.world_to_camera.to(dtype), cameras.intrinsics().to(dtype),
-                   background.to(dtype), cameras.width, cameras.height, cameras.near, cameras.far, eps2d)
+                   background.to(dtype), cameras.width, cameras.height, cameras.near, cameras.far, eps2d,
+                   depth_grad_to_z)
+
+    @property
+    def per_camera_scales(self) -> bool:
+        """Whether the Gaussians carry one set of scales per camera ([B, N, 3], the official per-camera
+        scale augmentation) rather than one shared set ([N, 3])."""
+        return self.gaussians.scales.dim() == 3
 
     @property
     def device(self) -> torch.device:
         return self.viewmats.device
 
     def __post_init__(self) -> None:
-        self._check_gaussians()
         b = self.viewmats.shape[0]
+        self._check_gaussians(b)
         if self.viewmats.shape != (b, 4, 4):
             raise ValueError(f"viewmats must be [B, 4, 4], got {tuple(self.viewmats.shape)}")
         if self.Ks.shape != (b, 3, 3):
@@ -63,16 +73,19 @@ class RasterizeInputs:
         elif background.shape != (b, 3):
             raise ValueError(f"background must be [3] or [B={b}, 3], got {tuple(background.shape)}")
 
-    def _check_gaussians(self) -> None:
+    def _check_gaussians(self, b: int) -> None:
         gaussians = self.gaussians
         means = gaussians.means
         if means.dim() != 2 or means.shape[1] != 3:
             raise ValueError(f"gaussians.means must be [N, 3], got {tuple(means.shape)}")
         n = means.shape[0]
-        for name, shape in {"quats": (n, 4), "scales": (n, 3), "opacities": (n,)}.items():
+        for name, shape in {"quats": (n, 4), "opacities": (n,)}.items():
             value = getattr(gaussians, name)
             if tuple(value.shape) != shape:
                 raise ValueError(f"gaussians.{name} must be {list(shape)} (N={n}), got {tuple(value.shape)}")
+        if tuple(gaussians.scales.shape) not in ((n, 3), (b, n, 3)):
+            raise ValueError(f"gaussians.scales must be [N={n}, 3] or one set per camera [B={b}, N={n}, 3], "
+                             f"got {tuple(gaussians.scales.shape)}")
         sh = gaussians.sh_coeffs
         if sh.dim() != 3 or sh.shape[0] != n or sh.shape[2] != 3:
             raise ValueError(f"gaussians.sh_coeffs must be [N={n}, K, 3], got {tuple(sh.shape)}")
@@ -98,7 +111,9 @@ class RasterizeOutputs(NamedTuple):
     rgb: Tensor  # [B, H, W, 3] composited colour, background included
     accum_depth: Tensor  # [B, H, W, 1] sum_i z_i a_i T_i (background 0)
     alpha: Tensor  # [B, H, W, 1] accumulated opacity 1 - T_final
-    means2d: Tensor  # [B, N, 2] projected centres in pixels; .retain_grad() called when it requires grad
+    # [B, N, 2] projected centres in pixels ([B, 1, N, 2] from gsplat with per-camera scales: the tensor
+    # its rasterizer reads); .retain_grad() called when it requires grad
+    means2d: Tensor
     radii: Tensor  # [B, N] int32 screen radius in pixels; 0 = not drawn
 
 
@@ -107,15 +122,16 @@ class RenderOutput:
     rgb: Tensor  # [B, 3, H, W] composited colour, background included
     depth: Tensor  # [B, 1, H, W] normalised disparity in [0, 1] (official formula; 1 = nearest)
     alpha: Tensor  # [B, 1, H, W] accumulated opacity (1 - final transmittance)
-    means2d: Tensor  # [B, N, 2] projected centres in pixels; holds .grad after backward
+    means2d: Tensor  # [B, N, 2] (or [B, 1, N, 2], see RasterizeOutputs) projected centres; .grad after backward
     radii: Tensor  # [B, N] integer screen radius in pixels; 0 = not visible
     parts: "list[RenderOutput] | None" = None  # the per-call renders this batch was concatenated from
 
     def means2d_grad(self) -> Tensor | None:
         """[B, N, 2] dL/dmeans2d after backward (gathered from the parts of a concatenated render)."""
         if self.parts is None:
-            return self.means2d.grad
-        grads = [p.means2d.grad for p in self.parts]
+            grad = self.means2d.grad
+            return None if grad is None else grad.reshape(self.radii.shape + (2,))
+        grads = [p.means2d_grad() for p in self.parts]
         if any(g is None for g in grads):
             return None
         return torch.cat(grads)

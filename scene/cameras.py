@@ -11,10 +11,25 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+# Gaussians at view depth <= 0.2 are culled, as the official rasterizer's `in_frustum` does
+# (LucidDreamer's diff-gaussian-rasterization fork, `auxiliary.h`).
+NEAR_PLANE = 0.2
+
+
+def centers_from_view_matrices(world_to_camera: Tensor) -> Tensor:
+    """[B, 4, 4] world-to-camera matrices -> [B, 3] camera centres, the translation of their inverse.
+
+    This is the point the matrix maps to the camera origin, for any invertible matrix: the official
+    `scene/cameras.py` and gsplat take the same inverse. -R^T t equals it only when R is orthonormal;
+    the official sampler's jittered rotations are sheared (`scene/dataset_readers.py`), so it is not.
+    """
+    # inv_ex: no error check, so no host sync on CUDA (a view matrix is invertible by construction)
+    return torch.linalg.inv_ex(world_to_camera).inverse[:, :3, 3]
+
 
 @dataclass(frozen=True)
 class Cameras:
-    world_to_camera: Tensor  # [B, 4, 4] rigid transform, OpenCV axes
+    world_to_camera: Tensor  # [B, 4, 4] world-to-camera transform, OpenCV axes (rigid from our sampler)
     fov_x: Tensor  # [B] horizontal field of view, radians
     fov_y: Tensor  # [B] vertical field of view, radians
     azimuth_deg: Tensor  # [B] azimuth relative to the front, wrapped to (-180, 180]
@@ -22,7 +37,7 @@ class Cameras:
     radius: Tensor  # [B] distance of the camera centre from the look-at target
     width: int
     height: int
-    near: float = 0.01
+    near: float = NEAR_PLANE
     far: float = 100.0
 
     def __post_init__(self) -> None:
@@ -56,10 +71,8 @@ class Cameras:
         return k
 
     def camera_centers(self) -> Tensor:
-        """[B, 3] camera centres in world coordinates."""
-        rot = self.world_to_camera[:, :3, :3]
-        trans = self.world_to_camera[:, :3, 3]
-        return -(rot.transpose(1, 2) @ trans.unsqueeze(-1)).squeeze(-1)
+        """[B, 3] camera centres in world coordinates (see centers_from_view_matrices)."""
+        return centers_from_view_matrices(self.world_to_camera)
 
     def to(self, device: torch.device | str) -> "Cameras":
         return replace(

@@ -5,7 +5,8 @@ Follows the official `GaussianModel` (zjhJOJO/SegmentDreamer and EnVision-Resear
 schedules, the per-tensor gradient clipping, densification and opacity reset as `train.py` calls them,
 `reset_brightness` (BEG) and the `save_ply` layout. Differences:
 
-- densification statistics come from every camera of a batch, not only the last one;
+- `add_densification_stats` takes any number of cameras: the trainer passes the batch's last one, as
+  the official camera loop leaves it, or every camera (OptimizationParams.densify_stats_all_cameras);
 - stored parameters are plain leaf tensors (no `nn.Module`), one Adam group per tensor;
 - the screen-size pruning rule is off by default, as it is in effect in the official code
   (see `GaussianModel.densify_and_prune`).
@@ -269,16 +270,18 @@ class GaussianModel:
 
         sh_degree: degree to render with (default: active_sh_degree); the coefficients are cut to
             (sh_degree + 1) ** 2.
-        scale_noise: standard-normal noise [N, 3] for the official scale augmentation,
-            scales <- clamp(s + noise * sqrt(0.2) * s / 4, min=0).
+        scale_noise: standard-normal noise for the official scale augmentation,
+            scales <- clamp(s + noise * sqrt(0.2) * s / 4, min=0): [N, 3], or [B, N, 3] for one draw
+            per camera (the official `render()` draws per call); the scales then have its shape.
         """
         degree = self.active_sh_degree if sh_degree is None else sh_degree
         if not 0 <= degree <= self.max_sh_degree:
             raise ValueError(f"sh_degree must be in [0, {self.max_sh_degree}], got {degree}")
         scales = self.scales
         if scale_noise is not None:
-            if scale_noise.shape != scales.shape:
-                raise ValueError(f"scale_noise must be [N, 3] = {tuple(scales.shape)}, got {tuple(scale_noise.shape)}")
+            if scale_noise.shape[-2:] != scales.shape or scale_noise.dim() not in (2, 3):
+                raise ValueError(f"scale_noise must be [N, 3] or [B, N, 3] with N, 3 = {tuple(scales.shape)}, "
+                                 f"got {tuple(scale_noise.shape)}")
             scales = torch.clamp_min(scales + scale_noise * (SCALE_NOISE_STD * scales), 0.0)
         return GaussianTensors(
             means=self._means,
@@ -430,7 +433,7 @@ class GaussianModel:
 
     @torch.no_grad()
     def add_densification_stats(self, means2d_grad: Tensor, radii: Tensor, width: int, height: int) -> None:
-        """Accumulate screen-space gradient norms from every camera of a batch.
+        """Accumulate screen-space gradient norms from every camera given (B may be 1).
 
         means2d_grad [B, N, 2]: d loss / d projected centre, pixel units. It is converted to the
             NDC units of the original 3DGS rasterizer (x * W/2, y * H/2), the units of the

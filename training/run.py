@@ -200,7 +200,7 @@ class TrainingRun:
             raise NonFiniteTrainingError(stop_message(report, step, patience, self.lrs, self.checkpoint_step))
 
     def after_step(self, step: int, result, monitor: Monitor) -> None:
-        """Logging, evaluation, point clouds and checkpoints due at this step."""
+        """Logging and checkpoints due at this step (after its update)."""
         cfg = self.cfg
         self.lrs = {k.split("/", 1)[1]: v for k, v in result.scalars.items() if k.startswith("lr/")}
         monitor.log_step(step, {"loss/total": result.loss, **result.scalars,
@@ -211,17 +211,26 @@ class TrainingRun:
         if cfg.preview_interval and step % cfg.preview_interval == 0:
             monitor.log_images("train/rgb", result.render.rgb, step)
             monitor.log_images("train/depth", result.render.depth, step)
+        if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
+            self.save_checkpoint()
+
+    def before_update(self, step: int, monitor: Monitor) -> None:
+        """Test views and snapshots due at this step, taken after its backward pass and before its
+        densification, opacity reset and optimizer step, where the official train.py takes them
+        (`training_report` and `scene.save` come before the densification block): the test views of
+        iteration k show the Gaussians that iteration k rendered."""
         if step in self.test_steps:
             self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
             self.write_metrics()
-        if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-            self.save_checkpoint()
+        if step in self.save_steps:
+            self.save_snapshot(step)
 
     def loop(self, monitor: Monitor, stop: StopRequest, viewer) -> None:
         trainer = self.trainer
         for step in range(trainer.step + 1, self.cfg.optim.iterations + 1):
-            snapshot = functools.partial(self.save_snapshot, step) if step in self.save_steps else None
-            result = trainer.train_step(step, before_update=snapshot)  # snapshot before the opacity reset
+            due = step in self.test_steps or step in self.save_steps
+            hook = functools.partial(self.before_update, step, monitor) if due else None
+            result = trainer.train_step(step, before_update=hook)
             trainer.step = step
             self.steps_done += 1
             viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused

@@ -124,24 +124,40 @@ class Trainer:
         bg = torch.where((replace & use_random).unsqueeze(1), colours, torch.zeros_like(colours))
         return bg.to(self.device)
 
-    def render_batch(self, cameras: Cameras, background: Tensor) -> tuple[RenderOutput, Tensor]:
-        """Render with the training augmentations; returns the output and the (noised) scales."""
+    def scale_noise(self, cameras: int, shard: BatchShard | None = None) -> Tensor | None:
+        """[cameras, N, 3] standard-normal scale noise, one draw per camera; None when no camera is augmented.
+
+        The official `render()` draws `randn_like(scales)` at each call, i.e. independently per camera,
+        each camera with probability scale_aug_ratio. Every process draws the whole batch's decisions and
+        noise (the same streams as one process) and keeps its rows; a camera not augmented gets zero noise.
+        """
+        total = shard.total if shard is not None else cameras
+        augmented = torch.rand(total, generator=self.rng) < self.cfg.model.scale_aug_ratio  # [total], on the CPU
+        if not bool(augmented.any()):
+            return None
+        noise = torch.randn(total, self.gaussians.num_points, 3, generator=self.noise_rng, device=self.device)
+        noise = noise * augmented.to(self.device, noise.dtype)[:, None, None]  # [total, N, 3]
+        return noise if shard is None else noise[shard.start:shard.stop]
+
+    def render_batch(self, cameras: Cameras, background: Tensor,
+                     shard: BatchShard | None = None) -> tuple[RenderOutput, Tensor]:
+        """Render with the training augmentations; returns the output and the (noised) scales, [b, N, 3]
+        with one set per camera when the scale augmentation is on ([N, 3] otherwise)."""
         model = self.cfg.model
         sh_degree = 0 if self._uniform() < model.sh_deg_aug_ratio else None
-        scale_noise = None
-        if self._uniform() < model.scale_aug_ratio:
-            n = self.gaussians.num_points
-            scale_noise = torch.randn(n, 3, generator=self.noise_rng, device=self.device)
-        tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=scale_noise)
+        noise = self.scale_noise(len(cameras), shard)
+        tensors = self.gaussians.gaussian_tensors(sh_degree=sh_degree, scale_noise=noise)
         # drawn only when enabled, so that runs without it keep their random streams
         if model.shs_aug_ratio > 0 and self._uniform() < model.shs_aug_ratio:
             sh = tensors.sh_coeffs
             noise = torch.randn(sh.shape, generator=self.noise_rng, device=self.device)
             tensors = dataclasses.replace(tensors, sh_coeffs=sh + noise * (SHS_NOISE_STD * sh))
-        backend = self.cfg.pipeline.renderer
+        options = dict(backend=self.cfg.pipeline.renderer, depth_grad_to_z=self.cfg.pipeline.depth_grad_to_z)
         if not self.cfg.pipeline.render_per_camera:
-            return render(tensors, cameras, background, backend=backend), tensors.scales
-        outs = [render(tensors, cameras[i], background[i:i + 1], backend=backend) for i in range(len(cameras))]
+            return render(tensors, cameras, background, **options), tensors.scales
+        per_camera = tensors.scales.dim() == 3
+        outs = [render(dataclasses.replace(tensors, scales=tensors.scales[i]) if per_camera else tensors,
+                       cameras[i], background[i:i + 1], **options) for i in range(len(cameras))]
         return RenderOutput.concat(outs), tensors.scales
 
     def guidance_images(self, out: RenderOutput, step: int) -> Tensor:
@@ -193,8 +209,8 @@ class Trainer:
     def train_step(self, step: int, before_update: Callable[[], None] | None = None) -> StepResult:
         """One iteration: gradients, then clipping, densification and the optimizer step.
 
-        before_update: called between the two (3DGS's train.py saves its snapshots there: before
-            densification and the opacity reset change the Gaussians).
+        before_update: called between the two (the official train.py renders its test views and saves
+            its snapshots there: before densification, the opacity reset and the step change the Gaussians).
 
         The last iteration (step == OptimizationParams.iterations) computes its loss and gradients but
         updates nothing: the official SegmentDreamer train.py steps the optimizer only
@@ -235,15 +251,15 @@ class Trainer:
         if shard is not None:
             cameras, background = cameras[shard.start:shard.stop], shard.take(background)
         with self.timer("render"):
-            out, scales = self.render_batch(cameras, background)
+            out, scales = self.render_batch(cameras, background, shard)
         images = self.guidance_images(out, step)
         cond = self.prior.condition(cameras, background)
         surrogate, scalars = self.distillation_surrogate(images, out.rgb, cond, step, shard)
         loss_tv = tv_loss(out.rgb) + tv_loss(out.depth)
-        loss_scale = scales.mean()
-        if shard is not None:  # after the gradient sum: tv is the whole batch's mean, scale counted once
+        loss_scale = scales.mean()  # official: the mean of the per-camera noised scales
+        if shard is not None:  # after the gradient sum: both are the whole batch's means
             loss_tv = loss_tv * (shard.size / shard.total)
-            loss_scale = loss_scale / self.group.world_size
+            loss_scale = loss_scale * (shard.size / shard.total)
         total = surrogate + cfg.optim.lambda_tv * loss_tv + cfg.optim.lambda_scale * loss_scale
         with self.timer("backward"):
             total.backward()
@@ -267,6 +283,10 @@ class Trainer:
                 means2d_grad = self.group.gather_rows(out.means2d_grad(), shard)  # [B, N, 2] whole batch
                 radii = self.group.gather_rows(out.radii, shard)  # [B, N]
             means2d_grad = torch.where(skip > 0, 0.0, means2d_grad)
+            if not cfg.densify_stats_all_cameras:
+                # official train.py: its camera loop overwrites viewspace_point_tensor, visibility_filter and
+                # radii, so add_densification_stats and max_radii2D see the batch's last camera only
+                means2d_grad, radii = means2d_grad[-1:], radii[-1:]
             g.add_densification_stats(means2d_grad, radii, out.rgb.shape[-1], out.rgb.shape[-2])
             densify_now = step > cfg.densify_from_iter and step % cfg.densification_interval == 0
             # densification syncs anyway; a skipped step's statistics are not trusted, NaN/Inf Gaussians not split

@@ -129,6 +129,10 @@ class PipelineParams:
                                   prior_free=True, resumable="a speed lever")
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code",
                                     prior_free=True)
+    depth_grad_to_z: bool = param(False, "also pass the depth image's gradient to the Gaussians' view depth z "
+                                          "(the exact derivative; false = the official rasterizer, which passes it "
+                                          "through the blend weights only; they differ when depth is distilled)",
+                                  prior_free=True)
     encode_chunk: int = param(0, "images per VAE-encoder forward+backward (0 = whole batch; 1 = lowest memory, "
                                  "recomputes the encoder and uses the posterior mean)", min=0)
     attention_slicing: bool = param(False, "compute UNet attention in slices (lower memory, slower)",
@@ -384,6 +388,10 @@ class OptimizationParams:
     min_opacity: float = param(0.005, "Gaussians below this opacity are pruned", min=0.0, max=1.0)
     max_screen_size: int = param(20, "prune Gaussians larger than this many pixels after the first "
                                      "opacity reset (0 = off)", min=0)
+    densify_stats_all_cameras: bool = param(False, "densification statistic (screen-space gradient, max radius) "
+                                                    "from every camera of a batch (C_batch_size times the samples, "
+                                                    "less noisy); false = the official rule, the batch's last camera "
+                                                    "only")
 
 
 @dataclass

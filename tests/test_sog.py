@@ -5,6 +5,7 @@ import io
 import json
 import math
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,10 @@ from export.splat_data import SplatData, SplatDataError
 from gaussian_renderer import render
 from scene.camera_sampler import orbit_cameras
 from utils.metrics import psnr
+
+# A PLY and the .sog that PlayCanvas splat-transform 2.7.1 (the reference encoder, `splat-transform -g cpu
+# splats_301_sh1.ply out.sog`) wrote from it.
+DATA = Path(__file__).parent / "data" / "sog"
 
 
 def _splats(n: int, degree: int, seed: int = 0, prototypes: int | None = None) -> SplatData:
@@ -239,6 +244,36 @@ def test_sixteen_view_psnr_and_size_against_the_ply(tmp_path):
     sh0.to_model().save_ply(tmp_path / "b.ply", up_axis="z")
     ratio = (tmp_path / "b.ply").stat().st_size / (tmp_path / "b.sog").stat().st_size
     assert ratio > 3.5, f"PLY / SOG = {ratio:.2f} at SH 0"  # random, incompressible attributes: ~16 B a splat
+
+
+def test_reads_the_reference_encoders_file_with_its_order_and_codebooks(tmp_path):
+    data = SplatData.from_ply(DATA / "splats_301_sh1.ply", up_axis="-y")
+    reference = DATA / "splat_transform_2.7.1.sog"
+    back, meta = read_sog(reference), _meta(reference)
+    assert back.num_splats == 301 and back.sh_degree == 1 and meta["shN"]["count"] == palette_size(301) == 256
+    match = _match(data, back)
+    # the same Morton order: the reference's texel j holds the splat our order puts at j
+    np.testing.assert_array_equal(match[morton_order(data.means)], np.arange(301))
+    # the same 1-D quantiser: our codebooks equal the reference's on the same values
+    for name, key in (("log_scales", "scales"), ("sh_dc", "sh0")):
+        np.testing.assert_allclose(quantize_1d(getattr(data, name))[0], meta[key]["codebook"], rtol=0, atol=2e-6)
+    # the reference truncates where we round: its errors are within one full step
+    half_step = 0.5 * (np.asarray(meta["means"]["maxs"]) - meta["means"]["mins"]) / 65535
+    assert np.all(np.abs(back.means[match] - data.means) <= 2 * half_step * (np.abs(data.means) + 1) * 1.001 + 1e-7)
+    dots = np.clip(np.abs((back.quats[match].astype(np.float64) * data.quats).sum(axis=1)), 0, 1)
+    assert (2 * np.arccos(dots)).max() <= 8 * math.sqrt(3) / (255 * math.sqrt(2))
+    opacity = 1 / (1 + np.exp(-data.opacity_logits.astype(np.float64)))
+    assert np.abs(1 / (1 + np.exp(-back.opacity_logits[match].astype(np.float64))) - opacity).max() <= 1 / 255 + 1e-6
+    # colours of fully transparent splats may be lost to its WebP encoder (no `exact`): the others are exact
+    visible = opacity >= 1 / 255
+    codebook = np.asarray(meta["sh0"]["codebook"], np.float32)
+    np.testing.assert_array_equal(back.sh_dc[match][visible], codebook[nearest_entry(codebook, data.sh_dc)][visible])
+    # the SH palette (256 entries for 301 random vectors): ours comes as close as the reference's
+    reference_error = np.abs(back.sh_rest[match] - data.sh_rest).mean()
+    write_sog(data, tmp_path / "ours.sog", progress=False)
+    ours = read_sog(tmp_path / "ours.sog")
+    our_error = np.abs(ours.sh_rest[_match(data, ours)] - data.sh_rest).mean()
+    assert reference_error < 0.02 and our_error < 1.25 * reference_error, (our_error, reference_error)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -6,6 +6,7 @@ error of each attribute. Then the encode time of a synthetic N-splat SH-3 asset 
 table each, printed and, with --out, written to a file.
 
     python bench/sog_encode.py --ply outputs/demo/RUN/point_cloud.ply --out bench/results/sog_cpu.md
+    python bench/sog_encode.py --ply A.ply --reference-sog A.sog --skip-timing    # against splat-transform's file
     python bench/sog_encode.py --device cuda --splats 1000000          # the GPU encode (goal <= 20 s)
     nice -n 19 python bench/sog_encode.py --skip-assets                   # only the 1M timing (CPU goal <= 10 min)
 """
@@ -71,33 +72,42 @@ def largest_errors(original: SplatData, back: SplatData) -> dict[str, float]:
         "opacity": np.abs(sigmoid(back.opacity_logits[match]) - sigmoid(original.opacity_logits)).max(),
         "DC colour": np.abs(back.sh_dc[match] - original.sh_dc).max(),
     }
-    if original.sh_degree:
-        errors["SH rest"] = np.abs(back.sh_rest[match] - original.sh_rest).max()
+    errors["SH rest"] = np.abs(back.sh_rest[match] - original.sh_rest).max() if original.sh_degree else np.nan
     return {name: float(value) for name, value in errors.items()}
 
 
-def asset_row(ply: Path, device: str, iterations: int, folder: Path) -> tuple[str, str]:
+def asset_rows(ply: Path, device: str, iterations: int, folder: Path, reference: Path | None) -> list[tuple[str, str]]:
+    """(size / PSNR / time row, largest-error row) for our encode of `ply`, and for the reference encoder's
+    file of the same PLY when given (read with our reader, its encode time not ours to measure)."""
     data = SplatData.from_ply(ply)
     path = folder / f"{ply.parent.name}.sog"
     start = time.perf_counter()
     write_sog(data, path, sh_iterations=iterations, device=device)
     encode = time.perf_counter() - start
-    start = time.perf_counter()
-    back = read_sog(path)
-    decode = time.perf_counter() - start
     radius = 2.5 * float(np.ptp(data.means, axis=0).max()) + 1.0
-    quality = float(psnr(renders(back, radius), renders(data, radius)))
-    ratio = ply.stat().st_size / path.stat().st_size
-    errors = largest_errors(data, back)
-    row = (f"| {ply} | {data.num_splats:,} | {data.sh_degree} | {ply.stat().st_size:,} | {path.stat().st_size:,} | "
-           f"{ratio:.2f}x | {quality:.2f} | {encode:.2f} | {decode:.2f} |")
-    error_row = f"| {ply} | " + " | ".join(f"{value:.3g}" for value in errors.values()) + " |"
-    return row, error_row
+    original = renders(data, radius)
+    rows = []
+    for name, sog in (("ours", path), ("splat-transform", reference)):
+        if sog is None:
+            continue
+        start = time.perf_counter()
+        back = read_sog(sog)
+        decode = time.perf_counter() - start
+        quality = float(psnr(renders(back, radius), original))
+        ratio = ply.stat().st_size / sog.stat().st_size
+        timing = f"{encode:.2f}" if name == "ours" else "-"
+        errors = " | ".join("-" if np.isnan(v) else f"{v:.3g}" for v in largest_errors(data, back).values())
+        rows.append((f"| {ply} | {name} | {data.num_splats:,} | {data.sh_degree} | {ply.stat().st_size:,} | "
+                     f"{sog.stat().st_size:,} | {ratio:.2f}x | {quality:.2f} | {timing} | {decode:.2f} |",
+                     f"| {ply} | {name} | {errors} |"))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ply", type=Path, action="append", default=[], help="asset(s) for size / PSNR")
+    parser.add_argument("--reference-sog", type=Path, action="append", default=[],
+                        help="the reference encoder's .sog of each --ply, in the same order (compared, not timed)")
     parser.add_argument("--splats", type=int, default=1_000_000, help="synthetic SH-3 asset size for the timing")
     parser.add_argument("--iterations", type=int, default=DEFAULT_SH_ITERATIONS, help="SH palette k-means iterations")
     parser.add_argument("--device", default=None, help="k-means device: cpu or cuda (default: CUDA when present)")
@@ -112,12 +122,17 @@ def main() -> None:
              f"k-means iterations {args.iterations})", ""]
     with tempfile.TemporaryDirectory() as folder:
         if args.ply and not args.skip_assets:
-            lines += ["| asset | splats | SH | PLY bytes | SOG bytes | PLY / SOG | 16-view PSNR (dB) | encode (s) | "
-                      "decode (s) |", "|---|---|---|---|---|---|---|---|---|"]
-            rows = [asset_row(ply, device, args.iterations, Path(folder)) for ply in args.ply]
+            if args.reference_sog and len(args.reference_sog) != len(args.ply):
+                parser.error("give one --reference-sog per --ply, or none")
+            references = args.reference_sog or [None] * len(args.ply)
+            lines += ["| asset | encoder | splats | SH | PLY bytes | SOG bytes | PLY / SOG | 16-view PSNR (dB) | "
+                      "encode (s) | decode (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            rows = [row for ply, reference in zip(args.ply, references)
+                    for row in asset_rows(ply, device, args.iterations, Path(folder), reference)]
             lines += [row for row, _ in rows]
             names = "position/extent | rotation (deg) | log-scale | opacity | DC colour | SH rest"
-            lines += ["", f"Largest error per attribute:\n\n| asset | {names} |", "|---|---|---|---|---|---|---|"]
+            lines += ["", f"Largest error per attribute:\n\n| asset | encoder | {names} |",
+                      "|---|---|---|---|---|---|---|---|"]
             lines += [errors for _, errors in rows]
         if not args.skip_timing:
             data = synthetic_asset(args.splats)

@@ -211,7 +211,7 @@ def test_round_trip_errors_are_what_the_codebooks_give(tmp_path, n, degree):
         assert np.abs(back.sh_rest[match] - data.sh_rest).mean() < 0.005
 
 
-def _renders(data: SplatData, views: int = 16, size: int = 40) -> torch.Tensor:
+def _renders(data: SplatData, views: int = 16, size: int = 32) -> torch.Tensor:
     model = data.to_model()
     one = torch.ones(views)
     cameras = orbit_cameras(3.0 * one, torch.linspace(50, 110, views), torch.linspace(0, 337.5, views),
@@ -221,14 +221,14 @@ def _renders(data: SplatData, views: int = 16, size: int = 40) -> torch.Tensor:
 
 
 def test_sixteen_view_psnr_and_size_against_the_ply(tmp_path):
-    data = _splats(3001, 3, seed=1)  # independent SH: the palette really has to cluster
+    data = _splats(1501, 3, seed=1)  # independent SH: the palette really has to cluster
     path = tmp_path / "a.sog"
     write_sog(data, path, sh_iterations=4, progress=False)
     back = read_sog(path)
     reference, decoded = _renders(data), _renders(back)
     assert reference.std() > 0.05  # the views see the splats
     value = float(psnr(decoded.clamp(0, 1), reference.clamp(0, 1)))
-    # independent random SH is the palette's worst case (3001 unrelated 45-D vectors, 2048 entries); the
+    # independent random SH is the palette's worst case (1501 unrelated 45-D vectors, 1024 entries); the
     # palette must still beat dropping the higher bands, which is what a degree-0 export would give
     no_sh = SplatData(back.means, back.log_scales, back.quats, back.opacity_logits, back.sh_dc,
                       np.zeros_like(back.sh_rest))
@@ -236,14 +236,15 @@ def test_sixteen_view_psnr_and_size_against_the_ply(tmp_path):
     assert value > 32.0 and value > without + 3.0, f"16-view PSNR {value:.2f} dB, {without:.2f} dB without SH"
     data.to_model().save_ply(tmp_path / "a.ply", up_axis="z")  # a PLY of the same splats, same frame
     ratio = (tmp_path / "a.ply").stat().st_size / path.stat().st_size
-    # small N: the 2048-entry palette of random vectors is ~40 % of the file (real SH-3 scenes: 14-18x)
+    # small N: the 1024-entry palette of random vectors is ~40 % of the file (real SH-3 scenes: 14-18x)
     assert ratio > 4.5, f"PLY / SOG = {ratio:.2f}"
     sh0 = SplatData(data.means, data.log_scales, data.quats, data.opacity_logits, data.sh_dc,
-                    np.zeros((3001, 0, 3), np.float32))
+                    np.zeros((1501, 0, 3), np.float32))
     write_sog(sh0, tmp_path / "b.sog", progress=False)
     sh0.to_model().save_ply(tmp_path / "b.ply", up_axis="z")
     ratio = (tmp_path / "b.ply").stat().st_size / (tmp_path / "b.sog").stat().st_size
-    assert ratio > 3.5, f"PLY / SOG = {ratio:.2f} at SH 0"  # random, incompressible attributes: ~16 B a splat
+    # random, incompressible attributes (~16 B a splat) and a fixed ~5 KB meta.json; the demo asset gives 4.95x
+    assert ratio > 3.0, f"PLY / SOG = {ratio:.2f} at SH 0"
 
 
 def test_reads_the_reference_encoders_file_with_its_order_and_codebooks(tmp_path):

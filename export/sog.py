@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -307,14 +308,14 @@ def write_sog(data: SplatData, path: str | os.PathLike, *, sh_iterations: int = 
     scales_codebook, scale_labels = quantize_1d(data.log_scales)
     dc_codebook, dc_labels = quantize_1d(data.sh_dc)
     opacity = _to_byte(255 * _sigmoid(data.opacity_logits))
-    images = {
+    images = {  # [H, W, 4] uint8 each, in the reference's zip order
         MEANS_FILES[0]: _rgba([low[:, 0], low[:, 1], low[:, 2]]),
         MEANS_FILES[1]: _rgba([high[:, 0], high[:, 1], high[:, 2]]),
         QUATS_FILE: encode_quats(data.quats[order]),
         SCALES_FILE: _rgba([scale_labels[order, c] for c in range(3)]),
         SH0_FILE: _rgba([dc_labels[order, c] for c in range(3)], opacity[order]),
     }
-    encoded = {name: encode_webp(_canvas(pixels, width, height)) for name, pixels in images.items()}
+    images = {name: _canvas(pixels, width, height) for name, pixels in images.items()}
     meta = {
         "version": SOG_VERSION,
         "asset": {"generator": GENERATOR, "up_axis": data.up_axis},
@@ -338,10 +339,12 @@ def write_sog(data: SplatData, path: str | os.PathLike, *, sh_iterations: int = 
         centroids[: entries * coeffs, 3] = 255
         label = labels[order]
         label_pixels = _rgba([label & 0xFF, label >> 8, np.zeros_like(label)])
-        encoded[SHN_FILES[0]] = encode_webp(centroids.reshape(rows, PALETTE_ROW * coeffs, 4))
-        encoded[SHN_FILES[1]] = encode_webp(_canvas(label_pixels, width, height))
+        images[SHN_FILES[0]] = centroids.reshape(rows, PALETTE_ROW * coeffs, 4)
+        images[SHN_FILES[1]] = _canvas(label_pixels, width, height)
         meta["shN"] = {"count": palette_size(n), "bands": data.sh_degree, "codebook": _json_floats(sh_codebook),
                        "files": list(SHN_FILES)}
+    with ThreadPoolExecutor(max_workers=len(images)) as pool:  # libwebp runs without the GIL
+        encoded = dict(zip(images, pool.map(encode_webp, images.values())))
     encoded[META_FILE] = json.dumps(meta, separators=(",", ":")).encode()
 
     def write_zip(tmp: Path) -> None:

@@ -127,9 +127,17 @@ def check_stable_diffusion(cfg: Config) -> None:
             f"GuidanceParams.clip_skip must be <= the text encoder's {layers} layers, got {g.clip_skip}")
 
 
+def check_export_formats(cfg: Config) -> None:
+    """Every format of export_formats has its writer in this version (SOG comes with export/sog.py)."""
+    require("sog" not in cfg.export_formats or importlib.util.find_spec("export.sog") is not None,
+            f"export_formats lists 'sog' but SOG is not available in this version (export/sog.py is missing), "
+            f"got export_formats={cfg.export_formats}; remove sog or use spz / spz4")
+
+
 def preflight(cfg: Config, resume: bool = False, prior_given: bool = False) -> None:
     """Every check that can fail before any heavy work; ModelNotFoundError or ConfigError on failure."""
     check_device(cfg)
+    check_export_formats(cfg)
     if not resume:
         check_output_dir(cfg.output_dir)
     if not prior_given and cfg.guidance.prior == "analytic":

@@ -26,6 +26,7 @@ RESUMABLE_KEYS = {
     "ply_sh_degree": "the SH padding of exported PLYs",
     "eval_resolution": "the size of test views and videos",
     "ply_up_axis": "the up axis of exported PLYs",
+    "export_formats": "which splat files are written at the end",
     "export_mesh": "whether the mesh is exported at the end",
     "mesh_resolution": "the mesh export's grid",
     "mesh_faces": "the mesh export's face count",

@@ -375,6 +375,10 @@ class Config:
     ply_up_axis: str = param("-y", "up axis of the exported PLYs: -y (3DGS/COLMAP convention: SuperSplat, "
                                    "GaussianSplats3D show it upright), y, or z (training world)",
                        choices=("-y", "y", "z"))
+    export_formats: list[str] = param(["ply"], "splat files written next to point_cloud.ply at the end, in its up "
+                                               "axis: ply (always written), spz (.spz v3), spz4 (.spz v4, "
+                                               "point_cloud.v4.spz), sog (point_cloud.sog)",
+                                      choices=("ply", "spz", "spz4", "sog"))
     export_mesh: bool = param(True, "write mesh/mesh.glb and mesh/mesh.obj (+Y up, metres) at the end of the run")
     mesh_resolution: int = param(192, "grid cells per axis of the opacity field the mesh is extracted from", min=16)
     mesh_faces: int = param(50000, "target face count of the exported mesh (0 = no decimation)", min=0)

@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from plyfile import PlyData
+
 from export.splat_data import SplatData, SplatDataError
 from export.spz import SplatFormatError, write_spz
 from scene.gaussian_model import GaussianModel
@@ -67,9 +69,12 @@ def load_splats(ply: Path, up_axis: str, ply_up: str | None = None) -> SplatData
     """The PLY's splats in the `up_axis` frame. A PLY that records its axis (ours do) is rotated from
     it; one that does not is taken to be in `ply_up`, or already in `up_axis` (copied unchanged)."""
     try:
-        model = GaussianModel.load_ply(ply, file_up_axis=ply_up or up_axis)
+        count = PlyData.read(str(ply))["vertex"].count
+        model = GaussianModel.load_ply(ply, file_up_axis=ply_up or up_axis) if count else None
     except (ValueError, KeyError, OSError) as exc:
         raise SplatExportError(f"{ply}: not a readable 3DGS PLY ({exc})") from None
+    if model is None:  # (load_ply cannot size the SH block of an empty file)
+        raise SplatExportError(f"{ply} holds no Gaussians: there is nothing to export")
     data = SplatData.from_model(model, up_axis)
     data.check_writable(str(ply))
     return data

@@ -1,0 +1,177 @@
+"""python -m export.splat (export/splat.py) and the export_formats key: which PLY a run folder gives,
+the up axis, the file names, and every user error (one message, exit 2, nothing written)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from plyfile import PlyData, PlyElement
+
+import train
+from export.splat import main
+from export.splat_data import SplatData
+from export.spz import read_spz
+from scene.gaussian_model import GaussianModel
+from tests.test_train import TINY
+from utils.config import ConfigError, load_config
+
+SOG_AVAILABLE = importlib.util.find_spec("export.sog") is not None
+
+
+def _model(n: int = 37, degree: int = 1, seed: int = 0, scale: float = 0.3) -> GaussianModel:
+    g = torch.Generator().manual_seed(seed)
+    k = (degree + 1) ** 2
+    return GaussianModel.from_params({
+        "xyz": scale * torch.randn(n, 3, generator=g), "f_dc": torch.rand(n, 1, 3, generator=g) - 0.5,
+        "f_rest": 0.05 * torch.randn(n, k - 1, 3, generator=g), "opacity": torch.randn(n, 1, generator=g),
+        "scaling": torch.randn(n, 3, generator=g) - 3.0, "rotation": torch.randn(n, 4, generator=g),
+    })
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _user_error(capsys, argv, *parts) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def test_ply_to_spz_v3_and_v4_next_to_it(tmp_path, capsys):
+    model = _model(301, 2)
+    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    assert main([str(tmp_path / "a.ply"), "--format", "spz"]) == 0
+    assert main([str(tmp_path / "a.ply"), "--format", "spz4"]) == 0
+    assert (tmp_path / "a.spz").read_bytes()[:2] == b"\x1f\x8b"  # gzip: version 3
+    assert (tmp_path / "a.v4.spz").read_bytes()[:4] == b"NGSP"
+    expected = SplatData.from_model(model, "-y")
+    for name in ("a.spz", "a.v4.spz"):
+        back = read_spz(tmp_path / name)
+        assert back.up_axis == "-y" and back.num_splats == 301 and back.sh_degree == 2
+        np.testing.assert_allclose(back.means, expected.means, atol=0.5 / 4096 + 1e-6)
+
+
+def test_run_folder_follows_the_runs_up_axis_and_newest_snapshot(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "point_cloud" / "iteration_300").mkdir(parents=True)
+    (run / "point_cloud" / "iteration_2000").mkdir(parents=True)
+    (run / "config.yaml").write_text("ply_up_axis: y\n")
+    old, new = _model(10, 0, seed=1), _model(12, 0, seed=2)
+    old.save_ply(run / "point_cloud" / "iteration_300" / "point_cloud.ply", up_axis="y")
+    new.save_ply(run / "point_cloud" / "iteration_2000" / "point_cloud.ply", up_axis="y")
+    assert main([str(run), "--format", "spz4"]) == 0  # interrupted run: the newest snapshot (2000 > 300)
+    out = run / "point_cloud" / "iteration_2000" / "point_cloud.v4.spz"
+    back = read_spz(out)
+    assert back.num_splats == 12 and back.up_axis == "y"  # v4 states the run's frame
+    np.testing.assert_allclose(back.means, SplatData.from_model(new, "y").means, atol=2e-4)
+
+    new.save_ply(run / "point_cloud.ply", up_axis="y")  # a finished run: its final PLY
+    assert main([str(run), "--format", "spz", "--up-axis", "z", "--out", str(tmp_path / "z.spz")]) == 0
+    back = read_spz(tmp_path / "z.spz", up_axis="z")
+    # --up-axis z: the training world, e.g. world up (z) is the file's z, where the y-up PLY had it in y
+    np.testing.assert_allclose(back.means, new.means.detach().numpy(), atol=2e-4)
+
+
+def test_a_ply_without_a_recorded_axis_is_copied_unchanged(tmp_path, capsys):
+    model = _model(20, 0)
+    model.save_ply(tmp_path / "a.ply", up_axis="z")
+    ply = PlyData.read(str(tmp_path / "a.ply"))
+    PlyData([ply["vertex"]], byte_order="<").write(str(tmp_path / "foreign.ply"))  # no comment
+    assert main([str(tmp_path / "foreign.ply"), "--format", "spz"]) == 0
+    np.testing.assert_allclose(read_spz(tmp_path / "foreign.spz").means, model.means.detach().numpy(), atol=2e-4)
+
+
+def _ply_with(tmp_path: Path, name: str, n: int, nan: bool = False, far: bool = False) -> Path:
+    model = _model(max(n, 1), 0)
+    model.save_ply(tmp_path / name, up_axis="-y")
+    if n == 0 or nan or far:
+        ply = PlyData.read(str(tmp_path / name))
+        vertex = ply["vertex"].data.copy()
+        if nan:
+            vertex["opacity"][3] = np.nan
+        if far:
+            vertex["x"][5] = 3000.0
+        vertex = vertex[:n]
+        PlyData([PlyElement.describe(vertex, "vertex")], byte_order="<", comments=ply.comments).write(
+            str(tmp_path / name))
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("fmt", ["spz", "spz4"])
+def test_user_errors_exit_2_and_write_nothing(tmp_path, capsys, fmt):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nan = _ply_with(folder, "nan.ply", 37, nan=True)
+    empty = _ply_with(folder, "empty.ply", 0)
+    far = _ply_with(folder, "far.ply", 37, far=True)
+    (folder / "notes.txt").write_text("hello")
+    (folder / "run").mkdir()
+    before = _files(folder)
+    _user_error(capsys, [str(nan), "--format", fmt], "nan.ply", "1 Gaussians have non-finite opacity_logits")
+    _user_error(capsys, [str(empty), "--format", fmt], "empty.ply", "holds no Gaussians")
+    _user_error(capsys, [str(far), "--format", fmt], "24-bit fixed point", "3000.0", "prune")
+    _user_error(capsys, [str(folder / "missing.ply"), "--format", fmt], "missing.ply", "no such")
+    _user_error(capsys, [str(folder / "notes.txt"), "--format", fmt], "notes.txt", "not a .ply")
+    _user_error(capsys, [str(folder / "run"), "--format", fmt], "no point_cloud.ply")
+    _model().save_ply(folder / "ok.ply", up_axis="-y")
+    before.add("ok.ply")
+    _user_error(capsys, [str(folder / "ok.ply"), "--format", fmt, "--out", str(folder / "run")], "is a folder")
+    assert _files(folder) == before  # no output, no temporary file
+
+
+def test_bad_spz_files_are_user_errors_through_the_reader(tmp_path):
+    (tmp_path / "x.spz").write_bytes(b"NGSP" + bytes(10))
+    from export.spz import SplatFormatError
+
+    with pytest.raises(SplatFormatError, match="truncated"):
+        read_spz(tmp_path / "x.spz")
+
+
+@pytest.mark.skipif(SOG_AVAILABLE, reason="export/sog.py exists in this tree")
+def test_sog_says_it_is_not_available(tmp_path, capsys):
+    _model().save_ply(tmp_path / "a.ply", up_axis="-y")
+    _user_error(capsys, [str(tmp_path / "a.ply"), "--format", "sog"], "SOG is not available", "--format spz")
+    assert _files(tmp_path) == {"a.ply"}
+
+
+# ---------------------------------------------------------------------- the config key and the run
+
+
+def test_export_formats_key(tmp_path):
+    assert load_config(None).export_formats == ["ply"]
+    assert load_config(None, ["export_formats=[ply,spz,spz4]"]).export_formats == ["ply", "spz", "spz4"]
+    with pytest.raises(ConfigError, match=r"export_formats\[1\] must be one of \['ply', 'spz', 'spz4', 'sog'\], "
+                                          r"got 'glb'"):
+        load_config(None, ["export_formats=[spz,glb]"])
+    with pytest.raises(ConfigError, match="export_formats must be a list"):
+        load_config(None, ["export_formats=spz"])
+
+
+def test_the_run_writes_the_listed_formats_next_to_its_ply(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--quiet", f"output_dir={out}", *TINY, "save_video=false", "export_mesh=false",
+            "export_formats=[ply,spz,spz4]", "ply_up_axis=y"]
+    assert train.main(argv) == 0
+    run = next(out.glob("*/*"))
+    ply = SplatData.from_ply(run / "point_cloud.ply", "y")
+    for name in ("point_cloud.spz", "point_cloud.v4.spz"):
+        back = read_spz(run / name, up_axis="y")
+        assert back.num_splats == ply.num_splats and back.up_axis == "y"
+        np.testing.assert_allclose(back.means, ply.means, atol=0.5 / 4096 + 1e-6)
+    assert not list(run.glob("*.sog"))
+
+
+@pytest.mark.skipif(SOG_AVAILABLE, reason="export/sog.py exists in this tree")
+def test_the_run_refuses_sog_before_any_work_while_it_is_missing(tmp_path, caplog):
+    out = tmp_path / "out"
+    assert train.main(["--quiet", f"output_dir={out}", *TINY, "export_formats=[ply,sog]"]) == 2
+    assert "export_formats lists 'sog'" in caplog.text
+    assert not out.exists() or not any(p.is_dir() for p in out.rglob("*"))

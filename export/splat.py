@@ -1,6 +1,7 @@
 """Compressed splat files (.spz v3 / v4, SOG) from a run folder or a 3DGS PLY.
 
-    python -m export.splat RUN_DIR_or_PLY --format spz|spz4|sog [--out FILE] [--up-axis -y|y|z] [--ply-up -y|y|z]
+    python -m export.splat RUN_DIR_or_PLY --format spz|spz4|sog [--out FILE] [--up-axis=-y|y|z] [--ply-up=-y|y|z]
+    python -m export.splat FILE.spz --format spz4        # convert between formats (a .sog too, with export/sog.py)
 
 A run folder gives its final point_cloud.ply, or for an interrupted run the newest
 point_cloud/iteration_*/point_cloud.ply. The file is written in the up axis the run wrote its PLY in
@@ -8,8 +9,8 @@ point_cloud/iteration_*/point_cloud.ply. The file is written in the up axis the 
 --up-axis overrides it. The default name is the source's with the format's suffix, next to it
 (point_cloud.spz, point_cloud.v4.spz, point_cloud.sog).
 
-Errors in the input (no such file, a PLY with no Gaussians or with NaN, a scene too large for the
-format) are one message on stderr and exit status 2; nothing is written then.
+Errors in the input (no such file, a PLY with no Gaussians or with NaN, a damaged .spz, a scene too
+large for the format) are one message on stderr and exit status 2; nothing is written then.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import re
 import sys
 from pathlib import Path
 
-from plyfile import PlyData
+from plyfile import PlyData, PlyParseError
 
 from export.splat_data import SplatData, SplatDataError
-from export.spz import SplatFormatError, write_spz
+from export.spz import SplatFormatError, read_spz, write_spz
 from scene.gaussian_model import GaussianModel
 from scene.orientation import UP_AXES
 
@@ -38,10 +39,11 @@ class SplatExportError(ValueError):
 
 
 def find_ply(source: Path) -> Path:
-    """The PLY to export: `source` itself, a run folder's point_cloud.ply, or its newest snapshot."""
+    """The file to export: `source` itself (a .ply, or a .spz / .sog to convert), a run folder's
+    point_cloud.ply, or its newest snapshot."""
     if source.is_file():
-        if source.suffix.lower() != ".ply":
-            raise SplatExportError(f"{source}: not a .ply file; give a run folder or a 3DGS .ply")
+        if source.suffix.lower() not in (".ply", ".spz", ".sog"):
+            raise SplatExportError(f"{source}: not a .ply, .spz or .sog file; give a run folder or a 3DGS .ply")
         return source
     if not source.is_dir():
         raise SplatExportError(f"{source}: no such run folder or .ply file")
@@ -71,12 +73,31 @@ def load_splats(ply: Path, up_axis: str, ply_up: str | None = None) -> SplatData
     try:
         count = PlyData.read(str(ply))["vertex"].count
         model = GaussianModel.load_ply(ply, file_up_axis=ply_up or up_axis) if count else None
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, PlyParseError) as exc:
         raise SplatExportError(f"{ply}: not a readable 3DGS PLY ({exc})") from None
     if model is None:  # (load_ply cannot size the SH block of an empty file)
         raise SplatExportError(f"{ply} holds no Gaussians: there is nothing to export")
     data = SplatData.from_model(model, up_axis)
     data.check_writable(str(ply))
+    return data
+
+
+def read_splats(path: Path, up_axis: str, file_up: str | None = None) -> SplatData:
+    """The splats of a .ply, .spz or .sog file in the `up_axis` frame (see load_splats for `file_up`)."""
+    suffix = path.suffix.lower()
+    if suffix == ".ply":
+        return load_splats(path, up_axis, file_up)
+    if suffix == ".spz":
+        data = read_spz(path, up_axis=file_up or up_axis)
+    else:
+        try:
+            from export.sog import read_sog
+        except ImportError:
+            raise SplatExportError(f"{path}: SOG is not available in this version (export/sog.py is missing)") from None
+        data = read_sog(path)
+    if data.up_axis != up_axis:
+        data = SplatData.from_model(data.to_model(), up_axis)
+    data.check_writable(str(path))
     return data
 
 
@@ -106,8 +127,10 @@ def export_splats(source: Path, fmt: str, out: Path | None = None, up_axis: str 
     """Export the Gaussians of a run folder or PLY to `fmt`; returns the written file."""
     ply = find_ply(source)
     axis = up_axis or run_up_axis(ply) or "-y"
-    data = load_splats(ply, axis, ply_up)
+    data = read_splats(ply, axis, ply_up)
     path = out or default_output(ply, fmt)
+    if path.resolve() == ply.resolve():
+        raise SplatExportError(f"{path}: the output would overwrite its source; give another --out")
     if path.is_dir():
         example = path / default_output(ply, fmt).name
         raise SplatExportError(f"--out {path} is a folder; give a file name (e.g. {example})")
@@ -120,7 +143,8 @@ def export_splats(source: Path, fmt: str, out: Path | None = None, up_axis: str 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.splat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="run folder (finished or interrupted) or 3DGS .ply")
+    parser.add_argument("source", type=Path, help="run folder (finished or interrupted), 3DGS .ply, or a .spz / .sog "
+                                                  "to convert")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="spz (.spz version 3: Spark, three.js, Babylon.js, SuperSplat), spz4 (.spz version 4: "
                              "PlayCanvas, SuperSplat, Niantic's library), sog (PlayCanvas SOG)")
@@ -128,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  "format's suffix)")
     parser.add_argument("--up-axis", choices=UP_AXES, help="up axis of the written file (default: the run's "
                                                            "ply_up_axis, else -y)")
-    parser.add_argument("--ply-up", choices=UP_AXES, help="up axis of a PLY whose header does not record one "
-                                                          "(default: the same as the output, no rotation)")
+    parser.add_argument("--ply-up", choices=UP_AXES, help="up axis of a source file that does not record one (a PLY "
+                                                          "without our header comment, a .spz v3; default: the "
+                                                          "same as the output, no rotation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -127,12 +127,48 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, capsys, fmt):
     assert _files(folder) == before  # no output, no temporary file
 
 
-def test_bad_spz_files_are_user_errors_through_the_reader(tmp_path):
-    (tmp_path / "x.spz").write_bytes(b"NGSP" + bytes(10))
-    from export.spz import SplatFormatError
+def test_spz_converts_between_versions_and_frames(tmp_path, capsys):
+    model = _model(77, 1)
+    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    assert main([str(tmp_path / "a.ply"), "--format", "spz"]) == 0
+    # a v3 file records no frame: copied unchanged unless --ply-up names it (the v4 file states its own)
+    same = tmp_path / "same.spz"
+    assert main([str(tmp_path / "a.spz"), "--format", "spz4", "--up-axis", "y", "--out", str(same)]) == 0
+    np.testing.assert_allclose(read_spz(same).means, read_spz(tmp_path / "a.spz").means)
+    assert main([str(tmp_path / "a.spz"), "--format", "spz4", "--up-axis", "y", "--ply-up=-y"]) == 0
+    back = read_spz(tmp_path / "a.v4.spz")
+    assert back.up_axis == "y" and back.num_splats == 77
+    np.testing.assert_allclose(back.means, SplatData.from_model(model, "y").means, atol=2.5e-4)
+    _user_error(capsys, [str(tmp_path / "a.spz"), "--format", "spz"], "overwrite its source")
 
-    with pytest.raises(SplatFormatError, match="truncated"):
-        read_spz(tmp_path / "x.spz")
+
+def test_bad_files_through_the_command(tmp_path, capsys):
+    import gzip
+    import struct
+
+    model = _model(300, 1)
+    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    assert main([str(tmp_path / "a.ply"), "--format", "spz", "--out", str(tmp_path / "good.spz")]) == 0
+    assert main([str(tmp_path / "a.ply"), "--format", "spz4", "--out", str(tmp_path / "good4.spz")]) == 0
+    v3, v4 = (tmp_path / "good.spz").read_bytes(), (tmp_path / "good4.spz").read_bytes()
+    raw = gzip.decompress(v3)
+    bad = {
+        "truncated.spz": (v3[: len(v3) // 2], "truncated"),
+        "truncated4.spz": (v4[:-9], "truncated"),
+        "magic.spz": (b"\x00" * 64, "not a .spz file"),
+        "version.spz": (gzip.compress(raw[:4] + struct.pack("<I", 7) + raw[8:]), "version 7"),
+        "count.spz": (gzip.compress(raw[:8] + struct.pack("<I", 301) + raw[12:]), "disagrees"),
+        "count4.spz": (v4[:8] + struct.pack("<I", 299) + v4[12:], "disagrees"),
+        "truncated.ply": ((tmp_path / "a.ply").read_bytes()[:-100], "not a readable 3DGS PLY"),
+    }
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name, (blob, _) in bad.items():
+        (folder / name).write_bytes(blob)
+    before = _files(folder)
+    for name, (_, part) in bad.items():
+        _user_error(capsys, [str(folder / name), "--format", "spz4", "--out", str(folder / "out.spz")], name, part)
+    assert _files(folder) == before
 
 
 @pytest.mark.skipif(SOG_AVAILABLE, reason="export/sog.py exists in this tree")

@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.lock import RunLockedError
     from training.run import train
     from training.stop import TrainingInterrupted
-    from training.threads import configure_threads
     from training.viewer import ViewerUnavailableError
     from utils.monitor import setup_logging
+    from utils.threads import configure_threads
 
     try:
         configure_threads()

@@ -34,7 +34,7 @@ from export.sog import write_sog  # noqa: E402
 from export.splat_data import SplatData  # noqa: E402
 from gaussian_renderer import render  # noqa: E402
 from scene.camera_sampler import orbit_cameras  # noqa: E402
-from training.threads import configure_threads  # noqa: E402
+from utils.threads import configure_threads  # noqa: E402
 
 IMPORTS = """<script type="importmap">{"imports": {"three": "./npm/three/build/three.module.js",
   "three/addons/": "./npm/three/examples/jsm/",

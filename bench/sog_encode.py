@@ -30,8 +30,8 @@ from export.sog import DEFAULT_SH_ITERATIONS, read_sog, write_sog  # noqa: E402
 from export.splat_data import SplatData  # noqa: E402
 from gaussian_renderer import render  # noqa: E402
 from scene.camera_sampler import orbit_cameras  # noqa: E402
-from training.threads import configure_threads  # noqa: E402
 from utils.metrics import psnr  # noqa: E402
+from utils.threads import configure_threads  # noqa: E402
 
 
 def synthetic_asset(n: int, degree: int = 3, seed: int = 0) -> SplatData:

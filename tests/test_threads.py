@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from training.threads import ENV_OVERRIDE, choose_threads, configure_threads
+from utils.threads import ENV_OVERRIDE, choose_threads, configure_threads
 
 
 @pytest.mark.parametrize("cores,load,expected", [

@@ -168,6 +168,23 @@ class TrainingRun:
         if self.healthy_state("point cloud"):
             self.save_point_cloud(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply")
 
+    def write_splat_formats(self, ply: Path) -> list[Path]:
+        """The compressed splat files of `export_formats` next to the final PLY, in its up axis."""
+        formats = [fmt for fmt in dict.fromkeys(self.cfg.export_formats) if fmt != "ply"]
+        if not formats or not ply.is_file():
+            return []
+        from export.splat import default_output, load_splats, write_splats
+
+        try:
+            data = load_splats(ply, self.cfg.ply_up_axis)
+            paths = [write_splats(data, default_output(ply, fmt), fmt) for fmt in formats]
+        except ValueError as exc:  # splats no compressed file can hold (e.g. beyond .spz's coordinate range)
+            log.warning("no %s written: %s", "/".join(formats), exc)
+            return []
+        for path in paths:
+            log.info("splats: %s (%.2fx smaller than the PLY)", path, ply.stat().st_size / path.stat().st_size)
+        return paths
+
     def write_mesh(self) -> Path | None:
         """mesh/mesh.glb and mesh/mesh.obj; None (with a warning) when the Gaussians have no surface."""
         from export.mesh import export_mesh, options_from_config
@@ -305,6 +322,7 @@ class TrainingRun:
         ply = self.run_dir / "point_cloud.ply"
         if POINT_CLOUD in missing:
             self.save_point_cloud(ply)
+            self.write_splat_formats(ply)
             record.mark(POINT_CLOUD, ply)
         if VIDEO in missing:
             record.mark(VIDEO, self.write_turntable())

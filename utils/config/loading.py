@@ -127,7 +127,11 @@ def _check_rules(key: str, value: Any, meta: Any) -> None:
     if value is None:
         return
     choices = field_choices(meta)
-    if choices and value not in choices:
+    if choices and isinstance(value, list):  # a list field: each element is one of the choices
+        for index, item in enumerate(value):
+            if item not in choices:
+                raise ConfigError(f"{key}[{index}] must be one of {list(choices)}, got {item!r} (in {value!r})")
+    elif choices and value not in choices:
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
     items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
     rule = bounds_text(meta)

@@ -446,6 +446,11 @@ class Config:
     ply_up_axis: str = param("-y", "up axis of the exported PLYs: -y (3DGS/COLMAP convention: SuperSplat, "
                                    "GaussianSplats3D show it upright), y, or z (training world)",
                        choices=("-y", "y", "z"), resumable="the up axis of exported PLYs")
+    export_formats: list[str] = param(["ply"], "splat files written next to point_cloud.ply at the end, in its up "
+                                               "axis: ply (always written), spz (.spz v3), spz4 (.spz v4, "
+                                               "point_cloud.v4.spz), sog (point_cloud.sog)",
+                                      choices=("ply", "spz", "spz4", "sog"),
+                                      resumable="which splat files are written at the end")
     export_mesh: bool = param(True, "write mesh/mesh.glb and mesh/mesh.obj (+Y up, metres) at the end of the run",
                               resumable="whether the mesh is exported at the end")
     mesh_resolution: int = param(192, "grid cells per axis of the opacity field the mesh is extracted from", min=16,

@@ -33,9 +33,10 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -103,11 +104,15 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
-def setup_sweep_logging(root: Path, env: WorkerEnv) -> Path:
+@contextmanager
+def sweep_logging(root: Path, env: WorkerEnv) -> Iterator[Path]:
     """The sweep's own logger (console + <sweep>/logs/<host>-rank<k>.log), independent of the root
-    logger that each run re-points at its train.log."""
+    logger that each run re-points at its train.log; yields the log file. On exit the logger is as it was
+    (handlers, level, propagation) and the file is closed, so a sweep called in-process leaves no trace."""
     log_file = root / "logs" / f"{socket.gethostname()}-rank{env.rank}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    claims_log = logging.getLogger("training.sweep.claims")
+    saved = (list(log.handlers), log.level, log.propagate)
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -117,8 +122,15 @@ def setup_sweep_logging(root: Path, env: WorkerEnv) -> Path:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     for handler in (console, file_handler):
         log.addHandler(handler)
-    logging.getLogger("training.sweep.claims").addHandler(file_handler)
-    return log_file
+    claims_log.addHandler(file_handler)
+    try:
+        yield log_file
+    finally:
+        claims_log.removeHandler(file_handler)
+        file_handler.close()
+        log.handlers[:] = saved[0]
+        log.setLevel(saved[1])
+        log.propagate = saved[2]
 
 
 class SweepProgress:
@@ -377,29 +389,29 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"report: {paths[0].resolve()}")
         return 0
     plan.write_manifest()
-    log_file = setup_sweep_logging(plan.root, env)
-    signal.signal(signal.SIGTERM, raise_system_exit)
-    store = ClaimStore(plan.root / ".claims", args.stale_after, args.heartbeat,
-                       owner={"rank": env.rank, "launch": env.launch})
-    log.info("%d runs (%d prompts x %d losses x %d seeds) in %s; worker %d of %d, launch %s", len(plan.runs),
-             len(plan.runs) // len(plan.source["losses"]) // len(plan.source["seeds"]), len(plan.source["losses"]),
-             len(plan.source["seeds"]), plan.root, env.rank, env.world_size, env.launch)
-    progress = SweepProgress(plan, enabled=env.rank == 0)
-    worker = SweepWorker(plan, store, env, argv, poll_s=args.poll, log_file=log_file)
-    try:
-        results = worker.run_all(progress)
-    finally:
-        progress.close()
-    failed = [r for r in results if not r.ok]
-    log.info("this worker: %d runs finished, %d failed, prior built in %.1f s", len(results) - len(failed),
-             len(failed), worker.model_load_seconds)
-    if env.rank == 0 and not args.no_report:
-        worker.prior = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        paths = write_report(plan.root, report_options(args))
-        log.info("report: %s", paths[0].resolve())
-    return 0
+    with sweep_logging(plan.root, env) as log_file:
+        signal.signal(signal.SIGTERM, raise_system_exit)
+        store = ClaimStore(plan.root / ".claims", args.stale_after, args.heartbeat,
+                           owner={"rank": env.rank, "launch": env.launch})
+        log.info("%d runs (%d prompts x %d losses x %d seeds) in %s; worker %d of %d, launch %s", len(plan.runs),
+                 len(plan.runs) // len(plan.source["losses"]) // len(plan.source["seeds"]), len(plan.source["losses"]),
+                 len(plan.source["seeds"]), plan.root, env.rank, env.world_size, env.launch)
+        progress = SweepProgress(plan, enabled=env.rank == 0)
+        worker = SweepWorker(plan, store, env, argv, poll_s=args.poll, log_file=log_file)
+        try:
+            results = worker.run_all(progress)
+        finally:
+            progress.close()
+        failed = [r for r in results if not r.ok]
+        log.info("this worker: %d runs finished, %d failed, prior built in %.1f s", len(results) - len(failed),
+                 len(failed), worker.model_load_seconds)
+        if env.rank == 0 and not args.no_report:
+            worker.prior = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            paths = write_report(plan.root, report_options(args))
+            log.info("report: %s", paths[0].resolve())
+        return 0
 
 
 if __name__ == "__main__":

@@ -203,9 +203,11 @@ class GaussianModel:
         return {name: torch.zeros(shape, device=self.device) for name, shape in shapes.items()}
 
     def _set_params(self, params: dict[str, Tensor]) -> None:
-        """Install new leaf tensors (no optimizer bookkeeping)."""
+        """Install new leaf tensors (no optimizer bookkeeping); contiguous, as fused Adam requires (an
+        expanded view given to `from_params` would abort it)."""
         for name, attr in PARAM_NAMES.items():
-            setattr(self, attr, params[name].detach().to(self.device, torch.float32).requires_grad_(True))
+            tensor = params[name].detach().to(self.device, torch.float32).contiguous()
+            setattr(self, attr, tensor.requires_grad_(True))
 
     # ------------------------------------------------------------------ views
 

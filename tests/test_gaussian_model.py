@@ -392,3 +392,15 @@ def test_checkpoint_resume_is_bit_exact():
             assert torch.equal(state_a[key], state_c[key]), (group_a["name"], key)
     with pytest.raises(ValueError, match="max_sh_degree"):
         GaussianModel(max_sh_degree=0).load_state_dict(a.state_dict())
+
+
+def test_a_version_1_state_with_densification_statistics_still_loads():
+    """States written before densification moved out (python -m export.mesh reads old runs' checkpoints)."""
+    model = random_model(n=5, sh_degree=1)
+    old = {**model.state_dict(), "version": 1, "percent_dense": 0.01, "xyz_gradient_accum": torch.zeros(5),
+           "denom": torch.zeros(5), "max_radii2D": torch.zeros(5)}
+    loaded = GaussianModel(max_sh_degree=1)
+    loaded.load_state_dict(old)
+    assert_same_params(model, loaded)
+    with pytest.raises(ValueError, match="unsupported GaussianModel checkpoint version 3"):
+        loaded.load_state_dict({**old, "version": 3})

@@ -113,6 +113,7 @@ def tall_test_ply(path: Path, up_axis: str) -> Path:
     import torch
 
     from scene.gaussian_model import GaussianModel
+    from scene.ply_format import save_gaussian_ply
 
     column = tall_column()
     model = GaussianModel.from_points(column.means, torch.full_like(column.means, 0.5), 0)
@@ -120,7 +121,7 @@ def tall_test_ply(path: Path, up_axis: str) -> Path:
         model._features_dc.copy_(column.sh_coeffs)
         model._opacity.fill_(math.log(0.95 / 0.05))
         model._scaling.fill_(math.log(0.06))
-    model.save_ply(path, up_axis=up_axis)
+    save_gaussian_ply(model, path, up_axis=up_axis)
     return path
 
 

@@ -150,9 +150,9 @@ def render_ring(ply: Path, camera_cfg, n_views: int, resolution: int, device: to
     """[n_views, 3, R, R] renders of the PLY on the evaluation ring (white background)."""
     from gaussian_renderer import render_in_chunks
     from scene.camera_sampler import evaluation_ring
-    from scene.gaussian_model import GaussianModel
+    from scene.ply_format import load_gaussian_ply
 
-    gaussians = GaussianModel.load_ply(ply, device=device).gaussian_tensors()
+    gaussians = load_gaussian_ply(ply, device=device).gaussian_tensors()
     cameras = evaluation_ring(camera_cfg, n_views, False, width=resolution, height=resolution)
     with torch.no_grad():
         return render_in_chunks(gaussians, cameras, torch.ones(3, device=device)).rgb
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     """main()'s work: the run folder, its config, the asset and the output are checked before the model loads."""
-    from scene.gaussian_model import GaussianModel
+    from scene.ply_format import load_gaussian_ply
     from utils.config import ConfigError, load_config
     from utils.devices import resolve_device
     from utils.files import atomic_write_text
@@ -202,7 +202,7 @@ def _score(args: argparse.Namespace) -> int:
         require_file("--ply", args.ply)
     with reading("--ply" if args.ply else "RUN_DIR", args.ply or run_dir):
         ply = args.ply or asset_ply(run_dir)
-        GaussianModel.load_ply(ply).check_usable(str(ply))
+        load_gaussian_ply(ply).check_usable(str(ply))
     out = args.out or run_dir / "clip_score.json"
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; pass a .json file path")

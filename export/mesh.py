@@ -33,6 +33,7 @@ from export.mesh_colors import colors_at, vertex_normals
 from scene.gaussian_model import GaussianModel
 from scene.gaussian_tensors import GaussianTensors
 from scene.orientation import MESH_UP_AXIS, world_to_export
+from scene.ply_format import load_gaussian_ply
 from utils.checkpoint_file import load_checkpoint
 from utils.cli_errors import InputError, reading, require_writable_folder, run_command
 from utils.files import atomic_write_bytes
@@ -267,7 +268,7 @@ def load_gaussians(path: Path, file_up_axis: str | None = None) -> GaussianTenso
             model = GaussianModel(state["gaussians"]["max_sh_degree"])
             model.load_state_dict({**state["gaussians"], "optimizer": None})
         else:
-            model = GaussianModel.load_ply(path, file_up_axis=file_up_axis)
+            model = load_gaussian_ply(path, file_up_axis=file_up_axis)
         model.check_usable(str(path))
     with torch.no_grad():
         return model.gaussian_tensors(sh_degree=model.max_sh_degree)

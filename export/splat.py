@@ -25,8 +25,8 @@ from plyfile import PlyData, PlyParseError
 from export.sog import SogFormatError, read_sog, write_sog
 from export.splat_data import SplatData, SplatDataError
 from export.spz import SplatFormatError, read_spz, write_spz
-from scene.gaussian_model import GaussianModel
 from scene.orientation import UP_AXES
+from scene.ply_format import load_gaussian_ply
 from utils.cli_errors import run_command
 from utils.threads import configure_threads
 
@@ -74,10 +74,10 @@ def load_splats(ply: Path, up_axis: str, ply_up: str | None = None) -> SplatData
     it; one that does not is taken to be in `ply_up`, or already in `up_axis` (copied unchanged)."""
     try:
         count = PlyData.read(str(ply))["vertex"].count
-        model = GaussianModel.load_ply(ply, file_up_axis=ply_up or up_axis) if count else None
+        model = load_gaussian_ply(ply, file_up_axis=ply_up or up_axis) if count else None
     except (ValueError, KeyError, OSError, PlyParseError) as exc:
         raise SplatExportError(f"{ply}: not a readable 3DGS PLY ({exc})") from None
-    if model is None:  # (load_ply cannot size the SH block of an empty file)
+    if model is None:  # (load_gaussian_ply cannot size the SH block of an empty file)
         raise SplatExportError(f"{ply} holds no Gaussians: there is nothing to export")
     data = SplatData.from_model(model, up_axis)
     data.check_writable(str(ply))

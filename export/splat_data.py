@@ -15,6 +15,7 @@ import torch
 
 from scene.gaussian_model import GaussianModel, num_sh_coeffs
 from scene.orientation import UP_AXES, rotate_gaussians, world_to_export
+from scene.ply_format import load_gaussian_ply
 
 
 class SplatDataError(ValueError):
@@ -101,8 +102,8 @@ class SplatData:
 
     @classmethod
     def from_ply(cls, path: str | os.PathLike, up_axis: str = "-y") -> SplatData:
-        """A standard 3DGS PLY (its recorded up axis is honoured, see GaussianModel.load_ply), in `up_axis`."""
-        return cls.from_model(GaussianModel.load_ply(path), up_axis)
+        """A standard 3DGS PLY (its recorded up axis is honoured, see scene/ply_format.py), in `up_axis`."""
+        return cls.from_model(load_gaussian_ply(path), up_axis)
 
     def to_model(self, device: str | torch.device = "cpu") -> GaussianModel:
         """A GaussianModel in the training world (z up) holding these splats (no optimizer)."""

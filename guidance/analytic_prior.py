@@ -26,8 +26,9 @@ from gaussian_renderer import render
 from guidance.prior import Conditioning, DiffusionPrior
 from guidance.timesteps import TimestepGrid
 from scene.cameras import Cameras
-from scene.gaussian_model import GaussianModel, rgb_to_sh
+from scene.gaussian_model import rgb_to_sh
 from scene.gaussian_tensors import GaussianTensors
+from scene.ply_format import load_gaussian_ply
 
 PROCEDURAL_SCENES = ("blobs", "snowman", "dumbbell")
 
@@ -119,7 +120,7 @@ def load_hidden_scene(spec: str, seed: int = 0) -> GaussianTensors:
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"GuidanceParams.analytic_scene: no PLY file at {path.resolve()}")
-        model = GaussianModel.load_ply(path)
+        model = load_gaussian_ply(path)
         with torch.no_grad():
             return model.gaussian_tensors(sh_degree=model.max_sh_degree)
     return procedural_scene(spec, seed)

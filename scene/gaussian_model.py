@@ -1,15 +1,15 @@
-"""The trainable 3D Gaussian model: parameters, optimizer, densification, PLY and checkpoints.
+"""The trainable 3D Gaussian model: parameters, their activations, the Adam optimizer and lr schedules.
 
 Follows the official `GaussianModel` (zjhJOJO/SegmentDreamer and EnVision-Research/LucidDreamer
 `scene/gaussian_model.py`, itself the 3DGS one): `create_from_pcd`, `training_setup` and the learning-rate
-schedules, the per-tensor gradient clipping, densification and opacity reset as `train.py` calls them,
-`reset_brightness` (BEG) and the `save_ply` layout. Differences:
+schedules, the per-tensor gradient clipping, `reset_opacity` and `reset_brightness` (BEG). The official
+class also densifies and writes PLYs; here densification is a strategy with its own statistics
+(scene/densification.py) that changes the model only through `append`, `keep` and `replace`, and the
+PLY layout lives in scene/ply_format.py. Differences:
 
-- `add_densification_stats` takes any number of cameras: the trainer passes the batch's last one, as
-  the official camera loop leaves it, or every camera (OptimizationParams.densify_stats_all_cameras);
 - stored parameters are plain leaf tensors (no `nn.Module`), one Adam group per tensor;
-- the screen-size pruning rule is off by default, as it is in effect in the official code
-  (see `GaussianModel.densify_and_prune`).
+- `state_dict()` holds exactly this state (parameters, SH degree, lr schedule, optimizer), nothing of
+  densification.
 
 Stored (raw) parameters and their activations:
 
@@ -25,21 +25,15 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree
 from torch import Tensor
 
 from scene.gaussian_tensors import GaussianTensors
-from scene.orientation import UP_AXES, rotate_gaussians, world_to_export
-from scene.ply_format import read_ply
-from utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +50,11 @@ PARAM_NAMES: dict[str, str] = {
     "rotation": "_rotation",
 }
 SCHEDULED_GROUPS = ("xyz", "f_dc", "scaling", "rotation")
-CHECKPOINT_VERSION = 1
+# 2: no densification statistics, no percent_dense (scene/densification.py owns them); version 1 states
+# still load (for python -m export.mesh on an older run), their extra entries ignored
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 VISIBLE_OPACITY = 1.0 / 255.0  # below this a Gaussian adds less than one 8-bit level to any pixel
-# PLY header comment recording the axis convention of an exported file (scene/orientation.py).
-UP_AXIS_COMMENT = "up_axis"
-
-
-class AllPrunedError(RuntimeError):
-    """Pruning would leave no Gaussian; the model is left unchanged."""
 
 
 def rgb_to_sh(rgb: Tensor) -> Tensor:
@@ -136,7 +127,7 @@ def _as_float_tensor(value: Tensor | np.ndarray, name: str, device: torch.device
 
 
 class GaussianModel:
-    """3D Gaussians with their Adam optimizer and densification statistics."""
+    """3D Gaussians with their Adam optimizer and learning-rate schedules."""
 
     def __init__(self, max_sh_degree: int, device: str | torch.device = "cpu") -> None:
         if not 0 <= max_sh_degree <= 3:
@@ -145,7 +136,6 @@ class GaussianModel:
         self.active_sh_degree = 0
         self.device = torch.device(device)
         self.spatial_lr_scale = 0.0
-        self.percent_dense = 0.0
         self.optimizer: torch.optim.Adam | None = None
         self._lr_schedule: dict[str, Any] | None = None
         self._set_params(self._empty_params(0))
@@ -213,10 +203,11 @@ class GaussianModel:
         return {name: torch.zeros(shape, device=self.device) for name, shape in shapes.items()}
 
     def _set_params(self, params: dict[str, Tensor]) -> None:
-        """Install new leaf tensors (no optimizer bookkeeping) and fresh statistics."""
+        """Install new leaf tensors (no optimizer bookkeeping); contiguous, as fused Adam requires (an
+        expanded view given to `from_params` would abort it)."""
         for name, attr in PARAM_NAMES.items():
-            setattr(self, attr, params[name].detach().to(self.device, torch.float32).requires_grad_(True))
-        self.reset_densification_stats()
+            tensor = params[name].detach().to(self.device, torch.float32).contiguous()
+            setattr(self, attr, tensor.requires_grad_(True))
 
     # ------------------------------------------------------------------ views
 
@@ -305,7 +296,6 @@ class GaussianModel:
         if optim.iterations <= 0:
             raise ValueError(f"OptimizationParams.iterations must be positive, got {optim.iterations}")
         self.spatial_lr_scale = float(spatial_lr_scale)
-        self.percent_dense = float(optim.percent_dense)
         self._lr_schedule = {
             "max_steps": int(optim.iterations),
             "xyz": (optim.position_lr_init * spatial_lr_scale, optim.position_lr_final * spatial_lr_scale),
@@ -316,7 +306,6 @@ class GaussianModel:
             "rotation": (optim.rotation_lr, optim.rotation_lr_final),
         }
         self._build_optimizer()
-        self.reset_densification_stats()
 
     def _build_optimizer(self) -> None:
         if self._lr_schedule is None:
@@ -382,13 +371,22 @@ class GaussianModel:
                 state[key] = state_fn(value)
         self.optimizer.state[leaf] = state
 
-    def _replace_params(self, new: dict[str, Tensor]) -> None:
-        """Replace whole tensors (same shape) and zero their Adam moments."""
+    # ------------------------------------------------------------------ edits (densification, resets)
+
+    def replace(self, new: dict[str, Tensor]) -> None:
+        """Replace whole tensors by group name (same shapes) and zero their Adam moments."""
         for name, tensor in new.items():
+            current = getattr(self, PARAM_NAMES[name])
+            if tensor.shape != current.shape:
+                raise ValueError(f"replace: {name} must keep its shape {tuple(current.shape)}, "
+                                 f"got {tuple(tensor.shape)}")
             self._update_param(name, tensor, torch.zeros_like)
 
-    def _cat_params(self, extension: dict[str, Tensor]) -> None:
-        """Append Gaussians; their Adam moments start at zero."""
+    def append(self, extension: dict[str, Tensor]) -> None:
+        """Append Gaussians given as raw parameters for every group (the `params()` layout, M rows each);
+        their Adam moments start at zero."""
+        if set(extension) != set(PARAM_NAMES):
+            raise ValueError(f"append needs every parameter group {sorted(PARAM_NAMES)}, got {sorted(extension)}")
         for name, ext in extension.items():
             old = getattr(self, PARAM_NAMES[name])
             self._update_param(
@@ -397,11 +395,13 @@ class GaussianModel:
                 lambda value, ext=ext: torch.cat([value, value.new_zeros(ext.shape)]),
             )
 
-    def _prune_params(self, keep: Tensor) -> None:
-        """Keep the Gaussians where keep [N] is True, with their Adam moments."""
+    def keep(self, mask: Tensor) -> None:
+        """Keep the Gaussians where mask [N] (bool) is True, with their Adam moments."""
+        if mask.dtype != torch.bool or mask.shape != (self.num_points,):
+            raise ValueError(f"keep: mask must be bool [N={self.num_points}], got {mask.dtype} {tuple(mask.shape)}")
         for name in PARAM_NAMES:
             old = getattr(self, PARAM_NAMES[name])
-            self._update_param(name, old.detach()[keep], lambda value: value[keep])
+            self._update_param(name, old.detach()[mask], lambda value: value[mask])
 
     # ------------------------------------------------------------------ gradient edits
 
@@ -416,188 +416,12 @@ class GaussianModel:
     def reset_opacity(self, max_opacity: float = 0.01) -> None:
         """Official opacity reset: opacity <- min(opacity, 0.01), Adam moments zeroed."""
         cap = math.log(max_opacity / (1.0 - max_opacity))
-        self._replace_params({"opacity": torch.clamp_max(self._opacity, cap)})
+        self.replace({"opacity": torch.clamp_max(self._opacity, cap)})
 
     @torch.no_grad()
     def scale_colors(self, factor: float) -> None:
         """BEG brightness reset: every SH coefficient times `factor`, Adam moments zeroed."""
-        self._replace_params({"f_dc": self._features_dc * factor, "f_rest": self._features_rest * factor})
-
-    # ------------------------------------------------------------------ densification
-
-    def reset_densification_stats(self) -> None:
-        n = self.num_points
-        self.xyz_gradient_accum = torch.zeros(n, device=self.device)  # [N]
-        self.denom = torch.zeros(n, device=self.device)  # [N]
-        self.max_radii2D = torch.zeros(n, device=self.device)  # [N]
-
-    @torch.no_grad()
-    def add_densification_stats(self, means2d_grad: Tensor, radii: Tensor, width: int, height: int) -> None:
-        """Accumulate screen-space gradient norms from every camera given (B may be 1).
-
-        means2d_grad [B, N, 2]: d loss / d projected centre, pixel units. It is converted to the
-            NDC units of the original 3DGS rasterizer (x * W/2, y * H/2), the units of the
-            official threshold 0.00075.
-        radii [B, N]: screen radius in pixels, 0 where not visible.
-        """
-        n = self.num_points
-        if means2d_grad.ndim != 3 or means2d_grad.shape[1:] != (n, 2):
-            raise ValueError(f"means2d_grad must be [B, N={n}, 2], got {tuple(means2d_grad.shape)}")
-        if radii.shape != means2d_grad.shape[:2]:
-            raise ValueError(f"radii must be [B, N] = {tuple(means2d_grad.shape[:2])}, got {tuple(radii.shape)}")
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image size must be positive, got {width}x{height}")
-        norms = torch.hypot(means2d_grad[..., 0] * (width / 2.0), means2d_grad[..., 1] * (height / 2.0))  # [B, N]
-        visible = radii > 0  # [B, N]
-        self.xyz_gradient_accum += torch.where(visible, norms, 0.0).sum(0).float()
-        self.denom += visible.sum(0).float()
-        self.max_radii2D = torch.maximum(self.max_radii2D, radii.amax(0).float())
-
-    @torch.no_grad()
-    def densify_and_prune(
-        self,
-        grad_threshold: float,
-        min_opacity: float,
-        extent: float,
-        max_screen_size: int | None,
-        *,
-        screen_size_prune: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, int]:
-        """Official clone / split / prune, then reset the statistics.
-
-        Clone where avg grad >= threshold and max scale <= percent_dense * extent; split (2
-        children sampled in the parent's Gaussian, scale / 1.6, parent removed) where avg grad >=
-        threshold and max scale is larger; prune opacity < min_opacity and, when max_screen_size
-        is set, max world scale > 0.1 * extent.
-
-        The official code also tests max_radii2D > max_screen_size, but its densification resets
-        max_radii2D to zero just before that test, so the rule never fires. screen_size_prune=True
-        applies it with the radii seen since the last densification (new Gaussians exempt).
-
-        Returns the counts {cloned, split, pruned} (split = number of parents split).
-        """
-        if self.optimizer is None:
-            raise RuntimeError("call setup_optimizer before densify_and_prune")
-        n = self.num_points
-        avg_grad = torch.where(self.denom > 0, self.xyz_gradient_accum / self.denom, 0.0)
-        large_grad = avg_grad >= grad_threshold
-        small = self.scales.amax(dim=1) <= self.percent_dense * extent
-        clone_mask = large_grad & small
-        split_mask = large_grad & ~small
-        radii = self.max_radii2D
-        self._cat_params(self._densified(clone_mask, split_mask, generator))
-
-        removed = torch.zeros(self.num_points, dtype=torch.bool, device=self.device)
-        removed[:n] = split_mask
-        prune = self.opacities < min_opacity
-        if max_screen_size:
-            prune |= self.scales.amax(dim=1) > 0.1 * extent
-            if screen_size_prune:
-                prune[:n] |= radii > max_screen_size
-        prune &= ~removed
-        counts = torch.stack([clone_mask.sum(), split_mask.sum(), prune.sum(), (removed | prune).sum()]).tolist()
-        if counts[3] == self.num_points:
-            raise AllPrunedError(f"densify_and_prune would remove all {self.num_points} Gaussians (opacity below "
-                                 f"{min_opacity}, or larger than 0.1 x extent {extent:g} when max_screen_size is set)")
-        counts = counts[:3]
-        self._prune_params(~(removed | prune))
-        self.reset_densification_stats()
-        result = dict(zip(("cloned", "split", "pruned"), counts))
-        logger.debug("densify_and_prune: %s -> %d Gaussians", result, self.num_points)
-        return result
-
-    def _densified(
-        self, clone_mask: Tensor, split_mask: Tensor, generator: torch.Generator | None
-    ) -> dict[str, Tensor]:
-        """Raw parameters of the clones followed by the split children (official order)."""
-        params = {name: tensor.detach() for name, tensor in self.params().items()}
-        clones = {name: tensor[clone_mask] for name, tensor in params.items()}
-        children = {name: tensor[split_mask].repeat((2,) + (1,) * (tensor.ndim - 1)) for name, tensor in params.items()}
-        stds = torch.exp(children["scaling"])  # [2S, 3]
-        samples = torch.normal(torch.zeros_like(stds), stds, generator=generator)  # [2S, 3]
-        rotmats = quat_to_rotmat(children["rotation"])  # [2S, 3, 3]
-        children["xyz"] = children["xyz"] + (rotmats @ samples[..., None]).squeeze(-1)
-        children["scaling"] = torch.log(stds / (0.8 * 2))
-        return {name: torch.cat([clones[name], children[name]]) for name in params}
-
-    # ------------------------------------------------------------------ PLY
-
-    def save_ply(self, path: str | os.PathLike, pad_sh_degree: int | None = None, up_axis: str = "z") -> None:
-        """Write the standard 3DGS PLY (binary little-endian float32), atomically, mode 0644.
-
-        pad_sh_degree: write zero f_rest columns up to this degree (3 for viewers that expect it).
-        up_axis: the axis convention of the file (scene/orientation.py): "-y" for splat viewers
-            (SuperSplat, GaussianSplats3D), "y", or "z" (the training world). It is recorded in a
-            header comment, which load_ply reads to rotate back.
-        """
-        degree = self.max_sh_degree if pad_sh_degree is None else pad_sh_degree
-        if not self.max_sh_degree <= degree <= 3:
-            raise ValueError(f"pad_sh_degree must be in [{self.max_sh_degree}, 3], got {pad_sh_degree}")
-        n = self.num_points
-        means, quats, features = self._means.detach().cpu(), self._rotation.detach().cpu(), self.features.detach().cpu()
-        if up_axis != "z":
-            means, quats, features = rotate_gaussians(means, quats, features, world_to_export(up_axis))
-        rest = torch.zeros(n, 3, num_sh_coeffs(degree) - 1)
-        rest[:, :, : features.shape[1] - 1] = features[:, 1:].transpose(1, 2)
-        columns = {
-            "xyz": means,
-            "normals": torch.zeros(n, 3),
-            "f_dc": features[:, 0],
-            "f_rest": rest.reshape(n, -1),
-            "opacity": self._opacity.detach().cpu(),
-            "scaling": self._scaling.detach().cpu(),
-            "rotation": quats,
-        }
-        values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")
-        names = ply_attribute_names(degree)
-        vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
-        for i, name in enumerate(names):
-            vertices[name] = values[:, i]
-        comments = [f"{UP_AXIS_COMMENT} {up_axis}"]
-        _atomic_write_ply(PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<", comments=comments),
-                          Path(path))
-
-    @classmethod
-    def load_ply(
-        cls, path: str | os.PathLike, max_sh_degree: int | None = None, device: str | torch.device = "cpu",
-        file_up_axis: str | None = None,
-    ) -> GaussianModel:
-        """Read a standard 3DGS PLY into the training world. The SH degree is inferred from the f_rest
-        columns unless given; extra (e.g. padded) coefficients above max_sh_degree are dropped,
-        missing ones are zero.
-
-        file_up_axis: the file's axis convention when its header does not record one (a PLY from
-            another tool; default "z", the training world); a recorded one always wins.
-        """
-        ply, vertex = _read_vertex(path)
-        if vertex.count == 0:
-            raise ValueError(f"{path}: the PLY holds 0 Gaussians; nothing to load (was the run pruned empty?)")
-        up_axis = _recorded_up_axis(ply, path) or file_up_axis or "z"
-        file_degree = _ply_sh_degree(vertex, path)
-        degree = file_degree if max_sh_degree is None else max_sh_degree
-        n = vertex.count
-        model = cls(degree, device)
-        rest = torch.from_numpy(_columns(vertex, _indexed("f_rest", 3 * (num_sh_coeffs(file_degree) - 1))))
-        rest = rest.reshape(n, 3, -1).transpose(1, 2)  # [N, K_file-1, 3]
-        keep = num_sh_coeffs(degree) - 1
-        if rest.shape[1] > keep and bool(rest[:, keep:].any()):
-            logger.warning("%s: dropping non-zero SH coefficients above degree %d", path, degree)
-        params = model._empty_params(n)
-        params["f_rest"][:, : min(keep, rest.shape[1])] = rest[:, :keep]
-        params["xyz"] = torch.from_numpy(_columns(vertex, ["x", "y", "z"]))
-        params["f_dc"] = torch.from_numpy(_columns(vertex, _indexed("f_dc", 3)))[:, None, :]
-        params["opacity"] = torch.from_numpy(_columns(vertex, ["opacity"]))
-        params["scaling"] = torch.from_numpy(_columns(vertex, _indexed("scale", 3)))
-        params["rotation"] = torch.from_numpy(_columns(vertex, _indexed("rot", 4)))
-        if up_axis != "z":
-            features = torch.cat([params["f_dc"], params["f_rest"]], dim=1)
-            means, quats, features = rotate_gaussians(params["xyz"], params["rotation"], features,
-                                                      world_to_export(up_axis).T)
-            params.update(xyz=means, rotation=quats, f_dc=features[:, :1], f_rest=features[:, 1:])
-        model._set_params(params)
-        model.active_sh_degree = degree
-        return model
+        self.replace({"f_dc": self._features_dc * factor, "f_rest": self._features_rest * factor})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -608,28 +432,21 @@ class GaussianModel:
             "max_sh_degree": self.max_sh_degree,
             "active_sh_degree": self.active_sh_degree,
             "spatial_lr_scale": self.spatial_lr_scale,
-            "percent_dense": self.percent_dense,
             "lr_schedule": copy.deepcopy(self._lr_schedule),
             "params": {name: tensor.detach().clone() for name, tensor in self.params().items()},
             "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
-            "xyz_gradient_accum": self.xyz_gradient_accum.clone(),
-            "denom": self.denom.clone(),
-            "max_radii2D": self.max_radii2D.clone(),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore a `state_dict()`; rebuilds the optimizer, so setup_optimizer is not needed."""
-        if sd.get("version") != CHECKPOINT_VERSION:
+        if sd.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"unsupported GaussianModel checkpoint version {sd.get('version')!r}")
         if sd["max_sh_degree"] != self.max_sh_degree:
             raise ValueError(f"checkpoint has max_sh_degree {sd['max_sh_degree']}, model has {self.max_sh_degree}")
         self._set_params(sd["params"])
         self.active_sh_degree = int(sd["active_sh_degree"])
         self.spatial_lr_scale = float(sd["spatial_lr_scale"])
-        self.percent_dense = float(sd["percent_dense"])
         self._lr_schedule = copy.deepcopy(sd["lr_schedule"])
-        for name in ("xyz_gradient_accum", "denom", "max_radii2D"):
-            setattr(self, name, sd[name].to(self.device, torch.float32).clone())
         self.optimizer = None
         if sd["optimizer"] is not None:
             self._build_optimizer()
@@ -643,63 +460,3 @@ class GaussianModel:
             for group, current in zip(saved["param_groups"], self.optimizer.param_groups)
         ]
         return saved
-
-
-# ---------------------------------------------------------------------- PLY helpers
-
-
-def ply_attribute_names(sh_degree: int) -> list[str]:
-    """Column names of the standard 3DGS PLY for a given SH degree."""
-    return [
-        "x", "y", "z", "nx", "ny", "nz",
-        *_indexed("f_dc", 3),
-        *_indexed("f_rest", 3 * (num_sh_coeffs(sh_degree) - 1)),
-        "opacity",
-        *_indexed("scale", 3),
-        *_indexed("rot", 4),
-    ]
-
-
-def _indexed(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}_{i}" for i in range(count)]
-
-
-def _read_vertex(path: str | os.PathLike):
-    ply = read_ply(path, "3DGS PLY")
-    return ply, ply["vertex"]
-
-
-def _recorded_up_axis(ply: PlyData, path: str | os.PathLike) -> str | None:
-    """The up axis a header comment records ("up_axis -y"), None when there is none."""
-    for comment in ply.comments:
-        words = comment.split()
-        if len(words) == 2 and words[0] == UP_AXIS_COMMENT:
-            if words[1] not in UP_AXES:
-                raise ValueError(f"{path}: header records up_axis {words[1]!r}, not one of {UP_AXES}")
-            return words[1]
-    return None
-
-
-def _ply_sh_degree(vertex, path: str | os.PathLike) -> int:
-    names = {prop.name for prop in vertex.properties}
-    n_rest = sum(1 for name in names if name.startswith("f_rest_"))
-    degrees = [d for d in range(4) if 3 * (num_sh_coeffs(d) - 1) == n_rest]
-    if not degrees:
-        raise ValueError(f"{path}: {n_rest} f_rest columns match no SH degree (expected 0, 9, 24 or 45)")
-    optional = {"nx", "ny", "nz"}
-    missing = [name for name in ply_attribute_names(degrees[0]) if name not in names and name not in optional]
-    if missing:
-        raise ValueError(f"{path}: not a 3DGS PLY, missing properties {missing} (a plain point cloud? use it "
-                         "with GenerateCamParams.init_shape=ply as an initialisation instead)")
-    return degrees[0]
-
-
-def _columns(vertex, names: list[str]) -> np.ndarray:
-    """[N, len(names)] float32 array of the named vertex properties (N x 0 for no names: SH degree 0)."""
-    if not names:
-        return np.zeros((vertex.count, 0), dtype=np.float32)
-    return np.stack([np.asarray(vertex[name], dtype=np.float32) for name in names], axis=1)
-
-
-def _atomic_write_ply(ply: PlyData, path: Path) -> None:
-    atomic_write(path, lambda tmp: ply.write(str(tmp)))

@@ -8,6 +8,7 @@ from evaluation import clip_score
 from evaluation.clip_score import OPENAI_MEAN, OPENAI_STD, CLIPScorer
 from guidance.prior import ModelNotFoundError
 from scene.gaussian_model import GaussianModel
+from scene.ply_format import save_gaussian_ply
 from tests.tiny_models import save_tiny_clip
 from utils.config import load_config, save_config
 
@@ -69,8 +70,8 @@ def test_cli_scores_the_newest_ply_of_a_run(tiny_clip_dir, tmp_path):
     torch.manual_seed(0)
     for it, colour in ((3, 0.0), (10, 1.0)):
         xyz = torch.randn(300, 3) * 0.3
-        GaussianModel.from_points(xyz, torch.full((300, 3), colour), 0).save_ply(
-            run / "point_cloud" / f"iteration_{it}" / "point_cloud.ply")
+        save_gaussian_ply(GaussianModel.from_points(xyz, torch.full((300, 3), colour), 0),
+                          run / "point_cloud" / f"iteration_{it}" / "point_cloud.ply")
     assert clip_score.asset_ply(run).parent.name == "iteration_10"  # interrupted run: no final PLY
     assert clip_score.main([str(run), "--model", str(tiny_clip_dir), "--views", "5", "--resolution", "32",
                             "--device", "cpu"]) == 0
@@ -83,7 +84,7 @@ def test_cli_scores_the_newest_ply_of_a_run(tiny_clip_dir, tmp_path):
 
 def test_a_finished_runs_final_ply_is_preferred(tmp_path):
     for path in (tmp_path / "point_cloud" / "iteration_20" / "point_cloud.ply", tmp_path / "point_cloud.ply"):
-        GaussianModel.from_points(torch.randn(10, 3), torch.rand(10, 3), 0).save_ply(path)
+        save_gaussian_ply(GaussianModel.from_points(torch.randn(10, 3), torch.rand(10, 3), 0), path)
     assert clip_score.asset_ply(tmp_path) == tmp_path / "point_cloud.ply"
     with pytest.raises(FileNotFoundError, match="--ply"):
         clip_score.asset_ply(tmp_path / "empty")

@@ -53,13 +53,14 @@ def _points(path: Path, n: int = 50, nan: bool = False, scale: float = 1.0) -> P
 def _splats(path: Path, n: int = 20, nan: bool = False, opacity_logit: float = 4.0) -> Path:
     """A 3DGS PLY (train.py's format); 0 Gaussians, a NaN position or all transparent on request."""
     from scene.gaussian_model import GaussianModel
+    from scene.ply_format import save_gaussian_ply
 
     model = GaussianModel.from_points(torch.rand(max(n, 2), 3) * 0.5 - 0.25, torch.full((max(n, 2), 3), 0.5), 0)
     with torch.no_grad():
         model._opacity.fill_(opacity_logit)
         if nan:
             model._means[0, 0] = float("nan")
-    model.save_ply(path)
+    save_gaussian_ply(model, path)
     if n == 0:  # the same header, no vertices
         ply = PlyData.read(str(path))
         PlyData([PlyElement.describe(ply["vertex"].data[:0], "vertex")]).write(str(path))

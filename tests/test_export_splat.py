@@ -16,6 +16,7 @@ from export.splat import main
 from export.splat_data import SplatData
 from export.spz import read_spz
 from scene.gaussian_model import GaussianModel
+from scene.ply_format import save_gaussian_ply
 from tests.test_train import TINY
 from utils.config import ConfigError, load_config
 
@@ -48,7 +49,7 @@ def _user_error(caplog, argv, *parts) -> None:
 
 def test_ply_to_spz_v3_and_v4_next_to_it(tmp_path, capsys):
     model = _model(301, 2)
-    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    save_gaussian_ply(model, tmp_path / "a.ply", up_axis="-y")
     assert main([str(tmp_path / "a.ply"), "--format", "spz"]) == 0
     assert main([str(tmp_path / "a.ply"), "--format", "spz4"]) == 0
     assert (tmp_path / "a.spz").read_bytes()[:2] == b"\x1f\x8b"  # gzip: version 3
@@ -66,15 +67,15 @@ def test_run_folder_follows_the_runs_up_axis_and_newest_snapshot(tmp_path, capsy
     (run / "point_cloud" / "iteration_2000").mkdir(parents=True)
     (run / "config.yaml").write_text("ply_up_axis: y\n")
     old, new = _model(10, 0, seed=1), _model(12, 0, seed=2)
-    old.save_ply(run / "point_cloud" / "iteration_300" / "point_cloud.ply", up_axis="y")
-    new.save_ply(run / "point_cloud" / "iteration_2000" / "point_cloud.ply", up_axis="y")
+    save_gaussian_ply(old, run / "point_cloud" / "iteration_300" / "point_cloud.ply", up_axis="y")
+    save_gaussian_ply(new, run / "point_cloud" / "iteration_2000" / "point_cloud.ply", up_axis="y")
     assert main([str(run), "--format", "spz4"]) == 0  # interrupted run: the newest snapshot (2000 > 300)
     out = run / "point_cloud" / "iteration_2000" / "point_cloud.v4.spz"
     back = read_spz(out)
     assert back.num_splats == 12 and back.up_axis == "y"  # v4 states the run's frame
     np.testing.assert_allclose(back.means, SplatData.from_model(new, "y").means, atol=2e-4)
 
-    new.save_ply(run / "point_cloud.ply", up_axis="y")  # a finished run: its final PLY
+    save_gaussian_ply(new, run / "point_cloud.ply", up_axis="y")  # a finished run: its final PLY
     assert main([str(run), "--format", "spz", "--up-axis", "z", "--out", str(tmp_path / "z.spz")]) == 0
     back = read_spz(tmp_path / "z.spz", up_axis="z")
     # --up-axis z: the training world, e.g. world up (z) is the file's z, where the y-up PLY had it in y
@@ -83,7 +84,7 @@ def test_run_folder_follows_the_runs_up_axis_and_newest_snapshot(tmp_path, capsy
 
 def test_a_ply_without_a_recorded_axis_is_copied_unchanged(tmp_path, capsys):
     model = _model(20, 0)
-    model.save_ply(tmp_path / "a.ply", up_axis="z")
+    save_gaussian_ply(model, tmp_path / "a.ply", up_axis="z")
     ply = PlyData.read(str(tmp_path / "a.ply"))
     PlyData([ply["vertex"]], byte_order="<").write(str(tmp_path / "foreign.ply"))  # no comment
     assert main([str(tmp_path / "foreign.ply"), "--format", "spz"]) == 0
@@ -92,7 +93,7 @@ def test_a_ply_without_a_recorded_axis_is_copied_unchanged(tmp_path, capsys):
 
 def _ply_with(tmp_path: Path, name: str, n: int, nan: bool = False, far: bool = False) -> Path:
     model = _model(max(n, 1), 0)
-    model.save_ply(tmp_path / name, up_axis="-y")
+    save_gaussian_ply(model, tmp_path / name, up_axis="-y")
     if n == 0 or nan or far:
         ply = PlyData.read(str(tmp_path / name))
         vertex = ply["vertex"].data.copy()
@@ -122,7 +123,7 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, caplog, fmt):
     _user_error(caplog, [str(folder / "missing.ply"), "--format", fmt], "missing.ply", "no such")
     _user_error(caplog, [str(folder / "notes.txt"), "--format", fmt], "notes.txt", "not a .ply")
     _user_error(caplog, [str(folder / "run"), "--format", fmt], "no point_cloud.ply")
-    _model().save_ply(folder / "ok.ply", up_axis="-y")
+    save_gaussian_ply(_model(), folder / "ok.ply", up_axis="-y")
     before.add("ok.ply")
     _user_error(caplog, [str(folder / "ok.ply"), "--format", fmt, "--out", str(folder / "run")], "is a folder")
     assert _files(folder) == before  # no output, no temporary file
@@ -130,7 +131,7 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, caplog, fmt):
 
 def test_spz_converts_between_versions_and_frames(tmp_path, caplog):
     model = _model(77, 1)
-    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    save_gaussian_ply(model, tmp_path / "a.ply", up_axis="-y")
     assert main([str(tmp_path / "a.ply"), "--format", "spz"]) == 0
     # a v3 file records no frame: copied unchanged unless --ply-up names it (the v4 file states its own)
     same = tmp_path / "same.spz"
@@ -148,7 +149,7 @@ def test_bad_files_through_the_command(tmp_path, caplog):
     import struct
 
     model = _model(300, 1)
-    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    save_gaussian_ply(model, tmp_path / "a.ply", up_axis="-y")
     assert main([str(tmp_path / "a.ply"), "--format", "spz", "--out", str(tmp_path / "good.spz")]) == 0
     assert main([str(tmp_path / "a.ply"), "--format", "spz4", "--out", str(tmp_path / "good4.spz")]) == 0
     v3, v4 = (tmp_path / "good.spz").read_bytes(), (tmp_path / "good4.spz").read_bytes()
@@ -174,7 +175,7 @@ def test_bad_files_through_the_command(tmp_path, caplog):
 
 def test_sog_through_the_command_and_back(tmp_path, caplog):
     model = _model(301, 1)
-    model.save_ply(tmp_path / "a.ply", up_axis="-y")
+    save_gaussian_ply(model, tmp_path / "a.ply", up_axis="-y")
     assert main([str(tmp_path / "a.ply"), "--format", "sog"]) == 0
     back = read_sog(tmp_path / "a.sog")
     ply = SplatData.from_ply(tmp_path / "a.ply", "-y")

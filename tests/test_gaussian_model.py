@@ -1,5 +1,6 @@
-"""Tests of scene/gaussian_model.py: initialisation, activations, lr schedules, PLY, densification,
-gradient edits and bit-exact checkpoint resume."""
+"""Tests of scene/gaussian_model.py (initialisation, activations, lr schedules, the edits densification
+uses, gradient edits, bit-exact checkpoint resume) and of its PLY layout in scene/ply_format.py.
+The densification rules are tested in tests/test_densification.py."""
 from __future__ import annotations
 
 import io
@@ -11,13 +12,14 @@ import pytest
 import torch
 from plyfile import PlyData, PlyElement
 
+from scene.densification import DensificationStrategy
 from scene.gaussian_model import (
     SCALE_NOISE_STD,
     SH_C0,
     GaussianModel,
     exponential_lr,
-    quat_to_rotmat,
 )
+from scene.ply_format import load_gaussian_ply, save_gaussian_ply
 
 
 def optim_cfg(**overrides) -> SimpleNamespace:
@@ -175,7 +177,7 @@ def test_ply_round_trip_and_channel_major_f_rest(tmp_path):
     with torch.no_grad():
         model._features_rest.copy_(torch.arange(7 * 3 * 3, dtype=torch.float32).reshape(7, 3, 3))
     path = tmp_path / "pc" / "point_cloud.ply"
-    model.save_ply(path)
+    save_gaussian_ply(model, path)
     vertex = PlyData.read(str(path))["vertex"]
     names = [p.name for p in vertex.properties]
     assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
@@ -187,7 +189,7 @@ def test_ply_round_trip_and_channel_major_f_rest(tmp_path):
     assert np.array_equal(vertex["f_rest_3"], model._features_rest[:, 0, 1].detach().numpy())
     assert list(tmp_path.joinpath("pc").iterdir()) == [path]  # no temporary file left
 
-    loaded = GaussianModel.load_ply(path)
+    loaded = load_gaussian_ply(path)
     assert loaded.max_sh_degree == 1 and loaded.active_sh_degree == 1
     assert_same_params(model, loaded)
 
@@ -197,33 +199,33 @@ def test_ply_padded_to_degree_3(tmp_path):
     with torch.no_grad():
         model._features_rest.copy_(torch.arange(1, 5 * 3 * 3 + 1, dtype=torch.float32).reshape(5, 3, 3))
     path = tmp_path / "padded.ply"
-    model.save_ply(path, pad_sh_degree=3)
+    save_gaussian_ply(model, path, pad_sh_degree=3)
     vertex = PlyData.read(str(path))["vertex"]
     assert sum(p.name.startswith("f_rest_") for p in vertex.properties) == 45
     assert np.array_equal(vertex["f_rest_16"], model._features_rest[:, 1, 1].detach().numpy())
     assert not np.any(vertex["f_rest_3"]) and not np.any(vertex["f_rest_44"])
 
-    same = GaussianModel.load_ply(path, max_sh_degree=1)
+    same = load_gaussian_ply(path, max_sh_degree=1)
     assert_same_params(model, same)
-    full = GaussianModel.load_ply(path)
+    full = load_gaussian_ply(path)
     assert full.max_sh_degree == 3
     assert torch.equal(full._features_rest[:, :3], model._features_rest)
     assert not full._features_rest[:, 3:].any()
     with pytest.raises(ValueError, match="pad_sh_degree"):
-        model.save_ply(path, pad_sh_degree=0)
+        save_gaussian_ply(model, path, pad_sh_degree=0)
 
 
 def test_ply_round_trip_at_sh_degree_0_without_padding(tmp_path):
     """A degree-0 PLY has no f_rest columns at all (regression: loading it failed on an empty stack)."""
     model = random_model(n=6, sh_degree=0)
     path = tmp_path / "dc_only.ply"
-    model.save_ply(path)
+    save_gaussian_ply(model, path)
     vertex = PlyData.read(str(path))["vertex"]
     assert not any(p.name.startswith("f_rest_") for p in vertex.properties)
-    same = GaussianModel.load_ply(path)
+    same = load_gaussian_ply(path)
     assert same.max_sh_degree == 0 and same._features_rest.shape == (6, 0, 3)
     assert_same_params(model, same)
-    lifted = GaussianModel.load_ply(path, max_sh_degree=2)
+    lifted = load_gaussian_ply(path, max_sh_degree=2)
     assert lifted._features_rest.shape == (6, 8, 3) and not lifted._features_rest.any()
 
 
@@ -234,101 +236,56 @@ def test_load_ply_rejects_inconsistent_sh_columns(tmp_path):
     path = tmp_path / "bad.ply"
     PlyData([PlyElement.describe(vertices, "vertex")]).write(str(path))
     with pytest.raises(ValueError, match="2 f_rest columns match no SH degree"):
-        GaussianModel.load_ply(path)
+        load_gaussian_ply(path)
     with pytest.raises(FileNotFoundError):
-        GaussianModel.load_ply(tmp_path / "missing.ply")
+        load_gaussian_ply(tmp_path / "missing.ply")
 
 
-# ---------------------------------------------------------------------- densification
+# ---------------------------------------------------------------------- edits densification uses
 
 
-def densify_fixture() -> GaussianModel:
-    """7 Gaussians with hand-set scales, opacities and gradient statistics (extent 1, percent_dense 0.01)."""
-    log_scale = torch.log(torch.tensor([0.005, 0.05, 0.005, 0.2, 0.005, 0.005, 0.005]))
-    opacity = torch.tensor([0.5, 0.5, 0.001, 0.5, 0.5, 0.5, 0.001]).logit()
-    model = GaussianModel.from_points(torch.rand(7, 3, generator=torch.Generator().manual_seed(0)),
-                                      torch.full((7, 3), 0.5), max_sh_degree=1)
-    with torch.no_grad():
-        model._scaling.copy_(log_scale[:, None].expand(7, 3))
-        model._scaling[1, 2] = math.log(0.01)  # anisotropic split parent
-        model._opacity.copy_(opacity[:, None])
-        model._rotation.copy_(torch.tensor([0.9, 0.1, -0.3, 0.2]).expand(7, 4))
-    model.setup_optimizer(optim_cfg(percent_dense=0.01), spatial_lr_scale=1.0)
+def test_append_keeps_moments_of_old_gaussians_and_zeroes_new_ones():
+    model = random_model(n=4, sh_degree=1)
+    model.setup_optimizer(optim_cfg(), 1.0)
     step_with_toy_loss(model)
-    # G0 clone; G1 split; G2 prune (opacity); G3 big in world; G4 kept; G5 never visible; G6 clone + prune
-    model.xyz_gradient_accum = torch.tensor([0.02, 0.03, 0.0, 0.0, 0.001, 0.0, 0.01])
-    model.denom = torch.tensor([2.0, 3.0, 1.0, 1.0, 1.0, 0.0, 1.0])
-    model.max_radii2D = torch.tensor([1.0, 1.0, 1.0, 1.0, 30.0, 0.0, 1.0])
-    return model
-
-
-def test_densify_and_prune_counts_and_children():
-    model = densify_fixture()
-    scales_before = model.scales.detach().clone()
-    rotation_g1 = model._rotation[1].detach().clone()
-    exp_avg_g4 = model.optimizer.state[model._opacity]["exp_avg"][4].clone()
-    counts = model.densify_and_prune(0.005, 0.005, extent=1.0, max_screen_size=None,
-                                     generator=torch.Generator().manual_seed(0))
-    assert counts == {"cloned": 2, "split": 1, "pruned": 3}
-    # kept originals [0, 3, 4, 5], clone of G0, two children of G1
-    assert model.num_points == 7
-    children = model.scales[-2:]
-    assert torch.allclose(children, (scales_before[1] / 1.6).expand(2, 3), rtol=1e-6)
-    assert torch.equal(model.scales[4], scales_before[0])  # the clone of G0
-    assert torch.equal(model._rotation[-1], rotation_g1)
+    before = {name: t.detach().clone() for name, t in model.params().items()}
+    moments = {name: model.optimizer.state[t]["exp_avg"].clone() for name, t in model.params().items()}
+    extra = {name: torch.full((2,) + t.shape[1:], 7.0) for name, t in before.items()}
+    model.append(extra)
+    assert model.num_points == 6
     for name, tensor in model.params().items():
+        assert torch.equal(tensor[:4], before[name]) and torch.equal(tensor[4:], extra[name]), name
         state = model.optimizer.state[tensor]
-        assert state["exp_avg"].shape == tensor.shape and state["exp_avg_sq"].shape == tensor.shape, name
-        assert not state["exp_avg"][4:].any() and not state["exp_avg_sq"][4:].any(), name
-    assert model.optimizer.state[model._opacity]["exp_avg"][2] == exp_avg_g4
-    assert model.xyz_gradient_accum.shape == model.denom.shape == model.max_radii2D.shape == (7,)
-    assert not model.denom.any()
-    step_with_toy_loss(model)  # the optimizer still works on the new tensors
+        assert torch.equal(state["exp_avg"][:4], moments[name]) and not state["exp_avg"][4:].any(), name
+        assert state["step"] == 1 and model.optimizer.param_groups[list(model.params()).index(name)]["params"][0] \
+            is tensor
+    with pytest.raises(ValueError, match="every parameter group"):
+        model.append({"xyz": torch.zeros(1, 3)})
+    step_with_toy_loss(model)  # the optimizer works on the new tensors
 
 
-def test_split_children_are_sampled_in_the_rotated_parent():
-    model = densify_fixture()
-    mean, rot, s = model._means[1].detach().clone(), quat_to_rotmat(model._rotation[1:2])[0], model.scales[1]
-    model.densify_and_prune(0.005, 0.005, extent=1.0, max_screen_size=None,
-                            generator=torch.Generator().manual_seed(5))
-    local = (model._means[-2:].detach() - mean) @ rot  # back to the parent's axes
-    expected = torch.normal(torch.zeros(2, 3), s.expand(2, 3), generator=torch.Generator().manual_seed(5))
-    assert torch.allclose(local, expected, atol=1e-6)
+def test_keep_selects_gaussians_with_their_moments():
+    model = random_model(n=5)
+    model.setup_optimizer(optim_cfg(), 1.0)
+    step_with_toy_loss(model)
+    mask = torch.tensor([True, False, True, False, True])
+    xyz, moment = model.means.detach().clone(), model.optimizer.state[model.means]["exp_avg_sq"].clone()
+    model.keep(mask)
+    assert model.num_points == 3
+    assert torch.equal(model.means, xyz[mask])
+    assert torch.equal(model.optimizer.state[model.means]["exp_avg_sq"], moment[mask])
+    with pytest.raises(ValueError, match=r"mask must be bool \[N=3\]"):
+        model.keep(torch.ones(3))
+    with pytest.raises(ValueError, match=r"mask must be bool \[N=3\]"):
+        model.keep(torch.ones(4, dtype=torch.bool))
 
 
-def test_densify_world_and_screen_size_pruning():
-    model = densify_fixture()
-    counts = model.densify_and_prune(0.005, 0.005, extent=1.0, max_screen_size=20)
-    assert counts == {"cloned": 2, "split": 1, "pruned": 4}  # + G3 (scale 0.2 > 0.1 extent)
-    model = densify_fixture()
-    counts = model.densify_and_prune(0.005, 0.005, extent=1.0, max_screen_size=20, screen_size_prune=True)
-    assert counts == {"cloned": 2, "split": 1, "pruned": 5}  # + G4 (30 px > 20 px)
-    assert model.num_points == 7 + 2 + 2 - 1 - 5
-
-
-def test_densification_stats_from_every_camera():
+def test_replace_requires_the_same_shape():
     model = random_model(n=3)
-    grad = torch.zeros(2, 3, 2)
-    radii = torch.zeros(2, 3, dtype=torch.int32)
-    grad[0, 0] = torch.tensor([1e-3, 2e-3])  # G0 seen by camera 0 only
-    radii[0, 0] = 5
-    grad[1, 1] = torch.tensor([-3e-3, 0.0])  # G1 seen by camera 1 only
-    radii[1, 1] = 7
-    grad[:, 2] = torch.tensor([1e-3, 1e-3])  # G2 seen by both
-    radii[:, 2] = torch.tensor([2, 9], dtype=torch.int32)
-    grad[1, 0] = 1.0  # not visible: ignored
-    model.add_densification_stats(grad, radii, width=64, height=32)
-    ndc = lambda gx, gy: math.hypot(gx * 32, gy * 16)  # noqa: E731
-    expected = torch.tensor([ndc(1e-3, 2e-3), ndc(-3e-3, 0.0), 2 * ndc(1e-3, 1e-3)])
-    assert torch.allclose(model.xyz_gradient_accum, expected, rtol=1e-6)
-    assert torch.equal(model.denom, torch.tensor([1.0, 1.0, 2.0]))
-    assert torch.equal(model.max_radii2D, torch.tensor([5.0, 7.0, 9.0]))
-    model.add_densification_stats(grad[:1], radii[:1], width=64, height=32)
-    assert torch.equal(model.denom, torch.tensor([2.0, 1.0, 3.0]))
-    with pytest.raises(ValueError, match="means2d_grad"):
-        model.add_densification_stats(torch.zeros(2, 4, 2), radii, 64, 32)
-    with pytest.raises(ValueError, match="radii"):
-        model.add_densification_stats(grad, radii[:, :2], 64, 32)
+    model.replace({"scaling": torch.zeros(3, 3)})
+    assert torch.equal(model.scales, torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"replace: scaling must keep its shape \(3, 3\), got \(2, 3\)"):
+        model.replace({"scaling": torch.zeros(2, 3)})
 
 
 # ---------------------------------------------------------------------- gradient edits
@@ -378,7 +335,14 @@ def test_scale_colors_scales_sh_and_zeroes_moments():
 # ---------------------------------------------------------------------- checkpoints
 
 
-def train_steps(model: GaussianModel, steps: range) -> None:
+def strategy() -> DensificationStrategy:
+    return DensificationStrategy(grad_threshold=0.01, min_opacity=0.1, percent_dense=0.07, extent=4.0,
+                                 max_screen_size=20, densify_until_iter=100, densify_from_iter=2,
+                                 densification_interval=3, opacity_reset_interval=1000, stats_all_cameras=True)
+
+
+def train_steps(model: GaussianModel, densification: DensificationStrategy, steps: range) -> None:
+    """Toy training with densification at step 3 (the split children draw from the global generator)."""
     for step in steps:
         model.update_learning_rate(step)
         model.optimizer.zero_grad(set_to_none=True)
@@ -386,36 +350,41 @@ def train_steps(model: GaussianModel, steps: range) -> None:
         model.clip_gradients(0.5)
         g = torch.Generator().manual_seed(100 + step)
         n = model.num_points
-        model.add_densification_stats(torch.randn(2, n, 2, generator=g) * 1e-3,
-                                      torch.randint(0, 3, (2, n), generator=g), 64, 64)
+        torch.manual_seed(step)
+        counts = densification.step_post_backward(model, step, torch.randn(2, n, 2, generator=g) * 1e-3,
+                                                  torch.randint(0, 3, (2, n), generator=g), 64, 64)
         if step == 3:
-            counts = model.densify_and_prune(0.01, 0.1, 4.0, 20, generator=torch.Generator().manual_seed(step))
             assert min(counts.values()) > 0
         model.optimizer.step()
 
 
 def test_checkpoint_resume_is_bit_exact():
-    cfg = optim_cfg(percent_dense=0.07, iterations=10)
-    a = random_model(n=30, sh_degree=1, seed=4)
+    cfg = optim_cfg(iterations=10)
+    a, a_densify = random_model(n=30, sh_degree=1, seed=4), strategy()
     a.setup_optimizer(cfg, 1.0)
-    train_steps(a, range(1, 7))
+    train_steps(a, a_densify, range(1, 7))
 
-    b = random_model(n=30, sh_degree=1, seed=4)
+    b, b_densify = random_model(n=30, sh_degree=1, seed=4), strategy()
     b.setup_optimizer(cfg, 1.0)
-    train_steps(b, range(1, 4))
+    train_steps(b, b_densify, range(1, 5))
     b.one_up_sh_degree()
     buffer = io.BytesIO()
-    torch.save(b.state_dict(), buffer)
+    torch.save({"model": b.state_dict(), "densification": b_densify.state_dict()}, buffer)
     buffer.seek(0)
-    c = GaussianModel(max_sh_degree=1)
-    c.load_state_dict(torch.load(buffer))
+    saved = torch.load(buffer, weights_only=True)
+    assert set(saved["model"]) == {"version", "max_sh_degree", "active_sh_degree", "spatial_lr_scale",
+                                   "lr_schedule", "params", "optimizer"}  # the model's state only
+    c, c_densify = GaussianModel(max_sh_degree=1), strategy()
+    c.load_state_dict(saved["model"])
+    c_densify.load_state_dict(saved["densification"])
     assert c.active_sh_degree == 1 and c.num_points == b.num_points
     c.active_sh_degree = 0  # a had no SH step-up
-    train_steps(c, range(4, 7))
+    train_steps(c, c_densify, range(5, 7))
 
     assert_same_params(a, c)
-    for name in ("xyz_gradient_accum", "denom", "max_radii2D"):
-        assert torch.equal(getattr(a, name), getattr(c, name))
+    a_stats, c_stats = a_densify.state_dict(), c_densify.state_dict()
+    for name in ("grad2d", "count", "max_radii"):
+        assert a_stats[name].shape == (a.num_points,) and torch.equal(a_stats[name], c_stats[name]), name
     for group_a, group_c in zip(a.optimizer.param_groups, c.optimizer.param_groups):
         assert group_a["lr"] == group_c["lr"]
         state_a, state_c = a.optimizer.state[group_a["params"][0]], c.optimizer.state[group_c["params"][0]]
@@ -423,3 +392,15 @@ def test_checkpoint_resume_is_bit_exact():
             assert torch.equal(state_a[key], state_c[key]), (group_a["name"], key)
     with pytest.raises(ValueError, match="max_sh_degree"):
         GaussianModel(max_sh_degree=0).load_state_dict(a.state_dict())
+
+
+def test_a_version_1_state_with_densification_statistics_still_loads():
+    """States written before densification moved out (python -m export.mesh reads old runs' checkpoints)."""
+    model = random_model(n=5, sh_degree=1)
+    old = {**model.state_dict(), "version": 1, "percent_dense": 0.01, "xyz_gradient_accum": torch.zeros(5),
+           "denom": torch.zeros(5), "max_radii2D": torch.zeros(5)}
+    loaded = GaussianModel(max_sh_degree=1)
+    loaded.load_state_dict(old)
+    assert_same_params(model, loaded)
+    with pytest.raises(ValueError, match="unsupported GaussianModel checkpoint version 3"):
+        loaded.load_state_dict({**old, "version": 3})

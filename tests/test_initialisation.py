@@ -15,6 +15,7 @@ from plyfile import PlyData, PlyElement
 import scene.initialisation as init
 from scene.gaussian_model import SH_C0, GaussianModel
 from scene.initialisation import POINTE_MISSING, initial_points
+from scene.ply_format import save_gaussian_ply
 
 
 def camera_cfg(**overrides) -> SimpleNamespace:
@@ -87,7 +88,7 @@ def test_ply_round_trip_through_a_3dgs_ply(tmp_path):
     xyz, rgb = initial_points(camera_cfg(init_shape="box", init_num_pts=50), generator())
     model = GaussianModel.from_points(xyz, rgb, max_sh_degree=0)
     path = tmp_path / "point_cloud.ply"
-    model.save_ply(path, pad_sh_degree=3)
+    save_gaussian_ply(model, path, pad_sh_degree=3)
     points, colours = initial_points(camera_cfg(init_shape="ply", init_path=str(path)), generator())
     assert torch.equal(points, xyz)
     assert torch.allclose(colours, rgb, atol=1e-6)

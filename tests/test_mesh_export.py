@@ -14,6 +14,7 @@ from export.mesh_render import rasterize, render_mesh
 from gaussian_renderer.types import GaussianTensors
 from scene.camera_sampler import orbit_cameras
 from scene.gaussian_model import GaussianModel, rgb_to_sh
+from scene.ply_format import save_gaussian_ply
 
 
 def _column(height: float = 1.2, radius: float = 0.25, per_axis: int = 6) -> GaussianTensors:
@@ -141,9 +142,9 @@ def test_command_meshes_an_interrupted_run_from_its_newest_state(tmp_path, capsy
     with torch.no_grad():
         model._opacity.fill_(3.0)
         model._scaling.fill_(math.log(0.06))
-    model.save_ply(run / "point_cloud" / "iteration_100" / "point_cloud.ply", up_axis="-y")
+    save_gaussian_ply(model, run / "point_cloud" / "iteration_100" / "point_cloud.ply", up_axis="-y")
     old = GaussianModel.from_points(torch.randn(30, 3), torch.rand(30, 3), 0)
-    old.save_ply(run / "point_cloud" / "iteration_50" / "point_cloud.ply")
+    save_gaussian_ply(old, run / "point_cloud" / "iteration_50" / "point_cloud.ply")
     assert find_source(run) == (run / "point_cloud" / "iteration_100" / "point_cloud.ply", 100)
     assert main([str(run), "--resolution", "40", "--faces", "1500", "--bake-views", "0"]) == 0
     written = json.loads(capsys.readouterr().out)

@@ -79,7 +79,8 @@ def test_loss_state_dict_round_trip_includes_gcs_fresh_noise():
 def test_checkpoint_loads_with_weights_only(tmp_path):
     assert _run(tmp_path) == 0
     state = torch.load(next(tmp_path.glob("*/*")) / "checkpoints/last.pt", weights_only=True)
-    assert state["step"] == 4 and {"gaussians", "sampler", "loss", "rng", "global_rng", "health"} <= set(state)
+    parts = {"gaussians", "densification", "sampler", "loss", "rng", "global_rng", "health"}
+    assert state["step"] == 4 and parts <= set(state)
 
 
 @pytest.fixture
@@ -99,9 +100,9 @@ def test_damaged_checkpoint_is_a_message(finished_run, caplog):
 def test_checkpoint_of_another_format_version_is_a_message(finished_run, caplog):
     checkpoint = finished_run / "checkpoints/last.pt"
     state = torch.load(checkpoint, weights_only=True)
-    torch.save({**state, "version": 1}, checkpoint)
+    torch.save({**state, "version": 2}, checkpoint)  # 2: densification statistics inside the Gaussians' state
     assert _resume(finished_run, "OptimizationParams.iterations=6") == 2
-    assert "has format version 1, this train.py reads version 2" in caplog.text
+    assert "has format version 2, this train.py reads version 3" in caplog.text
 
 
 def test_stop_request_first_signal_asks_second_ctrl_c_aborts():

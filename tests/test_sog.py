@@ -30,6 +30,7 @@ from export.sog import (
 from export.splat_data import SplatData, SplatDataError
 from gaussian_renderer import render
 from scene.camera_sampler import orbit_cameras
+from scene.ply_format import save_gaussian_ply
 from utils.metrics import psnr
 
 # A PLY and the .sog that PlayCanvas splat-transform 2.7.1 (the reference encoder, `splat-transform -g cpu
@@ -234,14 +235,14 @@ def test_sixteen_view_psnr_and_size_against_the_ply(tmp_path):
                       np.zeros_like(back.sh_rest))
     without = float(psnr(_renders(no_sh).clamp(0, 1), reference.clamp(0, 1)))
     assert value > 32.0 and value > without + 3.0, f"16-view PSNR {value:.2f} dB, {without:.2f} dB without SH"
-    data.to_model().save_ply(tmp_path / "a.ply", up_axis="z")  # a PLY of the same splats, same frame
+    save_gaussian_ply(data.to_model(), tmp_path / "a.ply", up_axis="z")  # a PLY of the same splats, same frame
     ratio = (tmp_path / "a.ply").stat().st_size / path.stat().st_size
     # small N: the 1024-entry palette of random vectors is ~40 % of the file (real SH-3 scenes: 14-18x)
     assert ratio > 4.5, f"PLY / SOG = {ratio:.2f}"
     sh0 = SplatData(data.means, data.log_scales, data.quats, data.opacity_logits, data.sh_dc,
                     np.zeros((1501, 0, 3), np.float32))
     write_sog(sh0, tmp_path / "b.sog", progress=False)
-    sh0.to_model().save_ply(tmp_path / "b.ply", up_axis="z")
+    save_gaussian_ply(sh0.to_model(), tmp_path / "b.ply", up_axis="z")
     ratio = (tmp_path / "b.ply").stat().st_size / (tmp_path / "b.sog").stat().st_size
     # random, incompressible attributes (~16 B a splat) and a fixed ~5 KB meta.json; the demo asset gives 4.95x
     assert ratio > 3.0, f"PLY / SOG = {ratio:.2f} at SH 0"

@@ -228,10 +228,11 @@ def test_pruning_everything_stops_with_a_message(tmp_path, capsys):
 
 def test_hidden_scene_ply_needs_the_ply_suffix(tmp_path, caplog):
     from scene.gaussian_model import GaussianModel
+    from scene.ply_format import save_gaussian_ply
 
     path = tmp_path / "scene.PLY"
     xyz = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
-    GaussianModel.from_points(xyz, torch.full((3, 3), 0.5), 0).save_ply(path)
+    save_gaussian_ply(GaussianModel.from_points(xyz, torch.full((3, 3), 0.5), 0), path)
     out = tmp_path / "out"
     _assert_message(caplog, _run(out, f"GuidanceParams.analytic_scene={path}"), "is a 3DGS PLY", "suffix .ply")
     assert _no_run_folder(out)

@@ -66,7 +66,7 @@ def check_initialisation(cfg: Config) -> None:
 
 def check_analytic_scene(cfg: Config) -> None:
     from guidance.analytic_prior import PROCEDURAL_SCENES
-    from scene.gaussian_model import GaussianModel
+    from scene.ply_format import load_gaussian_ply
 
     scene = cfg.guidance.analytic_scene
     if scene in PROCEDURAL_SCENES:
@@ -75,7 +75,7 @@ def check_analytic_scene(cfg: Config) -> None:
             f"GuidanceParams.analytic_scene must be one of {list(PROCEDURAL_SCENES)} or a path ending in .ply, "
             f"got {scene!r}")
     try:
-        GaussianModel.load_ply(Path(scene).expanduser()).check_usable(scene)
+        load_gaussian_ply(Path(scene).expanduser()).check_usable(scene)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"GuidanceParams.analytic_scene: {exc}") from None
     require(scene.endswith(".ply"), f"GuidanceParams.analytic_scene {scene!r} is a 3DGS PLY: name it with the "

@@ -15,6 +15,7 @@ import torch
 from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
+from scene.ply_format import save_gaussian_ply
 from training.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from training.distributed import ProcessGroup
 from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
@@ -160,7 +161,8 @@ class TrainingRun:
             self.checkpoint_step = self.trainer.step
 
     def save_point_cloud(self, path: Path) -> None:
-        self.trainer.gaussians.save_ply(path, pad_sh_degree=self.cfg.ply_sh_degree, up_axis=self.cfg.ply_up_axis)
+        save_gaussian_ply(self.trainer.gaussians, path, pad_sh_degree=self.cfg.ply_sh_degree,
+                          up_axis=self.cfg.ply_up_axis)
 
     def save_snapshot(self, step: int) -> None:
         """point_cloud/iteration_<step>/point_cloud.ply, taken before this step's densification and opacity

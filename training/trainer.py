@@ -24,7 +24,8 @@ from guidance.prior import Conditioning, DiffusionPrior
 from guidance.timesteps import warm_up_rate
 from scene.camera_sampler import OrbitCameraSampler
 from scene.cameras import Cameras
-from scene.gaussian_model import AllPrunedError, GaussianModel
+from scene.densification import AllPrunedError, DensificationStrategy
+from scene.gaussian_model import GaussianModel
 from scene.initialisation import initial_points
 from training.distributed import ProcessGroup
 from training.health import NonFiniteGuard, TrainingStopped
@@ -36,7 +37,9 @@ from utils.seeding import global_rng_state, restore_global_rng_state
 log = logging.getLogger(__name__)
 
 SHS_NOISE_STD = math.sqrt(0.2)  # official SH augmentation: sh + N(0, 1) * sqrt(0.2) * sh
-CHECKPOINT_VERSION = 2  # 2: per-part loss state, tensors and primitives only (weights_only loading)
+# 2: per-part loss state, tensors and primitives only (weights_only loading);
+# 3: the densification statistics apart from the Gaussians ("densification", scene/densification.py)
+CHECKPOINT_VERSION = 3
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Trainer:
         self.gaussians = GaussianModel.from_points(xyz, rgb, cfg.model.sh_degree, device=self.device)
         self.extent = float(cfg.camera.default_radius)
         self.gaussians.setup_optimizer(cfg.optim, spatial_lr_scale=self.extent)
+        self.densification = DensificationStrategy.from_config(cfg.optim, self.extent, self.device)
         self.noise_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
         self.step = 0
         self.batch_size = cfg.guidance.C_batch_size
@@ -278,33 +282,22 @@ class Trainer:
         clip = gradient_clip_value(cfg.grad_clip, step)
         if clip is not None:
             g.clip_gradients(clip)
-        if step < cfg.densify_until_iter:
-            with self.timer("communication"):
-                means2d_grad = self.group.gather_rows(out.means2d_grad(), shard)  # [B, N, 2] whole batch
+        if self.densification.collects(step):
+            with self.timer("communication"):  # the statistics take the whole batch, camera by camera
+                means2d_grad = self.group.gather_rows(out.means2d_grad(), shard)  # [B, N, 2]
                 radii = self.group.gather_rows(out.radii, shard)  # [B, N]
-            means2d_grad = torch.where(skip > 0, 0.0, means2d_grad)
-            if not cfg.densify_stats_all_cameras:
-                # official train.py: its camera loop overwrites viewspace_point_tensor, visibility_filter and
-                # radii, so add_densification_stats and max_radii2D see the batch's last camera only
-                means2d_grad, radii = means2d_grad[-1:], radii[-1:]
-            g.add_densification_stats(means2d_grad, radii, out.rgb.shape[-1], out.rgb.shape[-2])
-            densify_now = step > cfg.densify_from_iter and step % cfg.densification_interval == 0
-            # densification syncs anyway; a skipped step's statistics are not trusted, NaN/Inf Gaussians not split
-            if densify_now and not bool(skip):
-                size_threshold = cfg.max_screen_size if step > cfg.opacity_reset_interval else None
-                counts = self.densify_and_prune(step, size_threshold)
-                log.debug("step %d densify: %s -> %d Gaussians", step, counts, g.num_points)
-            if step % cfg.opacity_reset_interval == 0:
-                g.reset_opacity()
+            self.densify(step, means2d_grad, radii, out.rgb.shape[-1], out.rgb.shape[-2], skip)
         if self.cfg.guidance.BEG and cfg.start_reset_iter < step < cfg.end_reset_iter:
             self.brightness_equalization(out.rgb.detach(), shard)
         g.optimizer_step(skip)
 
-    def densify_and_prune(self, step: int, size_threshold: int | None) -> dict[str, int]:
+    def densify(self, step: int, means2d_grad: Tensor, radii: Tensor, width: int, height: int,
+                skip: Tensor) -> dict[str, int] | None:
+        """The strategy's statistics, densification and opacity reset; an empty model stops the run."""
         cfg = self.cfg.optim
         try:
-            return self.gaussians.densify_and_prune(cfg.densify_grad_threshold, cfg.min_opacity, self.extent,
-                                                    size_threshold)
+            return self.densification.step_post_backward(self.gaussians, step, means2d_grad, radii, width, height,
+                                                         skip)
         except AllPrunedError as exc:
             raise TrainingStopped(
                 f"training stopped at step {step}: {exc}. Lower OptimizationParams.min_opacity "
@@ -339,6 +332,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "step": self.step,
             "gaussians": self.gaussians.state_dict(),
+            "densification": self.densification.state_dict(),
             "sampler": self.sampler.state_dict(),
             "loss": self.loss.state_dict(),
             "rng": self.rng.get_state(),
@@ -353,6 +347,7 @@ class Trainer:
                              f"{CHECKPOINT_VERSION}: it was written by another version of train.py")
         self.step = int(state["step"])
         self.gaussians.load_state_dict(state["gaussians"])
+        self.densification.load_state_dict(state["densification"])
         self.sampler.load_state_dict(state["sampler"])
         self.loss.load_state_dict(state["loss"])
         self.rng.set_state(state["rng"])

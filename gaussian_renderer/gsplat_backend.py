@@ -20,11 +20,17 @@ Notes on gsplat 1.5 (checked in its source, ``gsplat/rendering.py`` and
 """
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import torch
 
 from gaussian_renderer.types import RasterizeInputs, RasterizeOutputs
 
-__all__ = ["rasterize_gsplat", "gsplat_available"]
+__all__ = ["rasterize_gsplat", "gsplat_available", "build_gsplat_in_background"]
+
+logger = logging.getLogger(__name__)
 
 
 def gsplat_available() -> bool:
@@ -34,6 +40,27 @@ def gsplat_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def build_gsplat_in_background() -> threading.Thread:
+    """Import gsplat's CUDA extension in a daemon thread, so that its JIT build (1-2 minutes on a fresh
+    machine; the gsplat wheel ships no binaries, `gsplat/cuda/_backend.py` compiles at import) overlaps the
+    model load and torch.compile instead of stalling the first render. The build runs in nvcc/ninja
+    subprocesses, so the thread holds no GIL meanwhile; a render that comes first waits on Python's
+    import lock of the module. Errors are left to that render's own import, which reports them."""
+
+    def build() -> None:
+        t0 = time.perf_counter()
+        try:
+            import gsplat.cuda._backend  # noqa: F401
+        except Exception as exc:  # the render's import raises it again, where the user sees it
+            logger.debug("gsplat's background build failed: %s", exc)
+            return
+        logger.info("gsplat's CUDA extension ready (%.1f s in the background)", time.perf_counter() - t0)
+
+    thread = threading.Thread(target=build, name="gsplat-build", daemon=True)
+    thread.start()
+    return thread
 
 
 def rasterize_gsplat(inputs: RasterizeInputs) -> RasterizeOutputs:

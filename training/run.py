@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gaussian_renderer.gsplat_backend import build_gsplat_in_background
 from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
@@ -311,7 +312,8 @@ class TrainingRun:
         video = self.write_turntable() if cfg.save_video else None
         self.write_metrics()
         mesh = self.write_mesh() if cfg.export_mesh else None
-        self.metrics.setdefault("timings", {})["outputs_written"] = self.timeline.log("outputs_written", "outputs written")
+        written = self.timeline.log("outputs_written", "outputs written")
+        self.metrics.setdefault("timings", {})["outputs_written"] = written
         self.write_metrics()
         outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=video, metrics=self.metrics, mesh=mesh)
         log_summary(outputs, start)
@@ -353,6 +355,8 @@ def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, pri
     timeline = timeline or Timeline(time.time(), "the run's start")
     trainer = _build_trainer(cfg, checkpoint, prior, group, device)
     timeline.log("model_loaded", "model and Gaussians ready")
+    trainer.warm_up_prior()
+    timeline.log("prior_compiled", "UNet and VAE encoder compiled")
     if checkpoint is not None:
         try:
             trainer.load_state_dict(checkpoint)
@@ -386,6 +390,11 @@ def fixed_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def uses_gsplat(cfg: Config) -> bool:
+    """Whether this run renders with gsplat (a CUDA device and a renderer that is not the PyTorch one)."""
+    return (cfg.pipeline.renderer != "torch" and cfg.pipeline.device != "cpu" and torch.cuda.is_available())
+
+
 def follow_steps(trainer: Trainer, iterations: int) -> None:
     """A process other than rank 0 of a multi-process run: take its share of every step, write nothing."""
     for step in range(trainer.step + 1, iterations + 1):
@@ -406,6 +415,8 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
     """
     group = group or ProcessGroup()
     timeline = timeline or Timeline(time.time(), "the start of train()")
+    if uses_gsplat(cfg):
+        build_gsplat_in_background()  # overlaps the model load and compilation (issue 20)
     device = None
     if group.distributed:
         device = group.device(cfg.pipeline.device)

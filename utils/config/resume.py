@@ -42,6 +42,7 @@ RESUMABLE_KEYS = {
     "PipelineParams.channels_last": "a speed lever",
     "PipelineParams.vae_channels_last": "a speed lever",
     "PipelineParams.compile": "a speed lever",
+    "PipelineParams.compile_dynamic_batch": "a speed lever",
     "PipelineParams.cudnn_benchmark": "a speed lever",
     "PipelineParams.attention_slicing": "a memory lever",
 }

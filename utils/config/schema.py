@@ -103,6 +103,8 @@ class PipelineParams:
                                           "(CUDA with Triton only)")
     compile: bool = param(True, "torch.compile the UNet and the VAE encoder (CUDA with Triton only; minutes of "
                                 "compilation on the first run, cached for later runs)")
+    compile_dynamic_batch: bool = param(True, "one compiled UNet program for every batch size a loss uses (the "
+                                              "batch dimension symbolic), not one per batch size")
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)")
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code")
     encode_chunk: int = param(0, "images per VAE-encoder forward+backward (0 = whole batch; 1 = lowest memory, "

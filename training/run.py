@@ -293,8 +293,7 @@ class TrainingRun:
                 record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
                 self.metrics["initial"] = self.evaluate(0, monitor)
                 self.write_metrics()
-                self.timeline.log("renderer_ready", "initial evaluation done (gsplat builds its CUDA code in "
-                                  "the first render of a fresh machine)")
+                self.timeline.log("renderer_ready", "initial evaluation done")
             self.timeline.mark("loop_start")
             self.loop(monitor, stop, viewer)
             self.synchronize()

@@ -224,8 +224,8 @@ def run_config(loss: str, mode: str, components, args, device, dtype, flops: Net
         boundaries.append(end)
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1000 / args.steps
-    all_ms = [a.elapsed_time(b) for a, b in zip(boundaries, boundaries[1:])] or [wall_ms] * len(timed_steps)
-    step_ms = [ms for step, ms in zip(timed_steps, all_ms) if not densifies(cfg, step)] or all_ms
+    all_ms = [a.elapsed_time(b) for a, b in zip(boundaries, boundaries[1:])]  # CUDA only
+    step_ms = [ms for step, ms in zip(timed_steps, all_ms) if not densifies(cfg, step)] or all_ms or [wall_ms]
     densify_ms = [ms for step, ms in zip(timed_steps, all_ms) if densifies(cfg, step)]
     sections = {k: v / args.steps for k, v in timer.totals().items()}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

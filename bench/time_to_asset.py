@@ -11,8 +11,8 @@ each in a fresh process, first on fresh caches (empty TORCHINDUCTOR_CACHE_DIR, T
 TORCH_EXTENSIONS_DIR and CUDA_CACHE_PATH in a temporary folder: a new machine, or a new version of torch)
 and then on the caches that run left (warm: every later run on that machine).
 
-    python bench/time_to_asset.py --out bench/results/time_to_asset_h200.md       # GPU: about 8 minutes
-    python bench/time_to_asset.py --iters 200 --set save_video=false --caches warm  # the user's own caches
+    python bench/time_to_asset.py --set save_video=false --out bench/results/time_to_asset_h100.md  # ~5 min
+    python bench/time_to_asset.py --iters 200 --set save_video=false --caches user  # your own caches
     python bench/time_to_asset.py --tiny --iters 3 --caches fresh                  # CPU smoke test
 
 The table splits the launch-to-first-iteration time with the milestones train.py logs (metrics.json

@@ -19,12 +19,14 @@ import sys
 
 from utils.cli_errors import report_user_error
 from utils.config import ConfigError, parse_cli
+from utils.timeline import Timeline
 
 log = logging.getLogger("train")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    timeline = Timeline()  # seconds since the process was launched
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, args = parse_cli(argv)
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.monitor import setup_logging
     from utils.threads import configure_threads
 
+    timeline.log("imports", "imports done")
     try:
         configure_threads()
     except ValueError as exc:
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.autograd.set_detect_anomaly(bool(args.detect_anomaly))
     group = ProcessGroup.from_environment()  # several processes under torchrun: one asset, cameras split
     try:
-        outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group)
+        outputs = train(cfg, args.opt, ["train.py", *argv], resume=args.resume, quiet=args.quiet, group=group,
+                        timeline=timeline)
     except (ConfigError, ModelNotFoundError, CheckpointError, RunLockedError, FileNotFoundError,
             ViewerUnavailableError) as exc:
         return report_user_error(log, exc)  # the contract every command keeps (utils/cli_errors.py)

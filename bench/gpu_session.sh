@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh 1    GPU tests; straightforward vs default and no-compile for sctd
 #   bash bench/gpu_session.sh 2    straightforward vs default for sctd, sctd+perpneg, ism, sds
 #   bash bench/gpu_session.sh 3    straightforward vs default for cds, gcs; the low-VRAM and large-GPU overlays
+#   bash bench/gpu_session.sh 4    time to asset (train.py, fresh then warm caches); cost against the Gaussian count
+#                                  (mesh export needs PyMCubes, fast-simplification and trimesh among the wheels)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -27,5 +29,12 @@ case "$PART" in
   3)
     bench 300 --modes straightforward,default --losses cds,gcs --out "$OUT/benchmark_3.md"
     bench 200 --modes low-vram,large-gpu --losses sctd --out "$OUT/benchmark_overlays.md" ;;
-  *) echo "part must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    timeout 400 python3 bench/time_to_asset.py --iters 150 --set save_video=false --work /tmp/tta \
+      --out "$OUT/time_to_asset.md" 2>&1 | quiet | tail -8
+    c=/tmp/tta/caches_0  # the caches the time-to-asset runs filled: the benchmark starts warm
+    export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
+    STEPS=30 bench 170 --modes default --losses sctd --gaussians 128000,400000,800000 --start-step 1086 \
+      --out "$OUT/benchmark_gaussians.md" ;;
+  *) echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac

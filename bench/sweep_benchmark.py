@@ -12,13 +12,13 @@ each single run is a fresh process (python -m bench.sweep_benchmark --single ...
 train.py is, started after the sweep so that it finds Inductor's disk cache warm (a first-ever run
 compiles longer). Per run the table gives the wall time of train(), its loop time and ms per iteration,
 the fixed cost outside the loop (folder, initial points, evaluations, PLY and turntable video), the
-compile warm-up (loop time beyond iters x the warm ms/it) and the model load; then minutes per
+compile warm-up (the first iteration beyond the warm ms/it) and the model load; then minutes per
 5000-iteration asset in a sweep (fixed costs per asset, model load and warm-up shared by the assets)
-and as a single run (everything paid again). The ms/it at short iteration counts covers the first
-iterations only: densification grows the Gaussians later in a 5000-iteration run. The loop time also
-holds the run's fixed in-loop work (6 test evaluations, the point-cloud snapshots, the last checkpoint):
-at a few dozen iterations that dominates, and the minutes-per-asset lines overstate the time; use
---iters 500 or more, or take the per-iteration time from bench/benchmark.py.
+and as a single run (everything paid again). The ms/it is the loop's iterations after the first with
+the run's in-loop work (test evaluations, point-cloud snapshots, checkpoints) taken out, from the
+run's metrics.json "timings" (training/run.py); that work, whose count does not grow with the
+iterations, is counted in the fixed cost. The ms/it at short iteration counts covers the first
+iterations only: densification grows the Gaussians later in a 5000-iteration run.
 """
 from __future__ import annotations
 
@@ -51,16 +51,20 @@ class RunTiming:
     wall_s: float  # train(): the whole run
     loop_s: float  # the training loop only
     model_load_s: float  # prior built for this run (0 when reused)
+    ms_per_it: float  # iterations after the first, in-loop evaluations/snapshots/checkpoints taken out
+    first_iteration_s: float  # the first iteration (compilation, CUDA-graph capture when not yet done)
+    in_loop_s: float  # in-loop evaluations, snapshots and checkpoints
     process_s: float | None = None  # single runs: the whole process, from its start
     peak_gib: float | None = None
 
     @property
-    def ms_per_it(self) -> float:
-        return 1000.0 * self.loop_s / self.iterations
+    def warmup_s(self) -> float:
+        return max(self.first_iteration_s - self.ms_per_it / 1000.0, 0.0)
 
     @property
     def fixed_s(self) -> float:
-        return self.wall_s - self.loop_s
+        """Wall time that does not scale with the iterations, the first iteration's excess aside."""
+        return self.wall_s - self.loop_s + self.in_loop_s
 
 
 def overrides(args) -> list[str]:
@@ -113,8 +117,11 @@ def sweep(args, prompts_file: Path, out: Path, mode: str) -> list[RunTiming]:
         done = read_marker(plan.folder(run), DONE)
         if done is None:
             raise RuntimeError(f"{run.name} failed: see {plan.folder(run) / 'failed.json'}")
+        split = json.loads((plan.folder(run) / "metrics.json").read_text())["timings"]
+        first = split["first_iteration"] - split["loop_start"]
         timings.append(RunTiming(mode, i, run.prompt.text, done["iterations"], done["wall_seconds"],
                                  done["train_seconds"], worker.model_load_seconds - loaded,
+                                 split["ms_per_iteration"], first, split["in_loop_work_seconds"],
                                  peak_gib=done["peak_gpu_memory_gib"]))
         loaded = worker.model_load_seconds
     return timings
@@ -143,19 +150,19 @@ def single_runs(args, prompts: list[str], work: Path) -> list[RunTiming]:
 
 
 def minutes_per_asset(sweep_runs: list[RunTiming], singles: list[RunTiming], n_assets: int) -> dict[str, float]:
-    """Minutes per 5000-iteration asset: warm ms/it and fixed costs, plus what is paid once (sweep, shared
-    by n_assets) or every time (single run: the whole process beyond its loop)."""
+    """Minutes per 5000-iteration asset: ms/it and fixed costs, plus what is paid once (sweep, shared
+    by n_assets) or every time (single run: the whole process beyond its iterations)."""
     warm = sweep_runs[1:] or sweep_runs
-    ms_it = statistics.median(r.ms_per_it for r in warm)
-    fixed = statistics.median(r.fixed_s for r in warm)
+    ms_it = statistics.median(r.ms_per_it for r in sweep_runs)  # the first iteration is out of every run's
+    fixed = statistics.median(r.fixed_s + r.warmup_s for r in warm)
     first = sweep_runs[0]
-    once = first.model_load_s + max(first.loop_s - first.iterations * ms_it / 1000.0, 0.0)
+    once = first.model_load_s + first.warmup_s
     out = {"ms_per_it": ms_it, "fixed_s": fixed, "paid_once_s": once,
            "sweep": (fixed + ASSET_ITERATIONS * ms_it / 1000.0 + once / n_assets) / 60.0}
     if singles:
-        overhead = statistics.median(r.process_s - r.loop_s for r in singles)
+        overhead = statistics.median(r.process_s - (r.iterations - 1) * r.ms_per_it / 1000.0 for r in singles)
         out["single_overhead_s"] = overhead
-        out["single"] = (overhead + ASSET_ITERATIONS * ms_it / 1000.0) / 60.0
+        out["single"] = (overhead + (ASSET_ITERATIONS - 1) * ms_it / 1000.0) / 60.0
     return out
 
 
@@ -167,7 +174,7 @@ def format_table(runs: list[RunTiming], summary: dict, gpu: str, args) -> str:
              "| peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ms_it = summary["ms_per_it"]
     for r in runs:
-        warmup = max(r.loop_s - r.iterations * ms_it / 1000.0, 0.0)
+        warmup = r.warmup_s
         process = "-" if r.process_s is None else f"{r.process_s:.1f}"
         peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f}"
         lines.append(f"| {r.mode} | {r.index} | {r.prompt[:40]} | {r.wall_s:.1f} | {r.loop_s:.1f} | "

@@ -28,13 +28,19 @@ Notes on gsplat 1.5 (checked in its source, ``gsplat/rendering.py`` and
 """
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 import torch
 
 from gaussian_renderer.torch_backend import sh_to_rgb
 from gaussian_renderer.types import RasterizeInputs, RasterizeOutputs
 from scene.cameras import centers_from_view_matrices
 
-__all__ = ["rasterize_gsplat", "gsplat_arguments", "gsplat_available"]
+__all__ = ["rasterize_gsplat", "gsplat_arguments", "gsplat_available", "build_gsplat_in_background"]
+
+logger = logging.getLogger(__name__)
 
 
 def gsplat_available() -> bool:
@@ -71,6 +77,27 @@ def gsplat_arguments(inputs: RasterizeInputs) -> dict:
                     backgrounds=backgrounds[:, None])
     return dict(args, width=inputs.width, height=inputs.height, near_plane=inputs.near, far_plane=inputs.far,
                 eps2d=inputs.eps2d, sh_degree=None, packed=False, render_mode="RGB", rasterize_mode="classic")
+
+
+def build_gsplat_in_background() -> threading.Thread:
+    """Import gsplat's CUDA extension in a daemon thread, so that its JIT build (1-2 minutes on a fresh
+    machine; the gsplat wheel ships no binaries, `gsplat/cuda/_backend.py` compiles at import) overlaps the
+    model load and torch.compile instead of stalling the first render. The build runs in nvcc/ninja
+    subprocesses, so the thread holds no GIL meanwhile; a render that comes first waits on Python's
+    import lock of the module. Errors are left to that render's own import, which reports them."""
+
+    def build() -> None:
+        t0 = time.perf_counter()
+        try:
+            import gsplat.cuda._backend  # noqa: F401
+        except Exception as exc:  # the render's import raises it again, where the user sees it
+            logger.debug("gsplat's background build failed: %s", exc)
+            return
+        logger.info("gsplat's CUDA extension ready (%.1f s in the background)", time.perf_counter() - t0)
+
+    thread = threading.Thread(target=build, name="gsplat-build", daemon=True)
+    thread.start()
+    return thread
 
 
 def rasterize_gsplat(inputs: RasterizeInputs) -> RasterizeOutputs:

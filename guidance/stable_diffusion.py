@@ -301,6 +301,18 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return module.eval()
 
 
+def _dynamic_batch(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Calls `compiled` with dimension 0 of every tensor argument marked dynamic (where the code allows),
+    so that its first compilation makes a program for any batch size."""
+
+    def call(*args: Tensor) -> Tensor:
+        for a in args:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+        return compiled(*args)
+
+    return call
+
+
 class StableDiffusionPrior(DiffusionPrior):
     """A frozen Stable Diffusion model (epsilon or v prediction) seen as a prior over rendered views."""
 
@@ -426,9 +438,11 @@ class StableDiffusionPrior(DiffusionPrior):
         return Conditioning(branches, perp_neg_weights=weights)
 
     def enable_fast_path(self, cuda_graphs: bool, channels_last: bool = False, attention_slicing: bool = False,
-                         compile: bool = False, vae_attention: str = "sdpa", vae_channels_last: bool = False) -> None:
+                         compile: bool = False, vae_attention: str = "sdpa", vae_channels_last: bool = False,
+                         compile_dynamic_batch: bool = False) -> None:
         """Speed levers that keep the maths (measured in bench/results/components_*.md): torch.compile of the
-        UNet and the VAE encoder (static shapes: one specialised program per batch size), CUDA-graph replay
+        UNet (one program for every batch size with compile_dynamic_batch, else one per batch size; every
+        other dimension static) and the VAE encoder (static shapes), CUDA-graph replay
         of the fixed-shape UNet calls (of the compiled program when both are on), channels-last
         UNet convolutions, explicit matmul+softmax VAE attention, a channels-last VAE encoder whose
         GroupNorm+SiLU pairs run as Triton NHWC kernels (guidance/group_norm_nhwc.py; without them
@@ -453,16 +467,47 @@ class StableDiffusionPrior(DiffusionPrior):
                            "run uncompiled (pip install triton, or set PipelineParams.compile=false)")
             compile = False
         if compile:
-            logger.info("torch.compile: the first iterations compile the UNet (one program per batch size) and "
-                        "the VAE encoder, about 2-3 minutes on a first run and less once Inductor's disk cache "
-                        "is warm; PipelineParams.compile=false skips it")
-            # dynamic=False: the UNet sees batches 4 and 8 in one step, and a shape-generic program
-            # would be slower for both
-            unet_fn = torch.compile(self._unet_eps, dynamic=False)
+            logger.info("torch.compile: the UNet (%s) and the VAE encoder compile before the first iteration, "
+                        "minutes on a first run and less once Inductor's disk cache is warm; "
+                        "PipelineParams.compile=false skips it",
+                        "one program for every batch size" if compile_dynamic_batch else "one program per batch size")
+            if compile_dynamic_batch:
+                # SCTD's step runs the UNet on batches B and 2B (the CFG pair): a symbolic batch dimension
+                # compiles one program instead of two (issue 20); the CUDA graphs of each batch replay it
+                unet_fn = _dynamic_batch(torch.compile(self._unet_eps, dynamic=None))
+            else:
+                unet_fn = torch.compile(self._unet_eps, dynamic=False)
             self._encoder_runner = torch.compile(self._moments, dynamic=False)
         if cuda_graphs:
             unet_fn = GraphedForward(unet_fn, "the compiled UNet" if compile else "the UNet")
         self._unet_runner = unet_fn
+
+    @torch.no_grad()
+    def _warm_unet(self, batch: int, latent_hw: tuple[int, int]) -> None:
+        g = torch.Generator(device=self.device).manual_seed(0)  # not the global stream the training draws from
+        latents = torch.randn(batch, self.unet.config.in_channels, *latent_hw, generator=g, device=self.device,
+                              dtype=self.dtype)
+        if self._unet_channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        t = torch.full((batch,), 500, dtype=torch.long, device=self.device)
+        context = self.embeddings["null"].to(self.dtype).expand(batch, -1, -1).contiguous()
+        self._unet_runner(latents, t, context)
+
+    def warm_up(self, batch: int, height: int, width: int) -> None:
+        """Compile (and CUDA-graph) the UNet and the VAE encoder's forward+backward now, on inputs of a
+        training step's shapes drawn from a private generator, rather than in the first iteration: the
+        caller runs this while gsplat's CUDA extension builds in the background. The programs and graphs
+        are the ones the step would have made (the graphs copy their inputs at each replay), and no
+        random stream of the run is consumed, so the run's numbers do not change."""
+        if self.device.type != "cuda" or self._encoder_runner is self._moments:
+            return  # nothing compiled: nothing to do ahead
+        g = torch.Generator(device=self.device).manual_seed(0)
+        images = torch.rand(batch, 3, height, width, generator=g, device=self.device)
+        x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous(memory_format=self._encoder_layout)
+        x.requires_grad_(True)
+        self._encoder_runner(x).float().sum().backward()
+        self._warm_unet(batch, (height // 8, width // 8))
+        torch.cuda.synchronize(self.device)
 
     def use_channels_last_encoder(self) -> None:
         """Channels-last VAE encoder (and quant_conv) with its GroupNorm(+SiLU) layers as GroupNormAct, which

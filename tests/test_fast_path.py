@@ -34,11 +34,13 @@ def _config(model_dir, mode, device, loss="sctd", perpneg=False):
     ] + mode, warn_no_effect=False)
 
 
-def _gradients(cfg, device):
+def _gradients(cfg, device, warm_up=False):
     torch.manual_seed(0)
     prior = StableDiffusionPrior.from_config(cfg.guidance, device)
     apply_pipeline_options(prior, cfg.pipeline)
     trainer = Trainer(cfg, prior=prior, device=torch.device(device))
+    if warm_up:  # as train.py does: compile and capture before the first step, on private random inputs
+        trainer.warm_up_prior()
     grads = []
     for step in (1, 2):  # the CUDA graphs are captured on the first call and replayed on the second
         torch.manual_seed(step)
@@ -71,13 +73,16 @@ def test_fast_path_gradient_equals_straightforward_cpu(tiny_sd_dir, loss, perpne
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode", [FAST, [], ["PipelineParams.vae_channels_last=false"]],
-                         ids=["no-compile", "defaults", "contiguous-vae"])
-def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch, mode):
-    """defaults = the schema's: torch.compile + CUDA graphs, channels-last UNet, matmul VAE attention,
-    channels-last VAE encoder with the Triton NHWC GroupNorm kernels."""
+@pytest.mark.parametrize("mode,warm_up", [(FAST, False), ([], False), ([], True),
+                                          (["PipelineParams.compile_dynamic_batch=false"], False),
+                                          (["PipelineParams.vae_channels_last=false"], False)],
+                         ids=["no-compile", "defaults", "defaults-warmed-up", "static-batch", "contiguous-vae"])
+def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch, mode, warm_up):
+    """defaults = the schema's: torch.compile (one UNet program for every batch size) + CUDA graphs,
+    channels-last UNet, matmul VAE attention, channels-last VAE encoder with the Triton NHWC GroupNorm
+    kernels; warmed-up: compiled and captured ahead of the first step (train.py's order)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    fast = _gradients(_config(tiny_sd_dir, mode, "cuda", perpneg=True), "cuda")
+    fast = _gradients(_config(tiny_sd_dir, mode, "cuda", perpneg=True), "cuda", warm_up)
     straight = _gradients(_config(tiny_sd_dir, STRAIGHT, "cuda", perpneg=True), "cuda")
     _compare(fast, straight, rel_tol=1e-3, min_cos=0.9999)

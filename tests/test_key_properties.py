@@ -55,6 +55,8 @@ def _candidates(key: str, default):
     spec = key_spec(key)
     meta, tp = spec.meta, spec.type
     choices = field_choices(meta)
+    if choices and isinstance(default, list):  # a list of choices (export_formats): add one more
+        return [[*default, c] for c in choices if c not in default]
     if choices:
         return [c for c in choices if c != default]
     optional = typing.get_origin(tp) is typing.Union

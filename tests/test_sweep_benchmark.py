@@ -6,16 +6,22 @@ from bench.sweep_benchmark import RunTiming, minutes_per_asset
 
 
 def test_minutes_per_asset_share_the_one_off_costs_in_a_sweep_only():
-    runs = [RunTiming("sweep", 0, "a", 100, wall_s=75.0, loop_s=70.0, model_load_s=20.0),  # 60 s compile
-            RunTiming("sweep", 1, "b", 100, wall_s=15.0, loop_s=10.0, model_load_s=0.0),
-            RunTiming("sweep", 2, "c", 100, wall_s=15.0, loop_s=10.0, model_load_s=0.0)]
-    single = [RunTiming("single", 0, "a", 100, wall_s=45.0, loop_s=30.0, model_load_s=20.0, process_s=80.0)]
+    # run 0 pays 60 s of compilation in its first iteration; every run spends 2 s on in-loop evaluations
+    runs = [RunTiming("sweep", 0, "a", 100, wall_s=75.0, loop_s=72.0, model_load_s=20.0, ms_per_it=100.0,
+                      first_iteration_s=60.1, in_loop_s=2.0),
+            RunTiming("sweep", 1, "b", 100, wall_s=15.0, loop_s=12.0, model_load_s=0.0, ms_per_it=100.0,
+                      first_iteration_s=0.1, in_loop_s=2.0),
+            RunTiming("sweep", 2, "c", 100, wall_s=15.0, loop_s=12.0, model_load_s=0.0, ms_per_it=100.0,
+                      first_iteration_s=0.1, in_loop_s=2.0)]
+    single = [RunTiming("single", 0, "a", 100, wall_s=45.0, loop_s=32.0, model_load_s=20.0, ms_per_it=100.0,
+                        first_iteration_s=20.1, in_loop_s=2.0, process_s=80.0)]
+    assert runs[0].warmup_s == pytest.approx(60.0) and runs[1].fixed_s == pytest.approx(5.0)
     out = minutes_per_asset(runs, single, n_assets=4)
     assert out["ms_per_it"] == pytest.approx(100.0) and out["fixed_s"] == pytest.approx(5.0)
     assert out["paid_once_s"] == pytest.approx(20.0 + 60.0)
     assert out["sweep"] == pytest.approx((5.0 + 500.0 + 80.0 / 4) / 60.0)
-    assert out["single_overhead_s"] == pytest.approx(50.0)
-    assert out["single"] == pytest.approx((50.0 + 500.0) / 60.0)
+    assert out["single_overhead_s"] == pytest.approx(80.0 - 9.9)  # the process less its 99 later iterations
+    assert out["single"] == pytest.approx((70.1 + 499.9) / 60.0)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from gaussian_renderer.gsplat_backend import build_gsplat_in_background
 from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
@@ -32,6 +33,7 @@ from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
 from utils.monitor import Monitor, setup_logging
 from utils.seeding import seed_everything
+from utils.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,13 @@ class TrainingRun:
     """Runs a Trainer for cfg.optim.iterations steps and writes everything into run_dir."""
 
     def __init__(self, cfg: Config, run_dir: Path, trainer: Trainer, quiet: bool = False,
-                 viewer: ViewerSettings | None = None):
+                 viewer: ViewerSettings | None = None, timeline: Timeline | None = None):
         self.cfg, self.run_dir, self.trainer, self.quiet = cfg, run_dir, trainer, quiet
         self.viewer = viewer or ViewerSettings.from_config(cfg)
+        self.timeline = timeline or Timeline(time.time(), "the run's start")
+        self.work_seconds = 0.0  # in-loop evaluations, point-cloud snapshots and checkpoints of this session
+        self.work_count = 0
+        self.work_seconds_at_first = 0.0  # ... done before the first iteration of this session ended
         iters = cfg.optim.iterations
         self.test_steps = {1} | schedule_points(iters, cfg.test_ratio)
         self.save_steps = schedule_points(iters, cfg.save_ratio)
@@ -218,6 +224,24 @@ class TrainingRun:
         if not report.parameters_finite or report.worst_streak >= patience:
             raise NonFiniteTrainingError(stop_message(report, step, patience, self.lrs, self.checkpoint_step))
 
+    def synchronize(self) -> None:
+        """Wait for the queued device work, so that a wall-clock reading covers it (timing milestones only)."""
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
+
+    @contextlib.contextmanager
+    def in_loop_work(self):
+        """Times in-loop evaluations, snapshots and checkpoints apart from the iterations (metrics.json
+        "timings"): these steps sync the device anyway, so the two syncs here cost nothing."""
+        self.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.work_seconds += time.perf_counter() - t0
+            self.work_count += 1
+
     def after_step(self, step: int, result, monitor: Monitor) -> None:
         """Logging and checkpoints due at this step (after its update)."""
         cfg = self.cfg
@@ -231,7 +255,8 @@ class TrainingRun:
             monitor.log_images("train/rgb", result.render.rgb, step)
             monitor.log_images("train/depth", result.render.depth, step)
         if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-            self.save_checkpoint()
+            with self.in_loop_work():
+                self.save_checkpoint()
 
     def before_update(self, step: int, monitor: Monitor) -> None:
         """Test views and snapshots due at this step, taken after its backward pass and before its
@@ -239,10 +264,12 @@ class TrainingRun:
         (`training_report` and `scene.save` come before the densification block): the test views of
         iteration k show the Gaussians that iteration k rendered."""
         if step in self.test_steps:
-            self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
-            self.write_metrics()
+            with self.in_loop_work():
+                self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
+                self.write_metrics()
         if step in self.save_steps:
-            self.save_snapshot(step)
+            with self.in_loop_work():
+                self.save_snapshot(step)
 
     def loop(self, monitor: Monitor, stop: StopRequest, viewer) -> None:
         trainer = self.trainer
@@ -252,11 +279,31 @@ class TrainingRun:
             result = trainer.train_step(step, before_update=hook)
             trainer.step = step
             self.steps_done += 1
+            if self.steps_done == 1:  # compilation and CUDA-graph capture happen in this one
+                self.synchronize()
+                self.timeline.log("first_iteration", "first iteration done")
+                self.work_seconds_at_first = self.work_seconds
             viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused
             self.after_step(step, result, monitor)
             if stop.requested:
                 self.save_checkpoint()
                 raise TrainingInterrupted(step, stop.requested)
+
+    def record_timings(self) -> None:
+        """metrics.json "timings": this session's milestones (seconds since launch) and its loop split into
+        the first iteration, the others (ms each) and the in-loop work (evaluations, snapshots, checkpoints)."""
+        events = self.timeline.state_dict()
+        timings: dict = {"since": self.timeline.origin_name, **events, "iterations": self.steps_done,
+                         "in_loop_work_seconds": round(self.work_seconds, 3), "in_loop_work_count": self.work_count}
+        if self.steps_done > 1 and {"first_iteration", "loop_end"} <= events.keys():
+            later = (events["loop_end"] - events["first_iteration"]
+                     - (self.work_seconds - self.work_seconds_at_first))
+            timings["ms_per_iteration"] = round(1000.0 * later / (self.steps_done - 1), 2)
+            log.info("loop: %d iterations; the first ended %.1f s after the loop started, the other %d took "
+                     "%.1f ms each, plus %.1f s in %d in-loop evaluations, snapshots and checkpoints",
+                     self.steps_done, events["first_iteration"] - events.get("loop_start", 0.0),
+                     self.steps_done - 1, timings["ms_per_iteration"], self.work_seconds, self.work_count)
+        self.metrics["timings"] = timings
 
     def record_session(self, start: int, seconds: float) -> None:
         sessions = self.metrics.setdefault("sessions", [])
@@ -289,7 +336,11 @@ class TrainingRun:
                 record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
                 self.metrics["initial"] = self.evaluate(0, monitor)
                 self.write_metrics()
+                self.timeline.log("renderer_ready", "initial evaluation done")
+            self.timeline.mark("loop_start")
             self.loop(monitor, stop, viewer)
+            self.synchronize()
+            self.timeline.mark("loop_end")
         except BaseException:
             failed = True
             raise
@@ -301,6 +352,7 @@ class TrainingRun:
                 monitor.close()
             if self.steps_done:
                 with _disk_full_ignored(failed):
+                    self.record_timings()
                     self.record_session(start, time.perf_counter() - t0)
 
     def finish(self, start: int) -> RunOutputs:
@@ -330,6 +382,10 @@ class TrainingRun:
             record.mark(VIDEO, self.write_turntable())
         if MESH in missing:
             record.mark(MESH, self.write_mesh())
+        if missing:
+            self.metrics.setdefault("timings", {})["outputs_written"] = self.timeline.log("outputs_written",
+                                                                                          "outputs written")
+            self.write_metrics()
         written = {name: None if path is None else self.run_dir / path for name, path in record.written.items()}
         outputs = RunOutputs(run_dir=self.run_dir, point_cloud=ply, video=written.get(VIDEO), metrics=self.metrics,
                              mesh=written.get(MESH))
@@ -396,8 +452,12 @@ def _build_trainer(cfg: Config, checkpoint: dict | None, prior, group: ProcessGr
 
 
 def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, prior, group: ProcessGroup,
-           device, viewer: ViewerSettings | None = None) -> TrainingRun:
+           device, viewer: ViewerSettings | None = None, timeline: Timeline | None = None) -> TrainingRun:
+    timeline = timeline or Timeline(time.time(), "the run's start")
     trainer = _build_trainer(cfg, checkpoint, prior, group, device)
+    timeline.log("model_loaded", "model and Gaussians ready")
+    trainer.warm_up_prior()
+    timeline.log("prior_compiled", "UNet and VAE encoder compiled")
     if checkpoint is not None:
         try:
             trainer.load_state_dict(checkpoint)
@@ -408,7 +468,7 @@ def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, pri
     log.info("%s loss, %s prior, %d Gaussians, %d iterations on %s%s", cfg.guidance.guidance_type,
              cfg.guidance.prior, trainer.gaussians.num_points, cfg.optim.iterations, trainer.device,
              f" and {group.world_size - 1} more processes" if group.distributed else "")
-    return TrainingRun(cfg, run_dir, trainer, quiet, viewer)
+    return TrainingRun(cfg, run_dir, trainer, quiet, viewer, timeline)
 
 
 def _remove_unstarted(run_dir: Path, quiet: bool) -> None:
@@ -431,6 +491,11 @@ def fixed_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def uses_gsplat(cfg: Config) -> bool:
+    """Whether this run renders with gsplat (a CUDA device and a renderer that is not the PyTorch one)."""
+    return (cfg.pipeline.renderer != "torch" and cfg.pipeline.device != "cpu" and torch.cuda.is_available())
+
+
 def follow_steps(trainer: Trainer, iterations: int) -> None:
     """A process other than rank 0 of a multi-process run: take its share of every step, write nothing."""
     for step in range(trainer.step + 1, iterations + 1):
@@ -440,16 +505,19 @@ def follow_steps(trainer: Trainer, iterations: int) -> None:
 
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
           quiet: bool = False, prior=None, group: ProcessGroup | None = None,
-          run_dir: Path | None = None) -> RunOutputs | None:
+          run_dir: Path | None = None, timeline: Timeline | None = None) -> RunOutputs | None:
     """Check, build everything from cfg and run it (the body of train.py).
 
     A fresh run gets a new folder (or `run_dir`, new or empty, from a sweep that also passes its loaded
     `prior`); with `resume`, cfg is the run folder's config (see utils.config.load_run_config) and
     training continues from its checkpoint. Under torchrun (`group`, default one process) the processes
     share each step's cameras (training.distributed); rank 0 writes and returns the outputs, the
-    other ranks return None.
+    other ranks return None. `timeline` (train.py: seconds since launch) logs the start-up milestones.
     """
     group = group or ProcessGroup()
+    timeline = timeline or Timeline(time.time(), "the start of train()")
+    if uses_gsplat(cfg):
+        build_gsplat_in_background()  # overlaps the model load and compilation (issue 20)
     device = None
     if group.distributed:
         device = group.device(cfg.pipeline.device)
@@ -458,7 +526,7 @@ def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None
             _train_follower(cfg, resume, prior, group, device)
             group.barrier(device)  # rank 0 still evaluates and writes: leave together
             return None
-    outputs = _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device, run_dir)
+    outputs = _train_writer(cfg, opt_path, argv, resume, quiet, prior, group, device, run_dir, timeline)
     group.barrier(device)
     return outputs
 
@@ -476,7 +544,7 @@ def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup,
 
 
 def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None, quiet: bool, prior,
-                  group: ProcessGroup, device, run_dir: Path | None) -> RunOutputs:
+                  group: ProcessGroup, device, run_dir: Path | None, timeline: Timeline) -> RunOutputs:
     try:
         preflight(cfg, resume=bool(resume), prior_given=prior is not None)
         viewer = ViewerSettings.from_config(cfg)  # also on --resume; checks that viser is installed
@@ -501,7 +569,7 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
                     log.info("removed the temporary file %s left by an interrupted write", stale)
             save_config(cfg, run_dir / "config.yaml")
             (append_command if resume else write_run_metadata)(run_dir, argv)
-            run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device, viewer)
+            run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device, viewer, timeline)
             return run.run(stop)
         except BaseException:
             if not resume and (run is None or run.steps_done == 0):

@@ -68,6 +68,7 @@ def apply_pipeline_options(prior, pipe) -> None:
     """The PipelineParams speed/memory levers of a Stable Diffusion prior (CUDA-only ones are no-ops on a CPU)."""
     prior.enable_fast_path(cuda_graphs=pipe.cuda_graphs, channels_last=pipe.channels_last,
                            attention_slicing=pipe.attention_slicing, compile=pipe.compile,
+                           compile_dynamic_batch=pipe.compile_dynamic_batch,
                            vae_attention=pipe.vae_attention, vae_channels_last=pipe.vae_channels_last)
     if pipe.encode_chunk:
         prior.set_posterior_sampling(False)  # the chunked encoder recomputes its forward: keep it deterministic
@@ -113,6 +114,16 @@ class Trainer:
         self.health = NonFiniteGuard(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.pipeline.cudnn_benchmark
+
+    def warm_up_prior(self) -> None:
+        """Compile the prior's networks on this run's step shapes before the first render (a no-op for a
+        prior with nothing to compile): see StableDiffusionPrior.warm_up."""
+        warm_up = getattr(self.prior, "warm_up", None)
+        if warm_up is None:
+            return
+        shard = self.group.shard(self.batch_size)
+        warm_up(self.batch_size if shard is None else shard.size, int(self.cfg.camera.image_h),
+                int(self.cfg.camera.image_w))
 
     # ------------------------------------------------------------------ one iteration
 

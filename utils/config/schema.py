@@ -125,6 +125,9 @@ class PipelineParams:
                                           "(CUDA with Triton only)", resumable="a speed lever")
     compile: bool = param(True, "torch.compile the UNet and the VAE encoder (CUDA with Triton only; minutes of "
                                 "compilation on the first run, cached for later runs)", resumable="a speed lever")
+    compile_dynamic_batch: bool = param(True, "one compiled UNet program for every batch size a loss uses (the "
+                                              "batch dimension symbolic), not one per batch size",
+                                        resumable="a speed lever")
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)",
                                   prior_free=True, resumable="a speed lever")
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code",

@@ -1,0 +1,219 @@
+"""Time to asset: `train.py` run as a user runs it, from the command to the mesh (issue 20).
+
+The paper's command line on config/bagel.yaml, with a random-weight SD 2.1-base saved as a diffusers
+folder (the real model's cost; no weights are downloaded) and a sphere start (Point-E is not installed):
+
+    python train.py --opt config/bagel.yaml --guidance_type sctd --phase_num 5 --num_ddim_timesteps 50 \
+        --guid_scale 7.5 GuidanceParams.model_key=<folder> GenerateCamParams.init_shape=sphere \
+        OptimizationParams.iterations=<--iters>
+
+each in a fresh process, first on fresh caches (empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR,
+TORCH_EXTENSIONS_DIR and CUDA_CACHE_PATH in a temporary folder: a new machine, or a new version of torch)
+and then on the caches that run left (warm: every later run on that machine).
+
+    python bench/time_to_asset.py --set save_video=false --out bench/results/time_to_asset_h100.md  # ~5 min
+    python bench/time_to_asset.py --iters 200 --set save_video=false --caches user  # your own caches
+    python bench/time_to_asset.py --tiny --iters 3 --caches fresh                  # CPU smoke test
+
+The table splits the launch-to-first-iteration time with the milestones train.py logs (metrics.json
+"timings", utils/timeline.py): imports; model load (the folder read, the Gaussians built); compile ahead
+(torch.compile of the UNet and the VAE encoder and their CUDA graphs before the first render, while
+gsplat builds in the background); the first render (the initial evaluation; on a fresh machine it waits
+for gsplat's CUDA build); the first iteration (whatever was not compiled ahead, cuDNN autotuning). Then the
+loop's ms/iteration over the other iterations with the in-loop evaluations, snapshots and checkpoints
+taken out (reported apart), the final outputs (evaluation, PLY, video, mesh) and the process's wall time.
+The ms/iteration is at the start of a run (~100k Gaussians; densification grows them later in a
+5000-iteration run: bench/benchmark.py --gaussians measures larger counts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_COMMAND = ["--opt", "config/bagel.yaml", "--guidance_type", "sctd", "--phase_num", "5",
+                 "--num_ddim_timesteps", "50", "--guid_scale", "7.5"]
+CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
+                   "TORCH_EXTENSIONS_DIR": "torch_extensions", "CUDA_CACHE_PATH": "cuda"}
+TINY_OVERRIDES = ["GenerateCamParams.image_w=64", "GenerateCamParams.image_h=64",
+                  "GenerateCamParams.init_num_pts=500", "PipelineParams.compile=false", "video_frames=4",
+                  "export_mesh=false", "save_video=false"]
+ASSET_ITERATIONS = 5000
+
+
+@dataclass
+class RunTimes:
+    """One train.py process: its milestones (seconds since launch) and loop split, from metrics.json."""
+
+    caches: str  # "fresh", "warm" or "user"
+    process_s: float  # wall time of the whole process, measured from outside
+    timings: dict  # metrics.json "timings"
+
+    def at(self, name: str) -> float:
+        return float(self.timings[name])
+
+    @property
+    def imports_s(self) -> float:
+        return self.at("imports")
+
+    @property
+    def model_s(self) -> float:
+        return self.at("model_loaded") - self.at("imports")
+
+    @property
+    def compile_ahead_s(self) -> float:
+        """The UNet and VAE encoder compiled before the first render (0 for code that compiles in the loop)."""
+        return self.at("prior_compiled") - self.at("model_loaded") if "prior_compiled" in self.timings else 0.0
+
+    @property
+    def first_render_s(self) -> float:
+        return self.at("renderer_ready") - self.at("model_loaded") - self.compile_ahead_s
+
+    @property
+    def first_iteration_s(self) -> float:
+        return self.at("first_iteration") - self.at("loop_start")
+
+    @property
+    def outputs_s(self) -> float:
+        return self.at("outputs_written") - self.at("loop_end")
+
+    def projected_s(self, iterations: int = ASSET_ITERATIONS) -> float:
+        """Launch to outputs for `iterations` at this run's ms/iteration (same evaluations and outputs)."""
+        return (self.at("first_iteration") + (iterations - 1) * self.timings["ms_per_iteration"] / 1000.0
+                + self.timings["in_loop_work_seconds"] + self.outputs_s)
+
+
+def make_model_folder(folder: Path, tiny: bool) -> Path:
+    """A diffusers Stable Diffusion folder with random weights (fp16 for the full-size one)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if tiny:
+        from tests.tiny_models import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline("epsilon")
+    else:
+        from bench.random_sd import random_sd_components
+
+        parts = random_sd_components()
+        pipe = StableDiffusionPipeline(**parts._asdict(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False).to(dtype=torch.float16)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def cache_environment(caches: str, cache_root: Path) -> dict[str, str]:
+    """The process environment: the user's caches ("user"), or every compile cache under cache_root."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if caches != "user":
+        env.update({name: str(cache_root / sub) for name, sub in CACHE_VARIABLES.items()})
+    return env
+
+
+def train_command(model: Path, iters: int, output_dir: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "train.py", *PAPER_COMMAND, f"GuidanceParams.model_key={model}",
+            "GenerateCamParams.init_shape=sphere", f"OptimizationParams.iterations={iters}",
+            f"output_dir={output_dir}", *extra]
+
+
+def run_train(command: list[str], env: dict[str, str], caches: str, log_path: Path) -> RunTimes:
+    """Run train.py to its end; its metrics.json "timings" and the process's wall time."""
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
+    process_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py exited with {proc.returncode}; its log: {log_path}")
+    match = re.search(r"^run folder:\s+(.+)$", proc.stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"train.py printed no run folder; its output:\n{proc.stdout}")
+    metrics = json.loads((Path(match.group(1).strip()) / "metrics.json").read_text())
+    return RunTimes(caches, process_s, metrics["timings"])
+
+
+def format_table(runs: list[RunTimes], device: str, args) -> str:
+    lines = [
+        f"# Time to asset: {device}", "",
+        f"`python bench/time_to_asset.py {' '.join(args.argv)}`: train.py {' '.join(PAPER_COMMAND)} "
+        f"GuidanceParams.model_key=<random-weight {'tiny SD' if args.tiny else 'SD 2.1-base, fp16'}> "
+        f"GenerateCamParams.init_shape=sphere OptimizationParams.iterations={args.iters}"
+        + "".join(f" {item}" for item in args.set or []) + ". Seconds unless marked.", "",
+        "| caches | launch to 1st iteration | imports | model load | compile ahead | first render (gsplat build) "
+        "| 1st iteration | ms/it after | in-loop evals+saves s (n) | outputs | process total "
+        f"| {ASSET_ITERATIONS} its projected |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        t = r.timings
+        lines.append(
+            f"| {r.caches} | **{r.at('first_iteration'):.1f}** | {r.imports_s:.1f} | {r.model_s:.1f} "
+            f"| {r.compile_ahead_s:.1f} | {r.first_render_s:.1f} | {r.first_iteration_s:.1f} "
+            f"| **{t['ms_per_iteration']:.1f}** "
+            f"| {t['in_loop_work_seconds']:.1f} ({t['in_loop_work_count']}) | {r.outputs_s:.1f} "
+            f"| {r.process_s:.1f} | {r.projected_s() / 60:.1f} min |")
+    lines += ["", f"Projected: launch to outputs at the measured ms/it for {ASSET_ITERATIONS} iterations "
+              "(the same evaluations and outputs); densification grows the Gaussians in a real run, "
+              "which raises the later iterations' cost (bench/benchmark.py --gaussians)."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=200, help="OptimizationParams.iterations of each run")
+    p.add_argument("--caches", default="fresh,warm",
+                   help="runs in order, comma-separated: fresh (empty compile caches), warm (the caches the "
+                        "runs before left), user (your own caches, untouched)")
+    p.add_argument("--model", type=Path, help="a Stable Diffusion folder (default: random weights, saved once)")
+    p.add_argument("--set", action="append", metavar="Section.key=value",
+                   help="extra config override for every run (repeatable), e.g. save_video=false")
+    p.add_argument("--tiny", action="store_true", help="tiny random SD at 64x64, no compile (CPU smoke test)")
+    p.add_argument("--out", type=Path, help="write the table (markdown) here")
+    p.add_argument("--work", type=Path, help="folder for the model, caches and run folders (default: temporary)")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    order = args.caches.split(",")
+    if args.iters < 2 or not order or any(c not in ("fresh", "warm", "user") for c in order):
+        p.error("--iters must be >= 2; --caches a comma-separated list of fresh, warm, user")
+    if order[0] == "warm":
+        p.error("--caches: 'warm' reuses the caches of the runs before it; start with 'fresh' (or use 'user')")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    extra = (TINY_OVERRIDES if args.tiny else []) + list(args.set or [])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model = args.model or make_model_folder(work / "model", args.tiny)
+        runs, cache_root = [], work / "caches_0"
+        for k, caches in enumerate(args.caches.split(",")):
+            if caches == "fresh":
+                cache_root = work / f"caches_{k}"  # new and empty
+            command = train_command(model, args.iters, work / f"outputs_{k}", extra)
+            run = run_train(command, cache_environment(caches, cache_root), caches, work / f"train_{k}.log")
+            print(f"{caches:6s} first iteration {run.at('first_iteration'):7.1f} s after launch, "
+                  f"{run.timings['ms_per_iteration']:.1f} ms/it, process {run.process_s:.1f} s", flush=True)
+            runs.append(run)
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    table = format_table(runs, device, args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The start-up timeline train.py writes (metrics.json "timings") and bench/time_to_asset.py's arithmetic."""
+import json
+import time
+
+import pytest
+
+import train
+from bench import time_to_asset
+from bench.time_to_asset import RunTimes
+from utils.timeline import Timeline, process_start_time
+
+MILESTONES = ["imports", "model_loaded", "prior_compiled", "renderer_ready", "loop_start", "first_iteration",
+              "loop_end", "outputs_written"]
+
+
+def test_process_start_is_before_now_and_a_milestone_is_kept_once():
+    start = process_start_time()
+    assert start <= time.time() and time.time() - start < 24 * 3600  # this process started today
+    timeline = Timeline(origin=time.time() - 10.0)
+    first = timeline.mark("a")
+    assert first == pytest.approx(10.0, abs=1.0)
+    time.sleep(0.01)
+    assert timeline.mark("a") == first and timeline.state_dict() == {"a": first}
+    assert timeline.since("a") >= 0.01
+
+
+def test_train_writes_its_milestones_in_order_and_splits_the_loop(tmp_path):
+    argv = ["--opt", "config/demo.yaml", "--quiet", f"output_dir={tmp_path}", "OptimizationParams.iterations=4",
+            "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=300",
+            "eval_resolution=32", "save_video=false", "export_mesh=false", "test_ratio=2", "save_ratio=2"]
+    assert train.main(argv) == 0
+    (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
+    timings = json.loads((run / "metrics.json").read_text())["timings"]
+    assert timings["since"] == "launch" and timings["iterations"] == 4
+    values = [timings[name] for name in MILESTONES]
+    assert values == sorted(values) and values[0] > 0
+    # evaluations at steps 1, 2 and 4, snapshots at 2 and 4, the final checkpoint: 6 pieces of in-loop work
+    assert timings["in_loop_work_count"] == 6 and timings["in_loop_work_seconds"] > 0
+    loop = timings["loop_end"] - timings["first_iteration"]
+    assert 0 < timings["ms_per_iteration"] * 3 / 1000 <= loop
+
+
+def _times(**over) -> RunTimes:
+    t = {"imports": 6.0, "model_loaded": 28.0, "prior_compiled": 128.0, "renderer_ready": 130.0, "loop_start": 130.0,
+         "first_iteration": 131.0, "loop_end": 160.0, "outputs_written": 170.0, "ms_per_iteration": 100.0,
+         "in_loop_work_seconds": 12.0, "in_loop_work_count": 9}
+    return RunTimes("fresh", 175.0, {**t, **over})
+
+
+def test_run_times_split_launch_to_first_iteration():
+    r = _times()
+    assert (r.imports_s, r.model_s, r.compile_ahead_s) == (6.0, 22.0, 100.0)
+    assert r.first_render_s == pytest.approx(2.0) and r.first_iteration_s == pytest.approx(1.0)
+    assert r.outputs_s == pytest.approx(10.0)
+    # first iteration + 4999 x 0.1 s + the in-loop work + the outputs
+    assert r.projected_s(5000) == pytest.approx(131.0 + 499.9 + 12.0 + 10.0)
+    old = _times(prior_compiled=None)  # code that compiles in the first iteration logs no prior_compiled
+    del old.timings["prior_compiled"]
+    assert old.compile_ahead_s == 0.0 and old.first_render_s == pytest.approx(102.0)
+
+
+def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):
+    args = time_to_asset.parse_args(["--iters", "150", "--set", "save_video=false"])
+    text = time_to_asset.format_table([_times(), RunTimes("warm", 60.0, _times().timings)], "GPU X", args)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0][:2] == ["caches", "launch to 1st iteration"] and [r[0] for r in rows[1:]] == ["fresh", "warm"]
+    assert rows[1][1] == "**131.0**" and "**100.0**" in rows[1] and "12.0 (9)" in rows[1]
+    assert "GPU X" in text and "save_video=false" in text and "OptimizationParams.iterations=150" in text
+
+
+@pytest.mark.parametrize("argv", [["--caches", "warm"], ["--caches", "fresh,cold"], ["--iters", "1"]])
+def test_bad_arguments_are_refused(argv):
+    with pytest.raises(SystemExit) as exc:
+        time_to_asset.parse_args(argv)
+    assert exc.value.code == 2

@@ -381,7 +381,8 @@ class Config:
     mesh_level: float = param(0.3, "opacity iso-level of the mesh surface", gt=0.0, max=0.99)
     mesh_bake_views: int = param(12, "views per ring (4 rings) whose Gaussian renders colour the mesh; 0 = colours "
                                      "from the nearby Gaussians' SH DC only", min=0)
-    mesh_texture: int = param(0, "size of a baked UV texture for the mesh (e.g. 1024; 0 = per-vertex colours)",
+    mesh_texture: int = param(0, "size of a baked UV texture for the GLB and the OBJ (0 = per-vertex colours in "
+                                 "the GLB, a texture sized by face count in the OBJ)",
                               choices=(0, 256, 512, 1024, 2048, 4096))
 
 

@@ -288,7 +288,6 @@ def test_an_address_that_cannot_be_listened_on_is_a_user_error_before_training(t
     assert not out.exists() or not any(out.iterdir())  # no run folder
 
 
-@requires_viser
 def test_the_viewer_address_is_checked_before_the_run():
     from training.viewer import check_address
 

@@ -388,6 +388,9 @@ def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup,
     except torch.OutOfMemoryError:  # rank 0 says what was kept; this rank says where it failed
         raise OutOfMemoryStop(out_of_memory_message(cfg, device, None if trainer is None else trainer.step,
                                                     None)) from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"rank {group.rank} interrupted: it writes nothing, rank 0's message says what the "
+                             "run folder holds") from None
     return None
 
 

@@ -9,8 +9,9 @@
     torchrun --nproc_per_node=2 train.py --opt config/bagel.yaml   # one asset, each step's cameras on 2 GPUs
 
 Exit codes: 0 done; 2 a user error (the message says which key or file and what to do; nothing is
-left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned, a full disk); 130
-stopped by Ctrl-C or SIGTERM (a checkpoint of the last completed step is saved).
+left behind); 1 training stopped on its own (NaN/Inf that persists, everything pruned, a full disk, out
+of GPU memory: the message names the step, the peak and the settings that lower it); 130 stopped by Ctrl-C
+or SIGTERM (a checkpoint of the last completed step is saved; the message says which).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.health import TrainingStopped
     from training.lock import RunLockedError
     from training.run import train
-    from training.stop import TrainingInterrupted
+    from training.stop import RunInterrupted, TrainingInterrupted
     from training.viewer import ViewerUnavailableError
     from utils.monitor import setup_logging
     from utils.threads import configure_threads
@@ -63,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     except TrainingInterrupted as exc:
-        log.warning("%s: checkpoint saved; continue with: python train.py --resume <run folder>", exc)
+        log.warning("%s: %s", exc, exc.outcome())
         return 130
-    except KeyboardInterrupt:
-        log.warning("interrupted: the last checkpoint in the run folder is intact")
+    except RunInterrupted as exc:
+        log.warning("%s", exc)
+        return 130
+    except KeyboardInterrupt:  # before the run folder existed (or on a rank that writes none)
+        log.warning("interrupted before training started: no run folder was written")
         return 130
     except OSError as exc:  # a full disk outside the training loop (which reports its own, see training/run.py)
         from utils.files import is_disk_full

@@ -2,11 +2,16 @@
 
     apt-get install -y chromium            # once
     python bench/browser_check.py glb [--glb mesh.glb | --texture 512] [--npm DIR] [--out shot.png]
+    python bench/browser_check.py obj [--obj mesh.obj] [--npm DIR] [--out shot.png]
     python bench/browser_check.py ply [--ply point_cloud.ply] [--npm DIR] [--out shots_prefix]
 
 glb: three.js's GLTFLoader, camera on the +Z side (the asset's front) with three.js's +Y up.
     Without --glb a tall test object is exported first (a column of Gaussians along the training
     world's z, red bottom, blue top: export/mesh.py).
+obj: three.js's OBJLoader with the materials of MTLLoader (the MTL next to the OBJ and its map_Kd
+    texture), lit by an ambient light of intensity pi (three.js's Lambert term divides by pi: the
+    texture's colours as they are). Without --obj the tall test object's mesh.obj, which must show
+    blue above red; the page also reports how many of the loaded materials carry a texture.
 ply: the same column as a 3DGS PLY in GaussianSplats3D (mkkellogg, a three.js splat viewer):
     `ply_up_axis: y` with the viewer's defaults (camera up +y), and `ply_up_axis: -y` with the
     transform SuperSplat / PlayCanvas apply to every PLY they load (180 degrees about z) must
@@ -66,6 +71,46 @@ new GLTFLoader().load('model.glb', (gltf) => {
 </script></body></html>
 """
 
+OBJ_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>
+<script type="importmap">{"imports": {"three": "./npm/three/build/three.module.js",
+                                      "three/addons/": "./npm/three/examples/jsm/"}}</script>
+<style>body { margin: 0; background: #fff; }</style></head><body>
+<script type="module">
+import * as THREE from 'three';
+import { OBJLoader } from 'three/addons/loaders/OBJLoader.js';
+import { MTLLoader } from 'three/addons/loaders/MTLLoader.js';
+const renderer = new THREE.WebGLRenderer({ antialias: false, preserveDrawingBuffer: true });
+renderer.setSize(window.innerWidth, window.innerHeight);
+document.body.appendChild(renderer.domElement);
+const scene = new THREE.Scene();
+scene.background = new THREE.Color(0xffffff);
+scene.add(new THREE.AmbientLight(0xffffff, Math.PI));
+const camera = new THREE.PerspectiveCamera(35, window.innerWidth / window.innerHeight, 0.01, 100);
+const fail = (err) => { document.title = 'error: ' + err; };
+new MTLLoader().load('model.mtl', (materials) => {
+  materials.preload();
+  new OBJLoader().setMaterials(materials).load('model.obj', (object) => {
+    scene.add(object);
+    const box = new THREE.Box3().setFromObject(object);
+    const centre = box.getCenter(new THREE.Vector3());
+    const size = box.getSize(new THREE.Vector3()).length();
+    camera.position.set(centre.x, centre.y, centre.z + 1.6 * size);  // front view, default up +Y
+    camera.lookAt(centre);
+    const used = [];
+    object.traverse((o) => { if (o.isMesh) used.push(...[o.material].flat()); });
+    const textured = used.filter((m) => m.map).length;
+    const waitForTextures = () => {
+      if (used.every((m) => !m.map || (m.map.image && m.map.image.complete !== false))) {
+        renderer.render(scene, camera);
+        document.title = `ready materials=${used.length} textured=${textured}`;
+      } else { setTimeout(waitForTextures, 100); }
+    };
+    waitForTextures();
+  }, undefined, fail);
+}, undefined, fail);
+</script></body></html>
+"""
+
 # ?f=FILE&rot=1 loads FILE rotated 180 degrees about z (quaternion x, y, z, w = 0, 0, 1, 0), as SuperSplat does.
 PLY_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>
 <script type="importmap">{"imports": {"three": "./npm/three/build/three.module.js"}}</script>
@@ -105,6 +150,13 @@ def tall_test_glb(folder: Path, texture: int = 0) -> Path:
     from export.mesh import MeshOptions, export_mesh
 
     return export_mesh(tall_column(), folder, MeshOptions(resolution=64, faces=5000, texture=texture))["glb"]
+
+
+def tall_test_obj(folder: Path) -> Path:
+    """The tall test object's mesh.obj (with its MTL and texture) as export_mesh writes it by default."""
+    from export.mesh import MeshOptions, export_mesh
+
+    return export_mesh(tall_column(), folder, MeshOptions(resolution=64, faces=5000))["obj"]
 
 
 def tall_test_ply(path: Path, up_axis: str) -> Path:
@@ -157,6 +209,7 @@ class Site:
         self._tmp.cleanup()
 
     def screenshot(self, query: str, out: Path, size: int = 512, settle_s: float = 3.0) -> Path:
+        self.title = ""  # the page's title once loaded ('ready ...' with what it reports)
         """Open the page in headless Chromium, wait until it sets its title to 'ready' (loaders and
         workers done), let it draw settle_s more seconds, and save a PNG. Driven over the DevTools
         protocol, since Chromium's --screenshot fires at the load event, before asynchronous loads end."""
@@ -176,6 +229,7 @@ class Site:
                 title = devtools.wait_for_title(("ready", "error"), timeout_s=120)
                 if not title.startswith("ready"):
                     raise RuntimeError(f"page did not load: {title!r}")
+                self.title = title
                 time.sleep(settle_s)
                 png = devtools.call("Page.captureScreenshot", format="png")["data"]
                 out.write_bytes(base64.b64decode(png))
@@ -265,6 +319,34 @@ def check_glb(args, node_modules: Path, work: Path) -> list[dict]:
              **inspect(out, test_object=args.glb is None)}]
 
 
+def obj_files(obj: Path) -> dict[str, Path]:
+    """The OBJ, its MTL and the textures the MTL names, under the names OBJ_PAGE loads."""
+    mtl = obj.with_suffix(".mtl")
+    files = {"model.obj": obj, "model.mtl": mtl}
+    for line in mtl.read_text().splitlines():
+        if line.startswith("map_Kd "):
+            name = line.split(maxsplit=1)[1].strip()
+            files[name] = obj.parent / name
+    return files
+
+
+def check_obj(args, node_modules: Path, work: Path) -> list[dict]:
+    obj = args.obj or tall_test_obj(work / "test_object")
+    files = obj_files(obj)
+    # the OBJ names its MTL by the file name it was written under: serve the text with model.mtl instead
+    renamed = work / "served.obj"
+    renamed.write_text(obj.read_text().replace(f"mtllib {obj.with_suffix('.mtl').name}", "mtllib model.mtl"))
+    files["model.obj"] = renamed
+    out = args.out.with_suffix(".png")
+    with Site(OBJ_PAGE, node_modules, files) as site:
+        site.screenshot("", out)
+        title = site.title
+    report = dict(item.split("=") for item in title.split()[1:])
+    found = inspect(out, test_object=args.obj is None)
+    return [{"client": "three.js OBJLoader + MTLLoader", "obj": str(args.obj or "tall test object"),
+             "screenshot": str(out), **report, **found, "ok": found["ok"] and int(report["textured"]) > 0}]
+
+
 def check_given_ply(args, node_modules: Path) -> list[dict]:
     """A PLY of ours in GaussianSplats3D, as SuperSplat would place it (-y: rolled 180 degrees about z)
     or as is (y); the pixels are only checked for content: look at the screenshot."""
@@ -300,8 +382,10 @@ def check_ply(args, node_modules: Path, work: Path) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("glb", "ply"))
+    parser.add_argument("mode", choices=("glb", "obj", "ply"))
     parser.add_argument("--glb", type=Path, help="glb mode: GLB to open (default: a tall test object exported now)")
+    parser.add_argument("--obj", type=Path, help="obj mode: OBJ to open, its MTL and texture next to it (default: "
+                                                 "the tall test object exported now)")
     parser.add_argument("--ply", type=Path, help="ply mode: show this exported PLY (default: the test column cases)")
     parser.add_argument("--texture", type=int, default=0, help="glb mode: bake the test object's colours into a "
                                                                    "UV texture of this size")
@@ -312,7 +396,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         node_modules = args.npm or install_packages(work / "npm")
-        results = (check_glb if args.mode == "glb" else check_ply)(args, node_modules, work)
+        results = {"glb": check_glb, "obj": check_obj, "ply": check_ply}[args.mode](args, node_modules, work)
     for row in results:
         print(json.dumps(row))
     return 0 if all(row["ok"] for row in results) else 1

@@ -7,7 +7,8 @@ the iso-level `level`, clean-up (components smaller than a fraction of the large
 floaters), decimation to a target face count (fast-simplification's quadric simplifier), and
 per-vertex colours: from renders of the Gaussians where views see the surface (export/mesh_bake.py),
 elsewhere the Gaussians' degree-0 SH (the view-independent colour) blended over the Gaussians near
-each vertex, weighted by their opacity there. Optionally a baked UV texture (export/mesh_texture.py).
+each vertex, weighted by their opacity there. The OBJ always carries a baked UV texture
+(export/mesh_texture.py), the GLB one when `texture` is set.
 
 Files follow glTF's convention: +Y up, front facing +Z, 1 unit = 1 metre (the training scene's
 units taken as metres; the object fits in about 1-2 units). Both are stated in the GLB (scene
@@ -19,7 +20,7 @@ import argparse
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,7 +57,8 @@ class MeshOptions:
     neighbours: int = 16  # Gaussians blended into a colour where no bake view sees the surface
     bake_views: int = 12  # views per ring (4 rings) whose Gaussian renders give the colours (0 = no renders)
     bake_size: int = 256  # their image size (pixels)
-    texture: int = 0  # size of a baked UV texture (0 = per-vertex colours only)
+    texture: int = 0  # size of a baked UV texture for both files (0 = per-vertex colours in the GLB, a
+    # texture sized by obj_texture_size in the OBJ)
 
 
 @dataclass
@@ -184,21 +186,23 @@ def _unlit_materials(tree: dict) -> None:
     tree["extensionsUsed"] = sorted(set(tree.get("extensionsUsed", [])) | {"KHR_materials_unlit"})
 
 
-def write_obj(mesh: "ColoredMesh | TexturedMesh", path: Path) -> Path:
-    """Wavefront OBJ + MTL: per-vertex colours ("v x y z r g b", read by Blender, MeshLab and trimesh)
-    with a plain white material, or UVs with the baked texture as a PNG next to it."""
+def obj_texture_size(faces: int) -> int:
+    """The OBJ's texture size when none is configured: about 64 texels per face (finer than the vertex
+    colours everywhere), a power of two from 256 to 1024."""
+    size = 256
+    while size < 1024 and size * size < 64 * faces:
+        size *= 2
+    return size
+
+
+def write_obj(mesh: "TexturedMesh", path: Path) -> Path:
+    """Wavefront OBJ + MTL with UVs and the baked texture as a PNG next to them (map_Kd). Per-vertex
+    colours ("v x y z r g b") are not used: Blender's and three.js's OBJ importers ignore them as soon
+    as a material is assigned, and without one they show no colour either."""
     import trimesh
 
     header = [f"# {key}: {value}" for key, value in ASSET_NOTE.items()]
     mtl = path.with_suffix(".mtl")
-    if isinstance(mesh, ColoredMesh):
-        lines = [*header, f"mtllib {mtl.name}", "usemtl material_0"]
-        lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}"
-                  for (x, y, z), (r, g, b) in zip(mesh.exported_vertices(), mesh.colors)]
-        lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in mesh.faces]
-        atomic_write_bytes(mtl, b"newmtl material_0\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\n")
-        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-        return path
     text, files = trimesh.exchange.obj.export_obj(_to_trimesh(mesh), return_texture=True, mtl_name=mtl.name,
                                                   header=None)
     (texture,) = [name for name in files if name.endswith(".png")]
@@ -216,16 +220,19 @@ def _rgba8(colors: np.ndarray) -> np.ndarray:
 
 def export_mesh(gaussians: GaussianTensors, folder: Path, options: MeshOptions = MeshOptions(),
                 extras: dict | None = None) -> dict[str, Path]:
-    """mesh.glb and mesh.obj (+ mesh.mtl, + the texture PNG when options.texture) in `folder`.
+    """mesh.glb and mesh.obj + mesh.mtl + the OBJ's texture PNG in `folder`.
     Returns {"glb": ..., "obj": ...}."""
+    from export.mesh_texture import bake_texture
+
     mesh = mesh_from_gaussians(gaussians, options)
     if options.texture:
-        from export.mesh_texture import bake_texture
-
-        mesh = bake_texture(gaussians, mesh.vertices, mesh.faces, options)
+        mesh = textured = bake_texture(gaussians, mesh.vertices, mesh.faces, options)
+    else:  # the GLB keeps the vertex colours (glTF's COLOR_0 is shown by every viewer); the OBJ needs a texture
+        size = obj_texture_size(len(mesh.faces))
+        textured = bake_texture(gaussians, mesh.vertices, mesh.faces, replace(options, texture=size))
     info = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "options": asdict(options),
             **(extras or {})}
-    return {"glb": write_glb(mesh, folder / "mesh.glb", info), "obj": write_obj(mesh, folder / "mesh.obj")}
+    return {"glb": write_glb(mesh, folder / "mesh.glb", info), "obj": write_obj(textured, folder / "mesh.obj")}
 
 
 # ---------------------------------------------------------------------- sources

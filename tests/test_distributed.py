@@ -129,3 +129,41 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(tmp_path, monkeypatch
         if isinstance(ref, torch.Tensor) and ref.is_floating_point():
             err = ((resumed[name] - ref).norm() / ref.norm().clamp_min(1e-12)).item()
             assert resumed[name].shape == ref.shape and err < 1e-4, (name, err)
+
+
+_JOIN_AND_LEAVE = """
+import gc, sys, weakref
+import torch
+import torch.distributed as dist
+from training.distributed import ProcessGroup
+group = ProcessGroup.from_environment()
+group.start(torch.device("cpu"), timeout_s=60)
+param = torch.nn.Parameter(torch.ones(4))
+torch.optim.Adam([param], lr=0.1)  # the first optimizer imports torch._dynamo (and torch.distributed._shard)
+flat = torch.ones(3) * (group.rank + 1)
+dist.all_reduce(flat)
+default = weakref.ref(dist.distributed_c10d._get_default_group())
+group.stop()
+gc.collect()
+print(f"rank {group.rank} sum {flat.tolist()} group freed {default() is None}")
+"""
+
+
+def test_leaving_the_group_frees_it_before_exit(tmp_path):
+    """The cause of a rare SIGABRT at exit ("terminate called without an active exception"): a process
+    group still referenced after destroy_process_group() has its gloo threads torn down during interpreter
+    exit. After ProcessGroup.stop() nothing may refer to it, even once an optimizer imported torch._dynamo."""
+    from bench.headless_chromium import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, "-c", _JOIN_AND_LEAVE], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert f"rank {rank} sum [3.0, 3.0, 3.0] group freed True" in out, out + err[-3000:]
+        assert "outlived destroy_process_group" not in err, err[-3000:]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.gaussian_field import opacity_grid
-from export.mesh import MeshOptions, export_mesh, find_source, main, mesh_from_gaussians
+from export.mesh import MeshOptions, export_mesh, find_source, main, mesh_from_gaussians, obj_texture_size
 from export.mesh_render import rasterize, render_mesh
 from gaussian_renderer.types import GaussianTensors
 from scene.camera_sampler import orbit_cameras
@@ -132,6 +132,34 @@ def test_glb_opens_in_trimesh_upright_with_vertex_colours(tmp_path):
     assert b"KHR_materials_unlit" in files["glb"].read_bytes()[:4096]
     obj = trimesh.load(files["obj"], process=False)
     assert obj.faces.shape == mesh.faces.shape and np.allclose(obj.bounds, mesh.bounds, atol=1e-4)
+
+
+def test_the_default_obj_carries_its_colours_in_a_texture_its_mtl_names(tmp_path):
+    """Blender and three.js's OBJLoader ignore "v x y z r g b" once a material is used: the OBJ written by
+    default (texture=0, per-vertex colours in the GLB) has UVs and a map_Kd texture with the colours."""
+    trimesh = pytest.importorskip("trimesh")
+    pytest.importorskip("xatlas")
+    files = export_mesh(_column(), tmp_path, MeshOptions(resolution=32, faces=1500, bake_views=2, bake_size=64))
+    mtl = (tmp_path / "mesh.mtl").read_text().splitlines()
+    (texture_name,) = [line.split()[1] for line in mtl if line.startswith("map_Kd ")]
+    assert "Kd 1 1 1" in mtl and (tmp_path / texture_name).is_file()
+    text = files["obj"].read_text()
+    assert "mtllib mesh.mtl" in text and "\nvt " in text and "\nusemtl " in text
+    obj = trimesh.load(files["obj"], process=False)
+    image = np.asarray(obj.visual.material.image.convert("RGB")).astype(float) / 255.0
+    assert image.shape[0] == obj_texture_size(len(obj.faces))
+    rows = np.clip(((1.0 - obj.visual.uv[:, 1]) * image.shape[0]).astype(int), 0, image.shape[0] - 1)
+    cols = np.clip((obj.visual.uv[:, 0] * image.shape[1]).astype(int), 0, image.shape[1] - 1)
+    colors, up = image[rows, cols], obj.vertices[:, 1]
+    assert colors[up > 0.3].mean(0)[2] > 0.7 and colors[up < -0.3].mean(0)[0] > 0.7  # blue top, red bottom
+    glb = next(iter(trimesh.load(files["glb"]).geometry.values()))
+    assert "color" in glb.visual.vertex_attributes  # the GLB keeps its per-vertex colours (COLOR_0) ...
+    assert getattr(glb.visual.material, "baseColorTexture", None) is None  # ... and has no texture
+
+
+def test_obj_texture_size_gives_each_face_about_64_texels():
+    assert [obj_texture_size(f) for f in (0, 1000, 1024, 1025, 4096, 4097, 50000)] == [256, 256, 256, 512, 512,
+                                                                                       1024, 1024]
 
 
 def test_command_meshes_an_interrupted_run_from_its_newest_state(tmp_path, capsys):

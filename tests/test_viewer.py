@@ -269,3 +269,35 @@ def test_the_speed_bench_times_every_mode_and_compares_the_trained_gaussians():
     table = viewer_speed.table(results, cfg, 3, 1, "CPU").splitlines()
     assert table[2].startswith("| mode | ms / iteration | vs off |") and len(table) == 6
     assert table[4].startswith("| viewer off |") and "| +0.0% |" in table[4] and table[5].endswith("| yes |")
+
+
+@requires_viser
+def test_an_address_that_cannot_be_listened_on_is_a_user_error_before_training(tmp_path):
+    """999.1.1.1 used to hang forever in viser's retry loop (SIGTERM ignored): a subprocess with a timeout,
+    so a regression fails instead of hanging the suite."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "train.py", *TINY_RUN, f"output_dir={out}", "--viewer",
+                           "--viewer_host", "999.1.1.1"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "viewer_host='999.1.1.1' (--viewer_host) is not an address" in proc.stderr, proc.stderr[-3000:]
+    assert "use 127.0.0.1 (this machine only) or 0.0.0.0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())  # no run folder
+
+
+def test_the_viewer_address_is_checked_before_the_run():
+    from training.viewer import check_address
+
+    unbound = r"viewer_host='192.0.2.1' \(--viewer_host\) cannot be listened on"
+    with pytest.raises(ViewerUnavailableError, match=unbound):
+        check_address("192.0.2.1", free_port())  # TEST-NET-1 (RFC 5737): on no machine's interfaces
+    with pytest.raises(ViewerUnavailableError, match="is not an address or a known host name"):
+        check_address("no-such-host.invalid", free_port())
+    check_address("127.0.0.1", free_port())
+    with socket.socket() as busy:  # a busy port is fine: viser moves to the next free one
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        check_address("127.0.0.1", busy.getsockname()[1])

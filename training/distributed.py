@@ -14,8 +14,11 @@ keeps it.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +28,20 @@ from torch import Tensor
 from guidance.losses.base import BatchShard
 
 log = logging.getLogger(__name__)
+
+
+def import_before_joining() -> None:
+    """Import what the run imports lazily and what would otherwise hold the process group past its end.
+
+    The first torch.optim optimizer imports torch._dynamo, which imports torch.distributed._shard; imported
+    while a process group exists, that keeps references to the default group (10 with torch 2.13), so
+    destroy_process_group() cannot free it. Gloo's worker threads are then torn down during interpreter
+    exit, where a joinable std::thread is destroyed now and then: "terminate called without an active
+    exception" (SIGABRT) in a process whose run had finished. Imported before init_process_group,
+    nothing refers to the group and destroy_process_group() frees it and joins its threads.
+    """
+    import torch._dynamo  # noqa: F401
+    import torch.distributed._shard  # noqa: F401
 
 
 def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -75,6 +92,7 @@ class ProcessGroup:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        import_before_joining()
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
@@ -90,8 +108,15 @@ class ProcessGroup:
             dist.barrier()
 
     def stop(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        """Leave the group; its backend (gloo's worker threads) must be freed here, not at interpreter exit."""
+        if not (self.distributed and dist.is_initialized()):
+            return
+        default = weakref.ref(dist.distributed_c10d._get_default_group())
+        dist.destroy_process_group()
+        gc.collect()
+        if default() is not None:
+            log.warning("rank %d: the process group outlived destroy_process_group (%d references); the process "
+                        "may abort at exit", self.rank, sys.getrefcount(default()) - 1)
 
     # ------------------------------------------------------------------ the step's collectives
 

@@ -22,9 +22,10 @@ from training.distributed import ProcessGroup
 from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
 from training.health import HealthReport, NonFiniteTrainingError, TrainingStopped, stop_message
 from training.lock import RunLock
+from training.memory import OutOfMemoryStop, out_of_memory_message
 from training.preflight import preflight
 from training.run_dir import append_command, atomic_torch_save, new_run_dir, write_run_metadata
-from training.stop import StopRequest, TrainingInterrupted
+from training.stop import RunInterrupted, StopRequest, TrainingInterrupted, on_disk_after_stop
 from training.trainer import CHECKPOINT_VERSION, Trainer
 from training.viewer import ViewerSettings, open_viewer
 from utils.config import Config, ConfigError, save_config
@@ -287,7 +288,7 @@ class TrainingRun:
             self.after_step(step, result, monitor)
             if stop.requested:
                 self.save_checkpoint()
-                raise TrainingInterrupted(step, stop.requested)
+                raise TrainingInterrupted(step, stop.requested, self.run_dir, self.checkpoint_step)
 
     def record_timings(self) -> None:
         """metrics.json "timings": this session's milestones (seconds since launch) and its loop split into
@@ -503,6 +504,21 @@ def follow_steps(trainer: Trainer, iterations: int) -> None:
         trainer.step = step
 
 
+def stopped_run_error(exc: BaseException, cfg: Config, run_dir: Path, run: TrainingRun | None,
+                      removed: bool) -> BaseException | None:
+    """The exception that tells the user what an unexpected end left on disk (out of GPU memory, Ctrl-C
+    that did not wait for a checkpoint); None to re-raise `exc` as it is."""
+    checkpoint_step = None if run is None else run.checkpoint_step
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemoryStop(out_of_memory_message(cfg, None if run is None else run.trainer.device,
+                                                     None if run is None else run.trainer.step, run_dir,
+                                                     checkpoint_step, removed))
+    if type(exc) is KeyboardInterrupt:
+        step = "before the first step" if run is None else f"after step {run.trainer.step}"
+        return RunInterrupted(f"interrupted {step}: {on_disk_after_stop(run_dir, checkpoint_step, removed)}")
+    return None
+
+
 def train(cfg: Config, opt_path: str | None, argv: list[str], resume: str | None = None,
           quiet: bool = False, prior=None, group: ProcessGroup | None = None,
           run_dir: Path | None = None, timeline: Timeline | None = None) -> RunOutputs | None:
@@ -536,10 +552,18 @@ def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup,
     if run_dir is None:  # rank 0 refused the run before creating it, and reports why
         raise SystemExit(2)
     checkpoint = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME) if resume else None
-    trainer = _build_trainer(cfg, checkpoint, prior, group, device)
-    if checkpoint is not None:
-        trainer.load_state_dict(checkpoint)
-    follow_steps(trainer, cfg.optim.iterations)
+    trainer = None
+    try:
+        trainer = _build_trainer(cfg, checkpoint, prior, group, device)
+        if checkpoint is not None:
+            trainer.load_state_dict(checkpoint)
+        follow_steps(trainer, cfg.optim.iterations)
+    except torch.OutOfMemoryError:  # rank 0 says what was kept; this rank says where it failed
+        raise OutOfMemoryStop(out_of_memory_message(cfg, device, None if trainer is None else trainer.step,
+                                                    None)) from None
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"rank {group.rank} interrupted: it writes nothing, rank 0's message says what the "
+                             "run folder holds") from None
     return None
 
 
@@ -571,7 +595,11 @@ def _train_writer(cfg: Config, opt_path: str | None, argv: list[str], resume: st
             (append_command if resume else write_run_metadata)(run_dir, argv)
             run = _build(cfg, run_dir, checkpoint, quiet, prior, group, device, viewer, timeline)
             return run.run(stop)
-        except BaseException:
-            if not resume and (run is None or run.steps_done == 0):
+        except BaseException as exc:
+            removed = not resume and (run is None or run.steps_done == 0)
+            if removed:
                 _remove_unstarted(run_dir, quiet)
-            raise
+            error = stopped_run_error(exc, cfg, run_dir, run, removed)
+            if error is None:
+                raise
+            raise error from None

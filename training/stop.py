@@ -8,16 +8,40 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Exception):
-    """The run stopped on request after saving a checkpoint at `step`."""
+    """The run stopped on request after its last completed `step`; `checkpoint_step` is the step of the
+    checkpoint in `run_dir` (None: none could be written, e.g. the last steps were skipped for NaN/Inf)."""
 
-    def __init__(self, step: int, signal_name: str):
+    def __init__(self, step: int, signal_name: str, run_dir: Path | None = None, checkpoint_step: int | None = None):
         super().__init__(f"stopped by {signal_name} at step {step}")
         self.step, self.signal_name = step, signal_name
+        self.run_dir, self.checkpoint_step = run_dir, checkpoint_step
+
+    def outcome(self) -> str:
+        """What the stop left on disk, for the final message."""
+        if self.run_dir is None:
+            return "checkpoint saved"
+        return on_disk_after_stop(self.run_dir, self.checkpoint_step, removed=False)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended a run at once (a second Ctrl-C, or one before the handlers were installed); the message
+    says what is on disk. A KeyboardInterrupt, so callers that stop on Ctrl-C still do."""
+
+
+def on_disk_after_stop(run_dir: Path, checkpoint_step: int | None, removed: bool) -> str:
+    """What a stopped run left: its checkpoint and how to resume it, or that there is none."""
+    if removed:
+        return f"no step was completed and the run folder {run_dir} was removed"
+    if checkpoint_step is None:
+        return f"no checkpoint was written, so the run cannot be resumed ({run_dir} keeps its logs)"
+    return (f"the checkpoint of step {checkpoint_step} is kept; continue with: "
+            f"python train.py --resume {run_dir}")
 
 
 class StopRequest:

@@ -24,6 +24,7 @@ splines and jaxtyping without declaring them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import math
@@ -48,7 +49,7 @@ INSTALL_HINT = "pip install viser"
 
 
 class ViewerUnavailableError(RuntimeError):
-    """--viewer was asked for but viser is not installed."""
+    """--viewer was asked for but viser is not installed, or its address cannot be listened on."""
 
 
 def import_viser():
@@ -60,6 +61,30 @@ def import_viser():
             f"viewer=true (--viewer) needs the optional package viser, which is not installed: {INSTALL_HINT}"
         ) from exc
     return viser
+
+
+def check_address(host: str, port: int) -> None:
+    """ViewerUnavailableError unless this machine can listen on host:port (a busy port is fine: viser takes
+    the next free one). viser's server thread retries a failing address forever, and the main thread
+    waits for it, ignoring SIGTERM: the address is tried here, before the run folder exists."""
+    fix = "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface) or an address of this machine"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ViewerUnavailableError(f"viewer_host={host!r} (--viewer_host) is not an address or a known host "
+                                     f"name ({exc}): {fix}") from None
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return
+            if exc.errno == errno.EACCES:
+                raise ViewerUnavailableError(f"viewer_port={port} (--viewer_port) cannot be opened here "
+                                             f"({exc.strerror}; ports below 1024 need privileges): use a port "
+                                             "from 1024 to 65535, e.g. 8080") from None
+            raise ViewerUnavailableError(f"viewer_host={host!r} (--viewer_host) cannot be listened on "
+                                         f"({exc.strerror}): {fix}") from None
 
 
 @dataclass(frozen=True)
@@ -82,6 +107,7 @@ class ViewerSettings:
                                   resolution=cfg.viewer_resolution)
         if settings.enabled:
             import_viser()
+            check_address(settings.host, settings.port)
         return settings
 
 

@@ -465,7 +465,8 @@ class Config:
     mesh_bake_views: int = param(12, "views per ring (4 rings) whose Gaussian renders colour the mesh; 0 = colours "
                                      "from the nearby Gaussians' SH DC only", min=0,
                                      resumable="the mesh export's colour views")
-    mesh_texture: int = param(0, "size of a baked UV texture for the mesh (e.g. 1024; 0 = per-vertex colours)",
+    mesh_texture: int = param(0, "size of a baked UV texture for the GLB and the OBJ (0 = per-vertex colours in "
+                                 "the GLB, a texture sized by face count in the OBJ)",
                               choices=(0, 256, 512, 1024, 2048, 4096), resumable="the mesh export's texture size")
 
 

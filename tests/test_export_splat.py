@@ -81,6 +81,30 @@ def test_run_folder_follows_the_runs_up_axis_and_newest_snapshot(tmp_path, capsy
     np.testing.assert_allclose(back.means, new.means.detach().numpy(), atol=2e-4)
 
 
+def test_an_interrupted_run_with_only_a_checkpoint_exports_it(tmp_path, capsys, caplog):
+    """A run stopped before its first snapshot has only checkpoints/last.pt (as python -m export.mesh reads);
+    the newest of it and the snapshots is exported, in the run's frame."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("ply_up_axis: y\n")
+    trained = _model(23, 1, seed=3)
+    torch.save({"step": 800, "gaussians": trained.state_dict()}, run / "checkpoints" / "last.pt")
+    assert main([str(run), "--format", "spz4", "--out", str(tmp_path / "ck.spz")]) == 0
+    back = read_spz(tmp_path / "ck.spz")
+    assert back.num_splats == 23 and back.sh_degree == 1 and back.up_axis == "y"
+    np.testing.assert_allclose(back.means, SplatData.from_model(trained, "y").means, atol=2e-4)
+
+    (run / "point_cloud" / "iteration_600").mkdir(parents=True)  # older than the checkpoint: not chosen
+    _model(9, 0, seed=4).save_ply(run / "point_cloud" / "iteration_600" / "point_cloud.ply", up_axis="y")
+    assert main([str(run), "--format", "spz"]) == 0
+    assert read_spz(run / "checkpoints" / "last.spz", up_axis="y").num_splats == 23  # next to its source
+
+    torch.save({"step": 900}, run / "checkpoints" / "last.pt")  # newer, but without Gaussians
+    before = _files(run)
+    _user_error(caplog, [str(run), "--format", "sog"], "last.pt", "checkpoint without Gaussians")
+    assert _files(run) == before
+
+
 def test_a_ply_without_a_recorded_axis_is_copied_unchanged(tmp_path, capsys):
     model = _model(20, 0)
     model.save_ply(tmp_path / "a.ply", up_axis="z")

@@ -34,6 +34,7 @@ from utils.threads import configure_threads
 log = logging.getLogger(__name__)
 
 FORMATS = ("spz", "spz4", "sog")
+SOURCE_NAMES = {".ply": "PLY", ".pt": "checkpoint", ".spz": ".spz", ".sog": ".sog"}  # in the size message
 SUFFIXES = {"ply": ".ply", "spz": ".spz", "spz4": ".v4.spz", "sog": ".sog"}  # v3 and v4 share .spz
 
 
@@ -129,7 +130,7 @@ def export_splats(source: Path, fmt: str, out: Path | None = None, up_axis: str 
     written = write_splats(data, path, fmt)
     log.info("%s: %d Gaussians (SH degree %d, %s up) -> %s (%d bytes, %.2fx smaller than the %s)", ply,
              data.num_splats, data.sh_degree, axis, written, written.stat().st_size,
-             ply.stat().st_size / max(written.stat().st_size, 1), ply.suffix[1:] or "source")
+             ply.stat().st_size / max(written.stat().st_size, 1), SOURCE_NAMES.get(ply.suffix.lower(), "source"))
     return written
 
 

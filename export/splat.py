@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("spz", "spz4", "sog")
 SOURCE_NAMES = {".ply": "PLY", ".pt": "checkpoint", ".spz": ".spz", ".sog": ".sog"}  # in the size message
+FILE_SUFFIX = {"spz": ".spz", "spz4": ".spz", "sog": ".sog"}  # what viewers recognise; v4 also ends in .spz
 SUFFIXES = {"ply": ".ply", "spz": ".spz", "spz4": ".v4.spz", "sog": ".sog"}  # v3 and v4 share .spz
 
 
@@ -127,6 +128,9 @@ def export_splats(source: Path, fmt: str, out: Path | None = None, up_axis: str 
     if path.is_dir():
         example = path / default_output(ply, fmt).name
         raise SplatExportError(f"--out {path} is a folder; give a file name (e.g. {example})")
+    if not path.name.lower().endswith(FILE_SUFFIX[fmt]):  # viewers choose their reader by the suffix alone
+        raise SplatExportError(f"--out {path}: a --format {fmt} file must end in {FILE_SUFFIX[fmt]}, or viewers will "
+                               f"not open it; give e.g. {path.with_suffix(FILE_SUFFIX[fmt]).name}")
     written = write_splats(data, path, fmt)
     log.info("%s: %d Gaussians (SH degree %d, %s up) -> %s (%d bytes, %.2fx smaller than the %s)", ply,
              data.num_splats, data.sh_degree, axis, written, written.stat().st_size,

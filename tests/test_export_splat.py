@@ -149,6 +149,9 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, caplog, fmt):
     _model().save_ply(folder / "ok.ply", up_axis="-y")
     before.add("ok.ply")
     _user_error(caplog, [str(folder / "ok.ply"), "--format", fmt, "--out", str(folder / "run")], "is a folder")
+    for wrong in ("ok.spz4", "ok.sog", "ok"):  # a viewer picks its reader by the suffix: .spz for v3 and v4
+        _user_error(caplog, [str(folder / "ok.ply"), "--format", fmt, "--out", str(folder / wrong)],
+                    f"--out {folder / wrong}", "must end in .spz", "ok.spz")
     assert _files(folder) == before  # no output, no temporary file
 
 
@@ -210,6 +213,9 @@ def test_sog_through_the_command_and_back(tmp_path, caplog):
     assert read_spz(tmp_path / "from_sog.spz").num_splats == 301
     (tmp_path / "bad.sog").write_bytes(b"PK\x03\x04 not a zip")
     _user_error(caplog, [str(tmp_path / "bad.sog"), "--format", "spz"], "bad.sog")
+    _user_error(caplog, [str(tmp_path / "a.ply"), "--format", "sog", "--out", str(tmp_path / "a.spz")],
+                "must end in .sog", "a.sog")
+    assert not (tmp_path / "a.spz").exists()
 
 
 # ---------------------------------------------------------------------- the config key and the run

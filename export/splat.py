@@ -132,9 +132,11 @@ def export_splats(source: Path, fmt: str, out: Path | None = None, up_axis: str 
         raise SplatExportError(f"--out {path}: a --format {fmt} file must end in {FILE_SUFFIX[fmt]}, or viewers will "
                                f"not open it; give e.g. {path.with_suffix(FILE_SUFFIX[fmt]).name}")
     written = write_splats(data, path, fmt)
-    log.info("%s: %d Gaussians (SH degree %d, %s up) -> %s (%d bytes, %.2fx smaller than the %s)", ply,
-             data.num_splats, data.sh_degree, axis, written, written.stat().st_size,
-             ply.stat().st_size / max(written.stat().st_size, 1), SOURCE_NAMES.get(ply.suffix.lower(), "source"))
+    ratio = ply.stat().st_size / max(written.stat().st_size, 1)
+    size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"  # a conversion may grow
+    log.info("%s: %d Gaussians (SH degree %d, %s up) -> %s (%d bytes, %s than the %s)", ply, data.num_splats,
+             data.sh_degree, axis, written, written.stat().st_size, size,
+             SOURCE_NAMES.get(ply.suffix.lower(), "source"))
     return written
 
 

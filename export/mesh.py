@@ -261,6 +261,17 @@ def find_source(path: Path) -> tuple[Path, int | None]:
     return best, step
 
 
+def checkpoint_model(path: Path) -> GaussianModel:
+    """The Gaussians of a train.py checkpoint (.pt), in the training world; CheckpointError or InputError
+    naming the file when it is damaged or holds no Gaussians."""
+    state = load_checkpoint(path)  # weights only: a received run folder runs no code
+    if not isinstance(state.get("gaussians"), dict) or "max_sh_degree" not in state["gaussians"]:
+        raise InputError(f"source {path}: a checkpoint without Gaussians; pass a train.py checkpoint")
+    model = GaussianModel(state["gaussians"]["max_sh_degree"])
+    model.load_state_dict({**state["gaussians"], "optimizer": None})
+    return model
+
+
 def load_gaussians(path: Path, file_up_axis: str | None = None) -> GaussianTensors:
     """Activated Gaussians (training world) from a 3DGS PLY or a training checkpoint (.pt); InputError or
     CheckpointError naming the file when it is of another kind, damaged, empty, non-finite or transparent."""
@@ -269,11 +280,7 @@ def load_gaussians(path: Path, file_up_axis: str | None = None) -> GaussianTenso
                          "folder, a 3DGS .ply or a checkpoint .pt")
     with reading("source", path):
         if path.suffix.lower() == ".pt":
-            state = load_checkpoint(path)  # weights only: a received run folder runs no code
-            if not isinstance(state.get("gaussians"), dict) or "max_sh_degree" not in state["gaussians"]:
-                raise InputError(f"source {path}: a checkpoint without Gaussians; pass a train.py checkpoint")
-            model = GaussianModel(state["gaussians"]["max_sh_degree"])
-            model.load_state_dict({**state["gaussians"], "optimizer": None})
+            model = checkpoint_model(path)
         else:
             model = load_gaussian_ply(path, file_up_axis=file_up_axis)
         model.check_usable(str(path))

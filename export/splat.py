@@ -3,11 +3,12 @@
     python -m export.splat RUN_DIR_or_PLY --format spz|spz4|sog [--out FILE] [--up-axis=-y|y|z] [--ply-up=-y|y|z]
     python -m export.splat FILE.spz --format spz4        # convert between formats (a .sog too, with export/sog.py)
 
-A run folder gives its final point_cloud.ply, or for an interrupted run the newest
-point_cloud/iteration_*/point_cloud.ply. The file is written in the up axis the run wrote its PLY in
-(its config's `ply_up_axis`; "-y" when the PLY is not from a run), so it opens the way the PLY opens;
---up-axis overrides it. The default name is the source's with the format's suffix, next to it
-(point_cloud.spz, point_cloud.v4.spz, point_cloud.sog).
+A run folder gives its final point_cloud.ply, or for an interrupted run the newest of
+point_cloud/iteration_*/point_cloud.ply and checkpoints/last.pt (a checkpoint .pt may be given too).
+The file is written in the up axis the run wrote its PLY in (its config's `ply_up_axis`; "-y" when
+the PLY is not from a run), so it opens the way the PLY opens; --up-axis overrides it. The default
+name is the source's with the format's suffix, next to it (point_cloud.spz, point_cloud.v4.spz,
+point_cloud.sog; checkpoints/last.spz for a checkpoint).
 
 Errors in the input (no such file, a PLY with no Gaussians or with NaN, a damaged .spz, a scene too
 large for the format) are one message on stderr and exit status 2; nothing is written then.
@@ -17,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 from pathlib import Path
 
 from plyfile import PlyData, PlyParseError
 
+from export.mesh import checkpoint_model, find_source
 from export.sog import SogFormatError, read_sog, write_sog
 from export.splat_data import SplatData, SplatDataError
 from export.spz import SplatFormatError, read_spz, write_spz
@@ -33,6 +34,8 @@ from utils.threads import configure_threads
 log = logging.getLogger(__name__)
 
 FORMATS = ("spz", "spz4", "sog")
+SOURCE_NAMES = {".ply": "PLY", ".pt": "checkpoint", ".spz": ".spz", ".sog": ".sog"}  # in the size message
+FILE_SUFFIX = {"spz": ".spz", "spz4": ".spz", "sog": ".sog"}  # what viewers recognise; v4 also ends in .spz
 SUFFIXES = {"ply": ".ply", "spz": ".spz", "spz4": ".v4.spz", "sog": ".sog"}  # v3 and v4 share .spz
 
 
@@ -41,22 +44,16 @@ class SplatExportError(ValueError):
 
 
 def find_ply(source: Path) -> Path:
-    """The file to export: `source` itself (a .ply, or a .spz / .sog to convert), a run folder's
-    point_cloud.ply, or its newest snapshot."""
+    """The file to export: `source` itself (a .ply, a checkpoint .pt, or a .spz / .sog to convert), or a
+    run folder's point_cloud.ply, else (an interrupted run) the newest of its point_cloud/iteration_*
+    snapshots and checkpoints/last.pt, as python -m export.mesh chooses."""
     if source.is_file():
-        if source.suffix.lower() not in (".ply", ".spz", ".sog"):
-            raise SplatExportError(f"{source}: not a .ply, .spz or .sog file; give a run folder or a 3DGS .ply")
+        if source.suffix.lower() not in (".ply", ".pt", ".spz", ".sog"):
+            raise SplatExportError(f"{source}: not a .ply, .pt, .spz or .sog file; give a run folder or a 3DGS .ply")
         return source
     if not source.is_dir():
         raise SplatExportError(f"{source}: no such run folder or .ply file")
-    if (source / "point_cloud.ply").is_file():
-        return source / "point_cloud.ply"
-    snapshots = [(int(m.group(1)), p) for p in source.glob("point_cloud/iteration_*/point_cloud.ply")
-                 if (m := re.fullmatch(r"iteration_(\d+)", p.parent.name))]
-    if not snapshots:
-        raise SplatExportError(f"{source}: no point_cloud.ply and no point_cloud/iteration_*/point_cloud.ply: "
-                               f"not a run folder, or a run that saved no Gaussians yet")
-    return max(snapshots)[1]
+    return find_source(source)[0]
 
 
 def run_up_axis(ply: Path) -> str | None:
@@ -85,10 +82,14 @@ def load_splats(ply: Path, up_axis: str, ply_up: str | None = None) -> SplatData
 
 
 def read_splats(path: Path, up_axis: str, file_up: str | None = None) -> SplatData:
-    """The splats of a .ply, .spz or .sog file in the `up_axis` frame (see load_splats for `file_up`)."""
+    """The splats of a .ply, .pt, .spz or .sog file in the `up_axis` frame (see load_splats for `file_up`)."""
     suffix = path.suffix.lower()
     if suffix == ".ply":
         return load_splats(path, up_axis, file_up)
+    if suffix == ".pt":  # a checkpoint holds the training world
+        data = SplatData.from_model(checkpoint_model(path), up_axis)
+        data.check_writable(str(path))
+        return data
     if suffix == ".spz":
         data = read_spz(path, up_axis=file_up or up_axis)
     else:
@@ -127,17 +128,22 @@ def export_splats(source: Path, fmt: str, out: Path | None = None, up_axis: str 
     if path.is_dir():
         example = path / default_output(ply, fmt).name
         raise SplatExportError(f"--out {path} is a folder; give a file name (e.g. {example})")
+    if not path.name.lower().endswith(FILE_SUFFIX[fmt]):  # viewers choose their reader by the suffix alone
+        raise SplatExportError(f"--out {path}: a --format {fmt} file must end in {FILE_SUFFIX[fmt]}, or viewers will "
+                               f"not open it; give e.g. {path.with_suffix(FILE_SUFFIX[fmt]).name}")
     written = write_splats(data, path, fmt)
-    log.info("%s: %d Gaussians (SH degree %d, %s up) -> %s (%d bytes, %.2fx smaller than the PLY)", ply,
-             data.num_splats, data.sh_degree, axis, written, written.stat().st_size,
-             ply.stat().st_size / max(written.stat().st_size, 1))
+    ratio = ply.stat().st_size / max(written.stat().st_size, 1)
+    size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"  # a conversion may grow
+    log.info("%s: %d Gaussians (SH degree %d, %s up) -> %s (%d bytes, %s than the %s)", ply, data.num_splats,
+             data.sh_degree, axis, written, written.stat().st_size, size,
+             SOURCE_NAMES.get(ply.suffix.lower(), "source"))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.splat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="run folder (finished or interrupted), 3DGS .ply, or a .spz / .sog "
-                                                  "to convert")
+    parser.add_argument("source", type=Path, help="run folder (finished or interrupted), 3DGS .ply, checkpoint .pt, "
+                                                  "or a .spz / .sog to convert")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="spz (.spz version 3: Spark, three.js, Babylon.js, SuperSplat), spz4 (.spz version 4: "
                              "PlayCanvas, SuperSplat, Niantic's library), sog (PlayCanvas SOG)")

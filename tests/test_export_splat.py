@@ -82,6 +82,30 @@ def test_run_folder_follows_the_runs_up_axis_and_newest_snapshot(tmp_path, capsy
     np.testing.assert_allclose(back.means, new.means.detach().numpy(), atol=2e-4)
 
 
+def test_an_interrupted_run_with_only_a_checkpoint_exports_it(tmp_path, capsys, caplog):
+    """A run stopped before its first snapshot has only checkpoints/last.pt (as python -m export.mesh reads);
+    the newest of it and the snapshots is exported, in the run's frame."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("ply_up_axis: y\n")
+    trained = _model(23, 1, seed=3)
+    torch.save({"step": 800, "gaussians": trained.state_dict()}, run / "checkpoints" / "last.pt")
+    assert main([str(run), "--format", "spz4", "--out", str(tmp_path / "ck.spz")]) == 0
+    back = read_spz(tmp_path / "ck.spz")
+    assert back.num_splats == 23 and back.sh_degree == 1 and back.up_axis == "y"
+    np.testing.assert_allclose(back.means, SplatData.from_model(trained, "y").means, atol=2e-4)
+
+    (run / "point_cloud" / "iteration_600").mkdir(parents=True)  # older than the checkpoint: not chosen
+    _model(9, 0, seed=4).save_ply(run / "point_cloud" / "iteration_600" / "point_cloud.ply", up_axis="y")
+    assert main([str(run), "--format", "spz"]) == 0
+    assert read_spz(run / "checkpoints" / "last.spz", up_axis="y").num_splats == 23  # next to its source
+
+    torch.save({"step": 900}, run / "checkpoints" / "last.pt")  # newer, but without Gaussians
+    before = _files(run)
+    _user_error(caplog, [str(run), "--format", "sog"], "last.pt", "checkpoint without Gaussians")
+    assert _files(run) == before
+
+
 def test_a_ply_without_a_recorded_axis_is_copied_unchanged(tmp_path, capsys):
     model = _model(20, 0)
     save_gaussian_ply(model, tmp_path / "a.ply", up_axis="z")
@@ -126,6 +150,9 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, caplog, fmt):
     save_gaussian_ply(_model(), folder / "ok.ply", up_axis="-y")
     before.add("ok.ply")
     _user_error(caplog, [str(folder / "ok.ply"), "--format", fmt, "--out", str(folder / "run")], "is a folder")
+    for wrong in ("ok.spz4", "ok.sog", "ok"):  # a viewer picks its reader by the suffix: .spz for v3 and v4
+        _user_error(caplog, [str(folder / "ok.ply"), "--format", fmt, "--out", str(folder / wrong)],
+                    f"--out {folder / wrong}", "must end in .spz", "ok.spz")
     assert _files(folder) == before  # no output, no temporary file
 
 
@@ -187,6 +214,9 @@ def test_sog_through_the_command_and_back(tmp_path, caplog):
     assert read_spz(tmp_path / "from_sog.spz").num_splats == 301
     (tmp_path / "bad.sog").write_bytes(b"PK\x03\x04 not a zip")
     _user_error(caplog, [str(tmp_path / "bad.sog"), "--format", "spz"], "bad.sog")
+    _user_error(caplog, [str(tmp_path / "a.ply"), "--format", "sog", "--out", str(tmp_path / "a.spz")],
+                "must end in .sog", "a.sog")
+    assert not (tmp_path / "a.spz").exists()
 
 
 # ---------------------------------------------------------------------- the config key and the run

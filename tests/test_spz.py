@@ -162,7 +162,7 @@ def test_v4_states_its_frame_and_v3_takes_the_default(tmp_path):
 def test_render_psnr_and_size(tmp_path, version, degree, floor):
     # SH amplitudes of a trained asset, but independent per splat and every splat in view: the 4-bit SH of
     # degrees 2-3 (anything below 1/16 becomes 0) then costs ~38 dB here, while the trained SH-3 demo itself
-    # keeps 43 dB (bench/results/splat_formats_cpu.md); degrees 0-1 stay above 40 dB
+    # keeps 42.7 dB (bench/results/splat_formats_cpu.md); degrees 0-1 stay above 40 dB
     data = splat_asset(400, degree, seed=7, sh_std=TRAINED_SH_STD)
     path = write_spz(data, tmp_path / "a.spz", version)
     value = render_psnr(data, read_spz(path), size=64)
@@ -172,7 +172,7 @@ def test_render_psnr_and_size(tmp_path, version, degree, floor):
     ratio = ply.stat().st_size / path.stat().st_size
     # raw .spz is 20 bytes a splat + 9 / 45 at SH 1 / 3, against 62 + 36 / 180 in the PLY: at least 3.1x, 3.3x
     # and 3.7x before any compression (random positions and colours compress little; the trained demo gives
-    # 4.46x / 4.92x)
+    # 4.49x / 4.93x)
     assert ratio > {0: 3.1, 1: 3.3, 3: 3.7}[degree], ratio
 
 

@@ -96,7 +96,7 @@ def test_an_interrupted_run_with_only_a_checkpoint_exports_it(tmp_path, capsys, 
     np.testing.assert_allclose(back.means, SplatData.from_model(trained, "y").means, atol=2e-4)
 
     (run / "point_cloud" / "iteration_600").mkdir(parents=True)  # older than the checkpoint: not chosen
-    _model(9, 0, seed=4).save_ply(run / "point_cloud" / "iteration_600" / "point_cloud.ply", up_axis="y")
+    save_gaussian_ply(_model(9, 0, seed=4), run / "point_cloud" / "iteration_600" / "point_cloud.ply", up_axis="y")
     assert main([str(run), "--format", "spz"]) == 0
     assert read_spz(run / "checkpoints" / "last.spz", up_axis="y").num_splats == 23  # next to its source
 

@@ -3,13 +3,14 @@ goals judged per row."""
 from __future__ import annotations
 
 from bench import splat_formats
+from scene.ply_format import save_gaussian_ply
 from tests.test_spz import TRAINED_SH_STD, splat_asset
 
 
 def test_each_format_is_compared_splat_by_splat(tmp_path):
     data = splat_asset(301, 1, seed=3, sh_std=TRAINED_SH_STD)
     ply = tmp_path / "a.ply"
-    data.to_model().save_ply(ply, up_axis="-y")
+    save_gaussian_ply(data.to_model(), ply, up_axis="-y")
     rows = {row["format"]: row for row in splat_formats.measure(ply, 32, reference=None)}
     assert set(rows) == {".spz v3", ".spz v4", "SOG"}
     for row in rows.values():

@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from guidance.prior import ModelNotFoundError
-    from training.checkpoint import CheckpointError
     from training.distributed import ProcessGroup
     from training.health import TrainingStopped
     from training.lock import RunLockedError
     from training.run import train
     from training.stop import RunInterrupted, TrainingInterrupted
     from training.viewer import ViewerUnavailableError
+    from utils.checkpoint_file import CheckpointError
     from utils.monitor import setup_logging
     from utils.threads import configure_threads
 

@@ -17,7 +17,6 @@ from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
 from scene.ply_format import save_gaussian_ply
-from training.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from training.distributed import ProcessGroup
 from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
 from training.health import HealthReport, NonFiniteTrainingError, TrainingStopped, stop_message
@@ -28,6 +27,7 @@ from training.run_dir import append_command, atomic_torch_save, new_run_dir, wri
 from training.stop import RunInterrupted, StopRequest, TrainingInterrupted, on_disk_after_stop
 from training.trainer import CHECKPOINT_VERSION, Trainer
 from training.viewer import ViewerSettings, open_viewer
+from utils.checkpoint_file import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from utils.config import Config, ConfigError, save_config
 from utils.files import atomic_write_text, free_bytes, is_disk_full, remove_stale_temp_files
 from utils.media import save_images, to_uint8, write_video

@@ -284,8 +284,8 @@ class SweepWorker:
         return RunResult(run, True, record["wall_seconds"])
 
     def _train(self, run: SweepRun, folder: Path) -> dict:
-        from training.checkpoint import load_checkpoint
         from training.run import train
+        from utils.checkpoint_file import load_checkpoint
 
         resume = (folder / CHECKPOINT).is_file()
         if resume:

@@ -44,19 +44,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.headless_chromium import free_port  # noqa: E402
 
-GLB_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>
+
+def three_page(imports: str, script: str) -> str:
+    """A white page that loads three.js from ./npm, imports `imports` (loader modules), sets up a renderer
+    and a scene, then runs `script` (which loads the model, renders and sets document.title)."""
+    return THREE_HEAD + imports + THREE_SCENE + script + "</script></body></html>\n"
+
+
+THREE_HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>
 <script type="importmap">{"imports": {"three": "./npm/three/build/three.module.js",
                                       "three/addons/": "./npm/three/examples/jsm/"}}</script>
 <style>body { margin: 0; background: #fff; }</style></head><body>
 <script type="module">
 import * as THREE from 'three';
-import { GLTFLoader } from 'three/addons/loaders/GLTFLoader.js';
-const renderer = new THREE.WebGLRenderer({ antialias: false, preserveDrawingBuffer: true });
+"""
+THREE_SCENE = """const renderer = new THREE.WebGLRenderer({ antialias: false, preserveDrawingBuffer: true });
 renderer.setSize(window.innerWidth, window.innerHeight);
 document.body.appendChild(renderer.domElement);
 const scene = new THREE.Scene();
 scene.background = new THREE.Color(0xffffff);
-scene.add(new THREE.AmbientLight(0xffffff, 2.0));
+"""
+
+GLB_PAGE = three_page("""import { GLTFLoader } from 'three/addons/loaders/GLTFLoader.js';
+""", """scene.add(new THREE.AmbientLight(0xffffff, 2.0));
 const camera = new THREE.PerspectiveCamera(35, window.innerWidth / window.innerHeight, 0.01, 100);
 new GLTFLoader().load('model.glb', (gltf) => {
   scene.add(gltf.scene);
@@ -68,23 +78,11 @@ new GLTFLoader().load('model.glb', (gltf) => {
   renderer.render(scene, camera);
   document.title = 'ready';
 }, undefined, (err) => { document.title = 'error: ' + err; });
-</script></body></html>
-"""
+""")
 
-OBJ_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>
-<script type="importmap">{"imports": {"three": "./npm/three/build/three.module.js",
-                                      "three/addons/": "./npm/three/examples/jsm/"}}</script>
-<style>body { margin: 0; background: #fff; }</style></head><body>
-<script type="module">
-import * as THREE from 'three';
-import { OBJLoader } from 'three/addons/loaders/OBJLoader.js';
+OBJ_PAGE = three_page("""import { OBJLoader } from 'three/addons/loaders/OBJLoader.js';
 import { MTLLoader } from 'three/addons/loaders/MTLLoader.js';
-const renderer = new THREE.WebGLRenderer({ antialias: false, preserveDrawingBuffer: true });
-renderer.setSize(window.innerWidth, window.innerHeight);
-document.body.appendChild(renderer.domElement);
-const scene = new THREE.Scene();
-scene.background = new THREE.Color(0xffffff);
-scene.add(new THREE.AmbientLight(0xffffff, Math.PI));
+""", """scene.add(new THREE.AmbientLight(0xffffff, Math.PI));
 const camera = new THREE.PerspectiveCamera(35, window.innerWidth / window.innerHeight, 0.01, 100);
 const fail = (err) => { document.title = 'error: ' + err; };
 new MTLLoader().load('model.mtl', (materials) => {
@@ -108,8 +106,7 @@ new MTLLoader().load('model.mtl', (materials) => {
     waitForTextures();
   }, undefined, fail);
 }, undefined, fail);
-</script></body></html>
-"""
+""")
 
 # ?f=FILE&rot=1 loads FILE rotated 180 degrees about z (quaternion x, y, z, w = 0, 0, 1, 0), as SuperSplat does.
 PLY_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>loading</title>

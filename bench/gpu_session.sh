@@ -6,6 +6,9 @@
 #   bash bench/gpu_session.sh 3    straightforward vs default for cds, gcs; the low-VRAM and large-GPU overlays
 #   bash bench/gpu_session.sh 4    time to asset (train.py, fresh then warm caches); cost against the Gaussian count
 #                                  (mesh export needs PyMCubes, fast-simplification and trimesh among the wheels)
+#   bash bench/gpu_session.sh 5    GPU tests of the official rules, gsplat parity, out-of-memory and fast path; the
+#                                  default sctd loop's speed; the SOG encode of 1M SH-3 splats on the GPU
+#   bash bench/gpu_session.sh 6    the official rules against config/improvements.yaml (ms/it, Gaussian count)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -36,5 +39,15 @@ case "$PART" in
     export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
     STEPS=30 bench 170 --modes default --losses sctd --gaussians 128000,400000,800000 --start-step 1086 \
       --out "$OUT/benchmark_gaussians.md" ;;
-  *) echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;
+  5)
+    timeout 300 python3 -m pytest tests/test_official_rules.py tests/test_gsplat_parity.py tests/test_out_of_memory.py \
+      tests/test_fast_path.py -m gpu -s -q -p no:cacheprovider 2>&1 | quiet > "$OUT/gpu_tests.txt"
+    grep -E "diff|cosine|passed|failed|Error" "$OUT/gpu_tests.txt" | tail -40
+    STEPS=40 bench 200 --modes default --losses sctd --out "$OUT/benchmark_default.md"
+    timeout 90 python3 bench/sog_encode.py --device cuda --splats 1000000 --skip-assets --out "$OUT/sog_gpu.md" 2>&1 \
+      | quiet | tail -8 ;;
+  6)
+    timeout 560 python3 bench/official_rules.py --prior sd-random --steps 500 --out "$OUT/official_rules_gpu.md" 2>&1 \
+      | quiet | tail -20 ;;
+  *) echo "part must be 1 to 6" >&2; exit 2 ;;
 esac

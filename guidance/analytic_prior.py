@@ -169,8 +169,8 @@ class AnalyticPrior(DiffusionPrior):
         """No-op: the analytic prior's target is its hidden scene (GuidanceParams.analytic_*), not a text,
         so a prompt changes nothing here, exactly as GuidanceParams.text does when the prior is built."""
 
-    def encode(self, images: Tensor) -> Tensor:
-        return images * 2.0 - 1.0
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return images * 2.0 - 1.0  # deterministic: nothing drawn
 
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -52,7 +52,9 @@ class GraphedForward:
                 self.fn(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a background compilation (guidance/background_compile.py) may allocate and launch
+        # on its own stream while this thread captures; only this thread's calls are checked
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_output = self.fn(*static_inputs)
         return static_inputs, static_output, graph
 

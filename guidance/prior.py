@@ -77,8 +77,9 @@ class DiffusionPrior(ABC):
         and spacing); every value a loss can reach must be < T."""
 
     @abstractmethod
-    def encode(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] images in [0, 1] -> [B, C, h, w] working-space samples z0 (differentiable)."""
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """[B, 3, H, W] images in [0, 1] -> [B, C, h, w] working-space samples z0 (differentiable); a
+        stochastic encoder draws from `generator` (on the prior's device; None: torch's global one)."""
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:

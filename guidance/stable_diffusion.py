@@ -29,6 +29,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from guidance.background_compile import BackgroundCompile
 from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
 from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
@@ -301,6 +302,14 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return module.eval()
 
 
+class CompiledPrograms(NamedTuple):
+    """The torch.compile'd UNet-epsilon and VAE-moments callables (compiled on their first call)."""
+
+    unet: Callable[..., Tensor]
+    encoder: Callable[[Tensor], Tensor]
+    dynamic_batch: bool  # one UNet program for every batch size
+
+
 def _dynamic_batch(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Calls `compiled` with dimension 0 of every tensor argument marked dynamic (where the code allows),
     so that its first compilation makes a program for any batch size."""
@@ -356,6 +365,9 @@ class StableDiffusionPrior(DiffusionPrior):
         # what predict_noise / encode call: eager here, compiled and/or CUDA-graphed by enable_fast_path
         self._unet_runner: Callable[[Tensor, Tensor, Tensor], Tensor] = self._unet_eps
         self._encoder_runner: Callable[[Tensor], Tensor] = self._moments
+        self._cuda_graphs = False
+        self._compiled: CompiledPrograms | None = None  # built by enable_fast_path(compile=True)
+        self._background: BackgroundCompile | None = None  # start_background_warm_up
         self.inverse_text, self.clip_skip = inverse_text, clip_skip
         self.set_prompts(text, negative)
 
@@ -461,15 +473,14 @@ class StableDiffusionPrior(DiffusionPrior):
                            "stays contiguous (pip install triton, or set PipelineParams.vae_channels_last=false)")
         elif vae_channels_last:
             self.use_channels_last_encoder()
-        unet_fn = self._unet_eps
         if compile and triton_missing:
             logger.warning("PipelineParams.compile is on but Triton is not installed: the UNet and the VAE "
                            "run uncompiled (pip install triton, or set PipelineParams.compile=false)")
             compile = False
+        self._cuda_graphs = cuda_graphs
         if compile:
-            logger.info("torch.compile: the UNet (%s) and the VAE encoder compile before the first iteration, "
-                        "minutes on a first run and less once Inductor's disk cache is warm; "
-                        "PipelineParams.compile=false skips it",
+            logger.info("torch.compile: the UNet (%s) and the VAE encoder; minutes on a first run and less once "
+                        "Inductor's disk cache is warm; PipelineParams.compile=false skips it",
                         "one program for every batch size" if compile_dynamic_batch else "one program per batch size")
             if compile_dynamic_batch:
                 # SCTD's step runs the UNet on batches B and 2B (the CFG pair): a symbolic batch dimension
@@ -477,21 +488,35 @@ class StableDiffusionPrior(DiffusionPrior):
                 unet_fn = _dynamic_batch(torch.compile(self._unet_eps, dynamic=None))
             else:
                 unet_fn = torch.compile(self._unet_eps, dynamic=False)
-            self._encoder_runner = torch.compile(self._moments, dynamic=False)
-        if cuda_graphs:
-            unet_fn = GraphedForward(unet_fn, "the compiled UNet" if compile else "the UNet")
-        self._unet_runner = unet_fn
+            self._compiled = CompiledPrograms(unet_fn, torch.compile(self._moments, dynamic=False),
+                                              compile_dynamic_batch)
+        self._install_runners(compiled=compile)
+
+    def _install_runners(self, compiled: bool) -> None:
+        """What predict_noise / encode call from now on: the compiled programs or the eager modules, the
+        UNet replayed from CUDA graphs when they are on (a fresh set: graphs of the other path are dropped)."""
+        unet, encoder = (self._compiled.unet, self._compiled.encoder) if compiled else (self._unet_eps, self._moments)
+        if self._cuda_graphs:
+            unet = GraphedForward(unet, "the compiled UNet" if compiled else "the UNet")
+        self._unet_runner, self._encoder_runner = unet, encoder
 
     @torch.no_grad()
-    def _warm_unet(self, batch: int, latent_hw: tuple[int, int]) -> None:
-        g = torch.Generator(device=self.device).manual_seed(0)  # not the global stream the training draws from
+    def _warm_unet(self, runner: Callable[..., Tensor], batch: int, latent_hw: tuple[int, int]) -> None:
+        g = torch.Generator(device=self.device).manual_seed(0)  # not a stream the training draws from
         latents = torch.randn(batch, self.unet.config.in_channels, *latent_hw, generator=g, device=self.device,
                               dtype=self.dtype)
         if self._unet_channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         t = torch.full((batch,), 500, dtype=torch.long, device=self.device)
         context = self.embeddings["null"].to(self.dtype).expand(batch, -1, -1).contiguous()
-        self._unet_runner(latents, t, context)
+        runner(latents, t, context)
+
+    def _warm_encoder(self, runner: Callable[[Tensor], Tensor], batch: int, height: int, width: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(0)
+        images = torch.rand(batch, 3, height, width, generator=g, device=self.device)
+        x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous(memory_format=self._encoder_layout)
+        x.requires_grad_(True)
+        runner(x).float().sum().backward()
 
     def warm_up(self, batch: int, height: int, width: int) -> None:
         """Compile (and CUDA-graph) the UNet and the VAE encoder's forward+backward now, on inputs of a
@@ -499,15 +524,46 @@ class StableDiffusionPrior(DiffusionPrior):
         caller runs this while gsplat's CUDA extension builds in the background. The programs and graphs
         are the ones the step would have made (the graphs copy their inputs at each replay), and no
         random stream of the run is consumed, so the run's numbers do not change."""
-        if self.device.type != "cuda" or self._encoder_runner is self._moments:
+        if self.device.type != "cuda" or self._compiled is None:
             return  # nothing compiled: nothing to do ahead
-        g = torch.Generator(device=self.device).manual_seed(0)
-        images = torch.rand(batch, 3, height, width, generator=g, device=self.device)
-        x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous(memory_format=self._encoder_layout)
-        x.requires_grad_(True)
-        self._encoder_runner(x).float().sum().backward()
-        self._warm_unet(batch, (height // 8, width // 8))
+        self._warm_encoder(self._encoder_runner, batch, height, width)
+        self._warm_unet(self._unet_runner, batch, (height // 8, width // 8))
         torch.cuda.synchronize(self.device)
+
+    def start_background_warm_up(self, batch: int, height: int, width: int) -> bool:
+        """Compile the UNet and the VAE encoder in a background thread (guidance/background_compile.py)
+        while predict_noise / encode run the eager modules (the UNet CUDA-graphed when graphs are on);
+        `adopt_compiled_programs`, called between iterations, switches to the compiled programs once they
+        are ready. The two paths compute the same maths (tests/test_fast_path.py bounds their difference).
+        False, and nothing started, when nothing is compiled."""
+        if self.device.type != "cuda" or self._compiled is None or self._background is not None:
+            return False
+        programs = self._compiled
+        # the static-shape UNet needs one program per batch size: the step's B and the CFG pair's 2B
+        sizes = (batch,) if programs.dynamic_batch else (batch, 2 * batch)
+
+        def warm_up() -> None:  # the raw compiled programs: CUDA graphs are captured on the training thread
+            self._warm_encoder(programs.encoder, batch, height, width)
+            for size in sizes:
+                self._warm_unet(programs.unet, size, (height // 8, width // 8))
+
+        self._install_runners(compiled=False)
+        self._background = BackgroundCompile(warm_up, "the UNet and the VAE encoder", self.device)
+        self._background.start()
+        return True
+
+    def wait_for_background_warm_up(self) -> None:
+        """Block until the compilation start_background_warm_up began is done (benchmarks and tests)."""
+        if self._background is not None:
+            self._background.join()
+
+    def adopt_compiled_programs(self) -> bool:
+        """Call between iterations: True (once) when the background compilation has just finished and the
+        compiled programs replace the eager modules from the next call on."""
+        if self._background is None or not self._background.poll():
+            return False
+        self._install_runners(compiled=True)
+        return True
 
     def use_channels_last_encoder(self) -> None:
         """Channels-last VAE encoder (and quant_conv) with its GroupNorm(+SiLU) layers as GroupNormAct, which
@@ -540,8 +596,9 @@ class StableDiffusionPrior(DiffusionPrior):
     def _unet_eps(self, latents: Tensor, t: Tensor, context: Tensor) -> Tensor:
         return self.unet(latents, t, encoder_hidden_states=context).sample
 
-    def encode(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample or mean, differentiable)."""
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, 4, H/8, W/8] float32 latents (posterior sample or mean, differentiable);
+        the posterior sample draws from `generator` (None: torch's global generator, as diffusers)."""
         # one fixed layout: renders arrive channels-last or not depending on the augmentation, and every
         # new stride would recompile the static-shape encoder (seconds each, mid-run)
         x = (images * 2.0 - 1.0).to(self.vae.dtype).contiguous(memory_format=self._encoder_layout)
@@ -552,7 +609,8 @@ class StableDiffusionPrior(DiffusionPrior):
         latents = mean
         if self._sample_posterior:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            latents = mean + std * torch.randn_like(mean)
+            latents = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device,
+                                               dtype=mean.dtype)
         return latents * self.vae.config.scaling_factor
 
     @torch.no_grad()

@@ -92,15 +92,18 @@ class DensificationStrategy:
         self.max_radii: Tensor | None = None
 
     @classmethod
-    def from_config(cls, optim: Any, extent: float, device: torch.device | str = "cpu") -> DensificationStrategy:
-        """The strategy of an OptimizationParams section (duck-typed), its statistics on `device`."""
+    def from_config(cls, optim: Any, extent: float, device: torch.device | str = "cpu",
+                    generator: torch.Generator | None = None) -> DensificationStrategy:
+        """The strategy of an OptimizationParams section (duck-typed), its statistics on `device`; split
+        children sample from `generator` (a generator on `device`; None: torch's global one, as the official
+        code)."""
         return cls(
             grad_threshold=optim.densify_grad_threshold, min_opacity=optim.min_opacity,
             percent_dense=optim.percent_dense, extent=extent, max_screen_size=optim.max_screen_size,
             densify_from_iter=optim.densify_from_iter, densify_until_iter=optim.densify_until_iter,
             densification_interval=optim.densification_interval,
             opacity_reset_interval=optim.opacity_reset_interval,
-            stats_all_cameras=optim.densify_stats_all_cameras, device=device,
+            stats_all_cameras=optim.densify_stats_all_cameras, generator=generator, device=device,
         )
 
     # ------------------------------------------------------------------ the loop's entry points

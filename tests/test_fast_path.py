@@ -86,3 +86,38 @@ def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch,
     fast = _gradients(_config(tiny_sd_dir, mode, "cuda", perpneg=True), "cuda", warm_up)
     straight = _gradients(_config(tiny_sd_dir, STRAIGHT, "cuda", perpneg=True), "cuda")
     _compare(fast, straight, rel_tol=1e-3, min_cos=0.9999)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_background_compilation_switches_to_the_same_gradients_gpu(tiny_sd_dir, monkeypatch):
+    """train.py's default order (PipelineParams.compile_in_background): step 1 runs the eager modules (the UNet
+    CUDA-graphed) while the UNet and the VAE encoder compile in a background thread; step 2 adopts the compiled
+    programs. Both steps' gradients equal the straightforward path's, as the compiled path's do."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+    def trainer_for(mode):
+        cfg = _config(tiny_sd_dir, mode, "cuda", perpneg=True)
+        torch.manual_seed(0)
+        prior = StableDiffusionPrior.from_config(cfg.guidance, "cuda")
+        apply_pipeline_options(prior, cfg.pipeline)
+        return prior, Trainer(cfg, prior=prior, device=torch.device("cuda"))
+
+    def gradients(trainer, step):
+        torch.manual_seed(step)
+        trainer.adopt_compiled_prior(step)
+        trainer.compute_gradients(step)
+        grads = {name: p.grad.detach().clone() for name, p in trainer.gaussians.params().items()
+                 if p.grad is not None and p.numel()}
+        trainer.gaussians.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    prior, background = trainer_for([])
+    _, straight = trainer_for(STRAIGHT)
+    background.warm_up_prior(background=True)
+    _compare(gradients(background, 1), gradients(straight, 1), rel_tol=1e-3, min_cos=0.9999)
+    assert background.compiled_prior_step is None
+    prior.wait_for_background_warm_up()
+    _compare(gradients(background, 2), gradients(straight, 2), rel_tol=1e-3, min_cos=0.9999)
+    assert background.compiled_prior_step == 2

@@ -9,7 +9,7 @@ from bench import time_to_asset
 from bench.time_to_asset import RunTimes
 from utils.timeline import Timeline, process_start_time
 
-MILESTONES = ["imports", "model_loaded", "prior_compiled", "renderer_ready", "loop_start", "first_iteration",
+MILESTONES = ["imports", "model_loaded", "renderer_ready", "loop_start", "first_iteration",
               "loop_end", "outputs_written"]
 
 
@@ -32,6 +32,8 @@ def test_train_writes_its_milestones_in_order_and_splits_the_loop(tmp_path):
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
     timings = json.loads((run / "metrics.json").read_text())["timings"]
     assert timings["since"] == "launch" and timings["iterations"] == 4
+    # compile_in_background (default): nothing waits for a compilation before the first render
+    assert "prior_compiled" not in timings and "compiled_from_step" not in timings  # the analytic prior: none
     values = [timings[name] for name in MILESTONES]
     assert values == sorted(values) and values[0] > 0
     # evaluations at steps 1, 2 and 4, snapshots at 2 and 4, the final checkpoint: 6 pieces of in-loop work
@@ -57,6 +59,20 @@ def test_run_times_split_launch_to_first_iteration():
     old = _times(prior_compiled=None)  # code that compiles in the first iteration logs no prior_compiled
     del old.timings["prior_compiled"]
     assert old.compile_ahead_s == 0.0 and old.first_render_s == pytest.approx(102.0)
+
+
+def test_a_run_that_switched_to_the_compiled_programs_projects_at_their_speed():
+    """compile_in_background: launch to the switch, then the remaining iterations at the compiled ms/it."""
+    r = _times(compiled_iteration=140.0, compiled_from_step=50, ms_per_iteration_compiled=80.0,
+               ms_per_iteration_uncompiled=150.0, ms_per_iteration=85.0)
+    del r.timings["prior_compiled"]
+    assert r.switched and r.loop_ms == 80.0 and r.compile_ahead_s == 0.0
+    assert r.switch_cell() == "it 50 at 140.0 s"
+    assert r.projected_s(5000) == pytest.approx(140.0 + 4950 * 0.08 + 12.0 + 10.0)
+    args = time_to_asset.parse_args(["--iters", "150"])
+    row = [line for line in time_to_asset.format_table([r], "GPU X", args).splitlines() if line.startswith("| fresh")]
+    cells = [c.strip() for c in row[0].split("|")[1:-1]]
+    assert "150.0" in cells and "it 50 at 140.0 s" in cells and "**80.0**" in cells
 
 
 def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):

@@ -100,6 +100,8 @@ class TrainingRun:
         self.work_seconds = 0.0  # in-loop evaluations, point-cloud snapshots and checkpoints of this session
         self.work_count = 0
         self.work_seconds_at_first = 0.0  # ... done before the first iteration of this session ended
+        self.compiled_from: tuple[int, float] | None = None  # (steps_done, work_seconds) when the compiled
+        # programs of a background compilation were adopted (that iteration included)
         iters = cfg.optim.iterations
         self.test_steps = {1} | schedule_points(iters, cfg.test_ratio)
         self.save_steps = schedule_points(iters, cfg.save_ratio)
@@ -284,6 +286,10 @@ class TrainingRun:
                 self.synchronize()
                 self.timeline.log("first_iteration", "first iteration done")
                 self.work_seconds_at_first = self.work_seconds
+            if trainer.compiled_prior_step == step:  # this step adopted the background compilation's programs
+                self.synchronize()
+                self.timeline.log("compiled_iteration", f"iteration {step} ran the compiled programs")
+                self.compiled_from = (self.steps_done, self.work_seconds)
             viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused
             self.after_step(step, result, monitor)
             if stop.requested:
@@ -297,14 +303,34 @@ class TrainingRun:
         timings: dict = {"since": self.timeline.origin_name, **events, "iterations": self.steps_done,
                          "in_loop_work_seconds": round(self.work_seconds, 3), "in_loop_work_count": self.work_count}
         if self.steps_done > 1 and {"first_iteration", "loop_end"} <= events.keys():
-            later = (events["loop_end"] - events["first_iteration"]
-                     - (self.work_seconds - self.work_seconds_at_first))
-            timings["ms_per_iteration"] = round(1000.0 * later / (self.steps_done - 1), 2)
+            timings["ms_per_iteration"] = self._ms_per_iteration(events, "first_iteration", "loop_end", 1,
+                                                                 self.steps_done, self.work_seconds_at_first,
+                                                                 self.work_seconds)
             log.info("loop: %d iterations; the first ended %.1f s after the loop started, the other %d took "
                      "%.1f ms each, plus %.1f s in %d in-loop evaluations, snapshots and checkpoints",
                      self.steps_done, events["first_iteration"] - events.get("loop_start", 0.0),
                      self.steps_done - 1, timings["ms_per_iteration"], self.work_seconds, self.work_count)
+        if self.compiled_from is not None and {"first_iteration", "compiled_iteration", "loop_end"} <= events.keys():
+            steps, work = self.compiled_from
+            timings["compiled_from_step"] = self.trainer.compiled_prior_step
+            if steps > 1:  # iterations 2 .. the switch (uncompiled, compilation beside them; then the graph capture)
+                timings["ms_per_iteration_uncompiled"] = self._ms_per_iteration(
+                    events, "first_iteration", "compiled_iteration", 1, steps, self.work_seconds_at_first, work)
+            if self.steps_done > steps:
+                timings["ms_per_iteration_compiled"] = self._ms_per_iteration(
+                    events, "compiled_iteration", "loop_end", steps, self.steps_done, work, self.work_seconds)
+            log.info("compiled programs in use from iteration %d (%.1f s after launch): %s ms/iteration before, "
+                     "%s after", self.trainer.compiled_prior_step, events["compiled_iteration"],
+                     timings.get("ms_per_iteration_uncompiled", "-"), timings.get("ms_per_iteration_compiled", "-"))
         self.metrics["timings"] = timings
+
+    @staticmethod
+    def _ms_per_iteration(events: dict, begin: str, end: str, first: int, last: int, work_begin: float,
+                          work_end: float) -> float:
+        """ms per iteration over iterations first+1 .. last of the session (the milestones `begin` and `end`
+        were logged after iterations `first` and `last`), the in-loop work done between them taken out."""
+        seconds = events[end] - events[begin] - (work_end - work_begin)
+        return round(1000.0 * seconds / max(last - first, 1), 2)
 
     def record_session(self, start: int, seconds: float) -> None:
         sessions = self.metrics.setdefault("sessions", [])
@@ -457,8 +483,11 @@ def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, pri
     timeline = timeline or Timeline(time.time(), "the run's start")
     trainer = _build_trainer(cfg, checkpoint, prior, group, device)
     timeline.log("model_loaded", "model and Gaussians ready")
-    trainer.warm_up_prior()
-    timeline.log("prior_compiled", "UNet and VAE encoder compiled")
+    if cfg.pipeline.compile_in_background:
+        trainer.warm_up_prior(background=True)
+    else:
+        trainer.warm_up_prior()
+        timeline.log("prior_compiled", "UNet and VAE encoder compiled")
     if checkpoint is not None:
         try:
             trainer.load_state_dict(checkpoint)
@@ -555,6 +584,7 @@ def _train_follower(cfg: Config, resume: str | None, prior, group: ProcessGroup,
     trainer = None
     try:
         trainer = _build_trainer(cfg, checkpoint, prior, group, device)
+        trainer.warm_up_prior(background=cfg.pipeline.compile_in_background)  # as rank 0: the steps wait for all
         if checkpoint is not None:
             trainer.load_state_dict(checkpoint)
         follow_steps(trainer, cfg.optim.iterations)

@@ -106,24 +106,42 @@ class Trainer:
         self.gaussians = GaussianModel.from_points(xyz, rgb, cfg.model.sh_degree, device=self.device)
         self.extent = float(cfg.camera.default_radius)
         self.gaussians.setup_optimizer(cfg.optim, spatial_lr_scale=self.extent)
-        self.densification = DensificationStrategy.from_config(cfg.optim, self.extent, self.device)
-        self.noise_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)
+        # every random draw of a step comes from the trainer's generators, none from torch's global ones:
+        # a background compilation rewinds those (guidance/background_compile.py)
+        self.noise_rng = torch.Generator(device=self.device).manual_seed(cfg.seed + 3)  # scale, SH, posterior, splits
+        self.densification = DensificationStrategy.from_config(cfg.optim, self.extent, self.device,
+                                                               generator=self.noise_rng)
         self.step = 0
+        self.compiled_prior_step: int | None = None  # first step on the compiled programs of a background compile
         self.batch_size = cfg.guidance.C_batch_size
         self.timer = NullTimer()
         self.health = NonFiniteGuard(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.pipeline.cudnn_benchmark
 
-    def warm_up_prior(self) -> None:
+    def warm_up_prior(self, background: bool = False) -> None:
         """Compile the prior's networks on this run's step shapes before the first render (a no-op for a
-        prior with nothing to compile): see StableDiffusionPrior.warm_up."""
+        prior with nothing to compile): see StableDiffusionPrior.warm_up. background=True: compile in a
+        background thread while the steps run uncompiled; train_step adopts the compiled programs at the
+        first iteration boundary after they are ready (StableDiffusionPrior.start_background_warm_up)."""
         warm_up = getattr(self.prior, "warm_up", None)
         if warm_up is None:
             return
         shard = self.group.shard(self.batch_size)
-        warm_up(self.batch_size if shard is None else shard.size, int(self.cfg.camera.image_h),
-                int(self.cfg.camera.image_w))
+        shape = (self.batch_size if shard is None else shard.size, int(self.cfg.camera.image_h),
+                 int(self.cfg.camera.image_w))
+        start = getattr(self.prior, "start_background_warm_up", None)
+        if background and start is not None:
+            start(*shape)
+        else:
+            warm_up(*shape)
+
+    def adopt_compiled_prior(self, step: int) -> None:
+        """Between iterations: switch to the prior's compiled programs once its background compilation is
+        done (`compiled_prior_step` records the first step that ran them)."""
+        adopt = getattr(self.prior, "adopt_compiled_programs", None)
+        if adopt is not None and adopt():
+            self.compiled_prior_step = step
 
     # ------------------------------------------------------------------ one iteration
 
@@ -194,7 +212,7 @@ class Trainer:
         if chunk and chunk < images.shape[0]:
             return self._chunked_surrogate(images, rgb, cond, info, chunk)
         with self.timer("encode"):
-            z0 = self.prior.encode(images)
+            z0 = self.prior.encode(images, self.noise_rng)
         with self.timer("guidance"):
             out = self.loss(z0.detach(), cond, info)
         surrogate = (out.latent_grad.float() * z0.float()).sum()
@@ -208,13 +226,13 @@ class Trainer:
         on the images (and the RGB) is exactly the one the unchunked surrogate gives."""
         parts = range(0, images.shape[0], chunk)
         with self.timer("encode"), torch.no_grad():
-            z0 = torch.cat([self.prior.encode(images[i:i + chunk]) for i in parts])
+            z0 = torch.cat([self.prior.encode(images[i:i + chunk], self.noise_rng) for i in parts])
         with self.timer("guidance"):
             out = self.loss(z0, cond, info)
         leaf = images.detach().requires_grad_(True)
         with self.timer("encode_backward"):
             for i in parts:
-                z = self.prior.encode(leaf[i:i + chunk])
+                z = self.prior.encode(leaf[i:i + chunk], self.noise_rng)
                 (out.latent_grad[i:i + chunk].float() * z.float()).sum().backward()
         surrogate = (leaf.grad.detach().float() * images.float()).sum()
         if out.pixel_grad is not None:
@@ -235,6 +253,7 @@ class Trainer:
         the nearly transparent one right after an opacity reset. (The official code still densifies and
         resets the model it keeps in memory: its `testing()` renders after them.)
         """
+        self.adopt_compiled_prior(step)
         result = self.compute_gradients(step)
         if before_update is not None:
             before_update()

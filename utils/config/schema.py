@@ -128,6 +128,10 @@ class PipelineParams:
     compile_dynamic_batch: bool = param(True, "one compiled UNet program for every batch size a loss uses (the "
                                               "batch dimension symbolic), not one per batch size",
                                         resumable="a speed lever")
+    compile_in_background: bool = param(True, "compile in a background thread while the first iterations run "
+                                               "uncompiled (same maths), switching over when ready; false = the "
+                                               "first iteration waits for compilation (compile=true, CUDA only)",
+                                         prior_free=True, resumable="a speed lever")
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)",
                                   prior_free=True, resumable="a speed lever")
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code",

@@ -9,6 +9,8 @@
 #   bash bench/gpu_session.sh 5    GPU tests of the official rules, gsplat parity, out-of-memory and fast path; the
 #                                  default sctd loop's speed; the SOG encode of 1M SH-3 splats on the GPU
 #   bash bench/gpu_session.sh 6    the official rules against config/improvements.yaml (ms/it, Gaussian count)
+#   bash bench/gpu_session.sh 7    time to asset with the background compilation: 1000 iterations, fresh then warm
+#                                  caches (long enough for the switch to the compiled programs on a fresh machine)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -49,5 +51,9 @@ case "$PART" in
   6)
     timeout 560 python3 bench/official_rules.py --prior sd-random --steps 500 --out "$OUT/official_rules_gpu.md" 2>&1 \
       | quiet | tail -20 ;;
-  *) echo "part must be 1 to 6" >&2; exit 2 ;;
+  7)
+    timeout 570 python3 bench/time_to_asset.py --iters ${ITERS:-1000} --set save_video=false --work /tmp/tta \
+      --out "$OUT/time_to_asset.md" 2>&1 | quiet | tail -12
+    cp /tmp/tta/*.log "$OUT/" 2>/dev/null ;;
+  *) echo "part must be 1 to 7" >&2; exit 2 ;;
 esac

@@ -104,11 +104,56 @@ def test_weight_files_of_a_cached_hub_id(fp16_sd_dir, tmp_path, monkeypatch):
     assert weight_files("org/not-cached") == []
 
 
-def test_read_ahead_reads_every_byte_and_changes_nothing(fp16_sd_dir, monkeypatch):
-    monkeypatch.setattr(model_folder, "_READ_AHEAD_CHUNK", 4096)  # many chunks, and a last partial one
+def test_read_ahead_reads_every_file_once_and_changes_nothing(fp16_sd_dir, monkeypatch):
     files = weight_files(str(fp16_sd_dir))
     before = {f: (Path(f).read_bytes(), os.stat(f).st_mtime_ns) for f in files}
+    real_read, read = model_folder._read_into_page_cache, []
+
+    def spy(path):
+        read.append((path, real_read(path)))
+        return read[-1][1]
+
+    monkeypatch.setattr(model_folder, "_read_into_page_cache", spy)
+    thread = read_ahead(files)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and thread.daemon
+    assert read == [(f, os.path.getsize(f)) for f in files]
+    assert {f: (Path(f).read_bytes(), os.stat(f).st_mtime_ns) for f in files} == before
+    assert read_ahead([]) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sendfile"), reason="no os.sendfile on this platform")
+def test_read_into_page_cache_sends_every_byte_to_dev_null(fp16_sd_dir, monkeypatch):
+    path = weight_files(str(fp16_sd_dir))[0]
+    real_sendfile, sent = os.sendfile, []
+
+    def spy(out_fd, in_fd, offset, count):
+        if sys.platform == "linux":
+            assert os.path.samefile(f"/proc/self/fd/{out_fd}", os.devnull)  # the bytes go nowhere
+        n = real_sendfile(out_fd, in_fd, offset, min(count, 4096))  # many calls, as for a large file
+        sent.append((offset, n))
+        return n
+
+    monkeypatch.setattr(os, "sendfile", spy)
+    size = os.path.getsize(path)
+    assert model_folder._read_into_page_cache(path) == size > 4096
+    assert [offset for offset, _ in sent] == list(range(0, size, 4096))  # contiguous, no byte twice
+    assert sum(n for _, n in sent) == size
+
+
+def test_read_into_page_cache_falls_back_to_reads(fp16_sd_dir, monkeypatch):
+    """Where sendfile is refused (macOS allows sockets only), plain reads take over from where it stopped."""
+    path = weight_files(str(fp16_sd_dir))[0]
+    calls = []
+
+    def refuse_after_one(out_fd, in_fd, offset, count):
+        if calls:
+            raise OSError(22, "Invalid argument")
+        calls.append(offset)
+        return os.pread(in_fd, 1000, offset).__len__()
+
     opened = []
+    real_open = open
 
     class CountingFile(io.FileIO):
         bytes_read = 0
@@ -118,21 +163,20 @@ def test_read_ahead_reads_every_byte_and_changes_nothing(fp16_sd_dir, monkeypatc
             self.bytes_read += n or 0
             return n
 
-    def spy_open(path, mode="r", buffering=-1):
-        assert (mode, buffering) == ("rb", 0)  # unbuffered: no second copy of each chunk
-        opened.append(CountingFile(path, "rb"))
+    def spy_open(name, mode="r", buffering=-1):
+        if mode != "rb":
+            return real_open(name, mode, buffering)
+        opened.append(CountingFile(name, "rb"))
         return opened[-1]
 
+    monkeypatch.setattr(os, "sendfile", refuse_after_one, raising=False)
+    monkeypatch.setattr(model_folder, "_READ_AHEAD_CHUNK", 4096)
     monkeypatch.setattr("builtins.open", spy_open)
-    thread = read_ahead(files)
-    thread.join(timeout=30)
+    size = os.path.getsize(path)
+    assert model_folder._read_into_page_cache(path) == size
     monkeypatch.undo()
-    assert not thread.is_alive() and thread.daemon
-    assert [f.name for f in opened] == files
-    for f in opened:
-        assert f.closed and f.bytes_read == os.path.getsize(f.name) > 4096, f.name
-    assert {f: (Path(f).read_bytes(), os.stat(f).st_mtime_ns) for f in files} == before
-    assert read_ahead([]) is None
+    assert calls == [0] and len(opened) == 1
+    assert opened[0].closed and opened[0].bytes_read == size - 1000  # the rest after sendfile's first 1000
 
 
 def test_read_ahead_of_a_vanished_file_is_silent(tmp_path, caplog):

@@ -218,6 +218,9 @@ def format_table(results: dict[str, list[dict]], device_name: str, args) -> str:
         med = {p: statistics.median(v) if v else 0.0 for p, v in values.items()}
         name = f"**{stage}**" if stage == "total" else stage
         lines.append(f"| {name} | {med['before']:.3f} | {med['after']:.3f} | {med['after'] - med['before']:+.3f} |")
+    totals = {p: sorted(r["total"] for r in results[p]) for p in PATHS}
+    lines += ["", "Total over the processes, min / max: " + "; ".join(
+        f"{p} {totals[p][0]:.2f} / {totals[p][-1]:.2f} s" for p in PATHS) + "."]
     return "\n".join(lines) + "\n"
 
 

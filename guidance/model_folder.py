@@ -5,7 +5,8 @@ A folder whose files are all present but one is damaged (a truncated download, a
 copy, a config edited by hand) must be reported as damaged, naming the file and what is wrong,
 not as "model not found".
 
-This module imports nothing heavy: train.py starts the read-ahead before it imports torch.
+This module imports nothing heavy: train.py starts the read-ahead before it imports the training code,
+diffusers and transformers.
 """
 from __future__ import annotations
 

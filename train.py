@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, args = parse_cli(argv)
     except ConfigError as exc:
         return report_user_error(log, exc)
+    if cfg.guidance.prior == "stable_diffusion":  # its weights come off the disk while the training code,
+        # diffusers and transformers import (guidance/model_folder.py read_ahead)
+        from guidance.model_folder import read_ahead, weight_files
+
+        read_ahead(weight_files(cfg.guidance.model_key, cfg.guidance.is_safe_tensor))
     import torch
 
     from guidance.prior import ModelNotFoundError

@@ -33,7 +33,7 @@ from guidance.background_compile import BackgroundCompile
 from guidance.cuda_graphs import GraphedForward, VAEMoments
 from guidance.diffusion import eps_from_v
 from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
-from guidance.model_folder import check_model_folder
+from guidance.model_folder import SINGLE_FILE_SUFFIXES, check_model_folder
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
 from guidance.timesteps import TimestepGrid
 from guidance.view_prompts import perp_neg_weights, view_embeddings
@@ -43,7 +43,6 @@ from utils.hub import hub_cache_dir, hub_offline
 logger = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 VIEW_SUFFIXES = {"front": ", front view", "side": ", side view", "back": ", back view"}
 _PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -156,7 +155,9 @@ def _load_diffusers(key: str, is_hub: bool, dtype: torch.dtype) -> SDComponents:
     try:
         unet = UNet2DConditionModel.from_pretrained(key, subfolder="unet", torch_dtype=dtype, **hub)
         vae = AutoencoderKL.from_pretrained(key, subfolder="vae", torch_dtype=dtype, **hub)
-        text_encoder = CLIPTextModel.from_pretrained(key, subfolder="text_encoder", **hub).to(dtype)
+        # read straight into the model dtype: without torch_dtype transformers 4.x builds it in fp32 (and 5.x
+        # in the file's dtype) and a cast follows, a second copy of its weights in host memory
+        text_encoder = CLIPTextModel.from_pretrained(key, subfolder="text_encoder", torch_dtype=dtype, **hub)
         tokenizer = CLIPTokenizer.from_pretrained(key, subfolder="tokenizer", **hub)
         scheduler = DDIMScheduler.from_pretrained(key, subfolder="scheduler", **hub)
     except _NOT_FOUND_ERRORS as err:

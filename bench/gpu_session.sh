@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh 8    one call for everything essential: the SOG encode, the GPU tests of the official rules,
 #                                  the background compilation, gsplat parity and out-of-memory, time to asset on fresh
 #                                  caches (800 iterations), then a warm one (300 iterations) on the caches it left
+#   bash bench/gpu_session.sh 9    the background compilation's GPU test, then its time to asset (LIMIT=400 for the switch)
 #   bash bench/gpu_session.sh 7    time to asset with the background compilation: 1000 iterations, fresh then warm
 #                                  caches (long enough for the switch to the compiled programs on a fresh machine)
 set -uo pipefail
@@ -66,11 +67,22 @@ case "$PART" in
       -p no:cacheprovider 2>&1 | quiet > "$OUT/gpu_tests.txt"
     grep -E "passed|failed|Error" "$OUT/gpu_tests.txt" | tail -20
     timeout 300 python3 bench/time_to_asset.py --iters 800 --caches fresh --set save_video=false --work /tmp/tta \
+      --set PipelineParams.compile_in_background=true \
       --out "$OUT/time_to_asset_fresh.md" 2>&1 | quiet | tail -6
     cp /tmp/tta/*.log "$OUT/" 2>/dev/null
     c=/tmp/tta/caches_0  # what the fresh run compiled
     export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
     timeout 80 python3 bench/time_to_asset.py --iters 300 --caches user --set save_video=false --work /tmp/tta_warm \
+      --set PipelineParams.compile_in_background=true \
       --model /tmp/tta/model --out "$OUT/time_to_asset_warm.md" 2>&1 | quiet | tail -5 ;;
-  *) echo "part must be 1 to 8" >&2; exit 2 ;;
+  9)  # the background compilation on a GPU: its test, then train.py with the full-size model until $LIMIT s
+    timeout 150 python3 -m pytest tests/test_fast_path.py -m gpu -k "background" -s -q -p no:cacheprovider 2>&1 \
+      | quiet > "$OUT/gpu_tests_background.txt"
+    grep -E "passed|failed|Error" "$OUT/gpu_tests_background.txt" | tail -8
+    timeout ${LIMIT:-120} python3 bench/time_to_asset.py --iters 1500 --caches user --set save_video=false \
+      --set PipelineParams.compile_in_background=true \
+      --work /tmp/tta --out "$OUT/time_to_asset_user.md" > /dev/null 2>&1
+    grep -E "timeline|background|compiled|switching|capturing|loop:" /tmp/tta/train_0.log | cut -c1-200 \
+      | tee "$OUT/train_0_lines.txt" ;;
+  *) echo "part must be 1 to 9" >&2; exit 2 ;;
 esac

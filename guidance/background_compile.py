@@ -40,6 +40,8 @@ class BackgroundCompile:
     def __init__(self, warm_up: Callable[[], None], name: str, device: torch.device | None = None):
         self._warm_up = warm_up
         self.name = name
+        if device is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # this thread's: set_device needs an index
         self.device = device if device is not None and device.type == "cuda" else None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None

@@ -91,7 +91,7 @@ def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_background_compilation_switches_to_the_same_gradients_gpu(tiny_sd_dir, monkeypatch):
-    """train.py's default order (PipelineParams.compile_in_background): step 1 runs the eager modules (the UNet
+    """train.py's order with PipelineParams.compile_in_background=true: step 1 runs the eager modules (the UNet
     CUDA-graphed) while the UNet and the VAE encoder compile in a background thread; step 2 adopts the compiled
     programs. Both steps' gradients equal the straightforward path's, as the compiled path's do."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

@@ -549,6 +549,14 @@ class StableDiffusionPrior(DiffusionPrior):
                 self._warm_unet(programs.unet, size, (height // 8, width // 8))
 
         self._install_runners(compiled=False)
+        # the uncompiled path's CUDA graphs (B and 2B) and cuDNN's autotuning now, on this thread and before the
+        # compilation starts, rather than in the first iteration: 15.9 s there on a fresh H100, while gsplat's
+        # CUDA extension builds in the background (bench/results/time_to_asset_h100.md); no capture then
+        # overlaps the compilation's GPU work
+        self._warm_encoder(self._encoder_runner, batch, height, width)
+        for size in (batch, 2 * batch):
+            self._warm_unet(self._unet_runner, size, (height // 8, width // 8))
+        torch.cuda.synchronize(self.device)
         self._background = BackgroundCompile(warm_up, "the UNet and the VAE encoder", self.device)
         self._background.start()
         return True

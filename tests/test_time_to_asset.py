@@ -66,6 +66,8 @@ def test_a_run_that_switched_to_the_compiled_programs_projects_at_their_speed():
                ms_per_iteration_uncompiled=150.0, ms_per_iteration=85.0)
     del r.timings["prior_compiled"]
     assert r.switched and r.loop_ms == 80.0 and r.compile_ahead_s == 0.0
+    r.timings["prior_warmed_up"] = 40.0  # the uncompiled path warmed up ahead: 12 s after the model load
+    assert r.compile_ahead_s == pytest.approx(12.0)
     assert r.switch_cell() == "it 50 at 140.0 s"
     assert r.projected_s(5000) == pytest.approx(140.0 + 4950 * 0.08 + 12.0 + 10.0)
     args = time_to_asset.parse_args(["--iters", "150"])

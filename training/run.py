@@ -485,6 +485,7 @@ def _build(cfg: Config, run_dir: Path, checkpoint: dict | None, quiet: bool, pri
     timeline.log("model_loaded", "model and Gaussians ready")
     if cfg.pipeline.compile_in_background:
         trainer.warm_up_prior(background=True)
+        timeline.log("prior_warmed_up", "UNet and VAE encoder warmed up uncompiled; compiling in the background")
     else:
         trainer.warm_up_prior()
         timeline.log("prior_compiled", "UNet and VAE encoder compiled")

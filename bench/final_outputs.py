@@ -175,7 +175,8 @@ def main() -> None:
         print(f"{n} Gaussians: {rows[n]['mesh total']:.2f} s mesh", file=sys.stderr, flush=True)
     parts = list(dict.fromkeys(p for row in rows.values() for p in row))
     parts.remove("mesh total")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU ({torch.get_num_threads()} threads)")
     print(f"Final outputs on {device}, {args.config.name} defaults (seconds):\n")
     print("| part | " + " | ".join(f"{n:,}" for n in counts) + " |")
     print("|---|" + "---|" * len(counts))

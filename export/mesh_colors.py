@@ -2,6 +2,8 @@
 (export/mesh_bake.py), the nearby Gaussians' SH DC colour elsewhere."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
@@ -9,6 +11,9 @@ from scipy.spatial import cKDTree
 from export.gaussian_field import MIN_OPACITY
 from scene.gaussian_model import quat_to_rotmat, sh_to_rgb
 from scene.gaussian_tensors import GaussianTensors
+
+if TYPE_CHECKING:
+    from export.mesh_bake import BakeRenders
 
 
 def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -47,18 +52,32 @@ def surface_colors(gaussians: GaussianTensors, points: np.ndarray, normals: np.n
 
 
 def colors_at(gaussians: GaussianTensors, points: np.ndarray, normals: np.ndarray, verts: np.ndarray,
-              faces: np.ndarray, options) -> np.ndarray:
+              faces: np.ndarray, options, bake: "BakeRenders | None" = None) -> np.ndarray:
     """[P, 3] colours of surface points: from renders of the Gaussians where a bake view sees them
-    (export/mesh_bake.py), from the nearby Gaussians' SH DC elsewhere (surface_colors)."""
+    (export/mesh_bake.py), from the nearby Gaussians' SH DC elsewhere (surface_colors).
+
+    bake: the renders of bake_for(gaussians, verts, faces, options), when the caller already made them (the
+    vertex colours and the texture of one mesh share them); made here otherwise.
+    """
     offset = color_offset(verts, options)
     colors = surface_colors(gaussians, points, normals, offset, options.neighbours)
     if options.bake_views:
-        from export.mesh_bake import bake_views, rendered_colors
+        from export.mesh_bake import baked_colors
 
-        cams = bake_views(verts, options.bake_views, options.bake_size)
-        baked, seen = rendered_colors(gaussians, points, normals, verts, faces, cams, depth_tolerance=4 * offset)
+        bake = bake if bake is not None else bake_for(gaussians, verts, faces, options)
+        baked, seen = baked_colors(bake, points, normals, depth_tolerance=4 * offset)
         colors[seen] = baked[seen]
     return colors
+
+
+def bake_for(gaussians: GaussianTensors, verts: np.ndarray, faces: np.ndarray, options) -> "BakeRenders | None":
+    """The bake renders of a mesh (verts [V, 3], faces [F, 3]) with options.bake_views views per ring of
+    options.bake_size pixels; None when options.bake_views is 0."""
+    if not options.bake_views:
+        return None
+    from export.mesh_bake import bake_views, render_bake
+
+    return render_bake(gaussians, verts, faces, bake_views(verts, options.bake_views, options.bake_size))
 
 
 def color_offset(verts: np.ndarray, options) -> float:

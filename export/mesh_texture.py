@@ -8,6 +8,7 @@ filtering at chart borders does not bleed background into the surface.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from scipy.ndimage import distance_transform_edt
 from export.mesh_colors import colors_at, vertex_normals
 from export.mesh_render import rasterize_flat
 from scene.gaussian_tensors import GaussianTensors
+
+if TYPE_CHECKING:
+    from export.mesh_bake import BakeRenders
 
 
 @dataclass
@@ -31,9 +35,12 @@ class TexturedMesh:
         return self.vertices @ world_to_export(MESH_UP_AXIS).numpy().T
 
 
-def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options) -> TexturedMesh:
+def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options,
+                 bake: "BakeRenders | None" = None) -> TexturedMesh:
     """Unwrap (vertices [V, 3], faces [F, 3]) with xatlas and bake an options.texture-sized colour
-    texture (options: export.mesh.MeshOptions)."""
+    texture (options: export.mesh.MeshOptions). bake: the mesh's bake renders (export.mesh_colors.bake_for)
+    when already made for its vertex colours: xatlas keeps every face and its corners' order, so the split
+    mesh has the same triangles and the same z-buffer."""
     import xatlas
 
     size = options.texture
@@ -53,7 +60,7 @@ def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.nda
     normals = (weights * vertex_normals(verts, new_faces)[corners]).sum(1)
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     image = np.zeros((size, size, 3), np.float32)
-    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options)
+    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options, bake)
     _, (rows, cols) = distance_transform_edt(~covered, return_indices=True)
     image = image[rows, cols]  # empty texels: colour of the nearest covered texel
     rgb8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)

@@ -124,6 +124,7 @@ MESH_PARTS = [  # (module, function, part) wrapped inside export_mesh
     (export.mesh_bake, "rendered_colors", "bake sampling"),
     (export.mesh_bake, "render_in_chunks", "bake renders"),
     (export.mesh_bake, "rasterize", "mesh z-buffer"),
+    (export.mesh_bake, "depth_buffer", "mesh z-buffer"),
     (export.mesh_texture, "rasterize_flat", "texel rasterisation"),
     (export.mesh, "write_glb", "GLB write"),
     (export.mesh, "write_obj", "OBJ write"),

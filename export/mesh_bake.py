@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from export.mesh_render import rasterize
+from export.mesh_render import depth_buffer
 from gaussian_renderer import render_in_chunks
 from scene.camera_sampler import look_at_cameras
 from scene.cameras import Cameras
@@ -61,7 +61,7 @@ def render_bake(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndar
     device = gaussians.means.device
     with torch.no_grad():
         splat = render_in_chunks(gaussians, cameras, torch.zeros(3, device=device), chunk=4, backend=backend)
-    zbuf = rasterize(torch.from_numpy(vertices), torch.from_numpy(faces), cameras).depth  # [B, H, W]
+    zbuf = depth_buffer(torch.from_numpy(vertices), torch.from_numpy(faces), cameras)  # [B, H, W]
     return BakeRenders(cameras=cameras, rgb=splat.rgb.float().cpu(), alpha=splat.alpha.float().cpu(), depth=zbuf)
 
 

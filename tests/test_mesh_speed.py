@@ -7,11 +7,13 @@ import numpy as np
 import torch
 
 from export.gaussian_field import opacity_grid
-from export.mesh import MeshOptions, _mesh_and_bake
-from export.mesh_bake import baked_colors, rendered_colors
+from export.mesh import MeshOptions, _mesh_and_bake, mesh_from_gaussians
+from export.mesh_bake import bake_views, baked_colors, rendered_colors
 from export.mesh_colors import bake_for, vertex_normals
+from export.mesh_render import depth_buffer, rasterize
 from export.mesh_texture import bake_texture
 from gaussian_renderer.types import GaussianTensors
+from scene.camera_sampler import orbit_cameras
 from scene.gaussian_model import rgb_to_sh
 
 REFERENCE_OPTIONS = MeshOptions(resolution=40, faces=1500, bake_views=3, bake_size=64, texture=128)
@@ -77,3 +79,18 @@ def test_the_texture_reuses_the_vertex_bake_because_xatlas_keeps_the_triangles()
     np.testing.assert_array_equal(shared[0], again[0])
     np.testing.assert_array_equal(shared[1], again[1])
     assert shared[1].mean() > 0.5  # most vertices are seen
+
+
+def test_depth_buffer_equals_the_rasterizers_depth_for_small_large_and_clipped_faces():
+    mesh = mesh_from_gaussians(reference_asset(), MeshOptions(resolution=40, faces=200, bake_views=0))
+    vertices, faces = torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces)
+    # a ring of bake views; close views where the mesh overflows the image; one inside the torus's hole
+    cams = bake_views(mesh.vertices, 3, 48)
+    close = orbit_cameras(torch.tensor([1.2, 0.7, 0.3]), torch.tensor([60.0, 90.0, 90.0]),
+                          torch.tensor([0.0, 45.0, 10.0]), torch.full((3,), 0.9), 40, 32)
+    for cameras in (cams, close):
+        expected = rasterize(vertices, faces, cameras).depth
+        got = depth_buffer(vertices, faces, cameras)
+        assert got.shape == expected.shape
+        assert bool(torch.isfinite(expected).any()) and bool(torch.isinf(expected).any())
+        assert torch.equal(got, expected)

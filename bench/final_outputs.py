@@ -122,6 +122,7 @@ MESH_PARTS = [  # (module, function, part) wrapped inside export_mesh
     (export.mesh, "decimate", "components + decimation"),
     (export.mesh_colors, "surface_colors", "nearest-Gaussian colours"),
     (export.mesh_bake, "rendered_colors", "bake sampling"),
+    (export.mesh_bake, "baked_colors", "bake sampling"),
     (export.mesh_bake, "render_in_chunks", "bake renders"),
     (export.mesh_bake, "rasterize", "mesh z-buffer"),
     (export.mesh_bake, "depth_buffer", "mesh z-buffer"),

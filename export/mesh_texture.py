@@ -19,7 +19,7 @@ from export.mesh_render import rasterize_flat
 from scene.gaussian_tensors import GaussianTensors
 
 if TYPE_CHECKING:
-    from export.mesh_bake import BakeRenders
+    from export.mesh_colors import ColorSources
 
 
 @dataclass
@@ -36,11 +36,10 @@ class TexturedMesh:
 
 
 def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options,
-                 bake: "BakeRenders | None" = None) -> TexturedMesh:
+                 sources: "ColorSources | None" = None) -> TexturedMesh:
     """Unwrap (vertices [V, 3], faces [F, 3]) with xatlas and bake an options.texture-sized colour
-    texture (options: export.mesh.MeshOptions). bake: the mesh's bake renders (export.mesh_colors.bake_for)
-    when already made for its vertex colours: xatlas keeps every face and its corners' order, so the split
-    mesh has the same triangles and the same z-buffer."""
+    texture (options: export.mesh.MeshOptions). sources: the mesh's colour sources
+    (export.mesh_colors.color_sources) when already made for its vertex colours."""
     import xatlas
 
     size = options.texture
@@ -60,7 +59,7 @@ def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.nda
     normals = (weights * vertex_normals(verts, new_faces)[corners]).sum(1)
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     image = np.zeros((size, size, 3), np.float32)
-    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options, bake)
+    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options, sources)
     _, (rows, cols) = distance_transform_edt(~covered, return_indices=True)
     image = image[rows, cols]  # empty texels: colour of the nearest covered texel
     rgb8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)

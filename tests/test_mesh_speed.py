@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from export.gaussian_field import opacity_grid
-from export.mesh import MeshOptions, _mesh_and_bake, mesh_from_gaussians
+from export.mesh import MeshOptions, _mesh_and_sources, mesh_from_gaussians
 from export.mesh_bake import bake_views, baked_colors, rendered_colors
-from export.mesh_colors import bake_for, vertex_normals
+from export.mesh_colors import color_sources, vertex_normals
 from export.mesh_render import depth_buffer, rasterize
 from export.mesh_texture import bake_texture
 from gaussian_renderer.types import GaussianTensors
@@ -41,8 +41,8 @@ REFERENCE = Path(__file__).parent / "data" / "mesh" / "reference_mesh_47d3703.np
 
 def _exported_meshes(gaussians: GaussianTensors, options: MeshOptions):
     """The coloured mesh and the textured mesh, as export_mesh makes them (one bake for both)."""
-    mesh, bake = _mesh_and_bake(gaussians, options)
-    return mesh, bake_texture(gaussians, mesh.vertices, mesh.faces, options, bake)
+    mesh, sources = _mesh_and_sources(gaussians, options)
+    return mesh, bake_texture(gaussians, mesh.vertices, mesh.faces, options, sources)
 
 
 def test_mesh_and_texture_equal_those_of_the_code_before_the_speed_up():
@@ -66,10 +66,11 @@ def test_the_texture_reuses_the_vertex_bake_because_xatlas_keeps_the_triangles()
     z-buffer, and colours from the shared renders equal colours from renders made afresh."""
     gaussians = reference_asset()
     options = REFERENCE_OPTIONS
-    mesh, bake = _mesh_and_bake(gaussians, options)
-    textured = bake_texture(gaussians, mesh.vertices, mesh.faces, options, bake)
+    mesh, sources = _mesh_and_sources(gaussians, options)
+    bake = sources.bake
+    textured = bake_texture(gaussians, mesh.vertices, mesh.faces, options, sources)
     np.testing.assert_array_equal(textured.vertices[textured.faces], mesh.vertices[mesh.faces])
-    fresh = bake_for(gaussians, textured.vertices, textured.faces, options)
+    fresh = color_sources(gaussians, textured.vertices, textured.faces, options).bake
     assert torch.equal(fresh.depth, bake.depth) and torch.equal(fresh.rgb, bake.rgb)
     assert bool(torch.isfinite(bake.depth).any())  # the mesh is in view
     normals = vertex_normals(textured.vertices, textured.faces)

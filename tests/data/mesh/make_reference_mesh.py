@@ -1,11 +1,16 @@
-"""Run at commit 47d3703 (before the issue-20 changes): the reference mesh of tests/test_mesh_speed.py (python tests/data/mesh/make_reference_mesh.py from the repository root)."""
+"""The reference mesh of tests/test_mesh_speed.py: run with the code of commit 47d3703 (before the issue-20
+speed-ups) from the repository root: python tests/data/mesh/make_reference_mesh.py."""
 import sys
-sys.path.insert(0, '.')
-import numpy as np, torch
-from export.gaussian_field import opacity_grid
-from export.mesh import MeshOptions, mesh_from_gaussians
-from export.mesh_texture import bake_texture
-from tests.test_mesh_speed import reference_asset, REFERENCE_OPTIONS
+
+sys.path.insert(0, ".")
+
+import numpy as np  # noqa: E402
+
+from export.gaussian_field import opacity_grid  # noqa: E402
+from export.mesh import mesh_from_gaussians  # noqa: E402
+from export.mesh_texture import bake_texture  # noqa: E402
+from tests.test_mesh_speed import REFERENCE_OPTIONS, reference_asset  # noqa: E402
+
 g = reference_asset()
 grid = opacity_grid(g, REFERENCE_OPTIONS.resolution)
 mesh = mesh_from_gaussians(g, REFERENCE_OPTIONS)

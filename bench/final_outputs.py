@@ -136,7 +136,7 @@ def measure(n: int, device: str, cfg, folder: Path) -> dict[str, float]:
     import xatlas
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    model = torch_asset = torus_asset(n, device=device)
+    model = torus_asset(n, device=device)
     timer = PartTimer(sync)
     for module, attribute, part in MESH_PARTS:
         timer.wrap(module, attribute, part)
@@ -150,7 +150,7 @@ def measure(n: int, device: str, cfg, folder: Path) -> dict[str, float]:
                 save_images(out.rgb, folder / "test_views", "rgb")
                 save_images(out.depth, folder / "test_views", "depth")
             with timer.part("point_cloud.ply"):
-                save_gaussian_ply(torch_asset, folder / "point_cloud.ply", pad_sh_degree=cfg.ply_sh_degree,
+                save_gaussian_ply(model, folder / "point_cloud.ply", pad_sh_degree=cfg.ply_sh_degree,
                                   up_axis=cfg.ply_up_axis)
             with timer.part("mesh: rest"):
                 start = time.perf_counter()

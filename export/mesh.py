@@ -30,7 +30,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from export.gaussian_field import NoSurfaceError, opacity_grid
-from export.mesh_colors import colors_at, vertex_normals
+from export.mesh_colors import color_sources, colors_at, vertex_normals
 from scene.gaussian_model import GaussianModel
 from scene.gaussian_tensors import GaussianTensors
 from scene.orientation import MESH_UP_AXIS, world_to_export
@@ -40,6 +40,7 @@ from utils.cli_errors import InputError, reading, require_writable_folder, run_c
 from utils.files import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from export.mesh_colors import ColorSources
     from export.mesh_texture import TexturedMesh
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,20 @@ def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[n
 
 def mesh_from_gaussians(gaussians: GaussianTensors, options: MeshOptions = MeshOptions()) -> ColoredMesh:
     """Extraction, clean-up, decimation and colouring (see the module docstring)."""
+    return _mesh_and_sources(gaussians, options)[0]
+
+
+def _mesh_and_sources(gaussians: GaussianTensors, options: MeshOptions) -> tuple[ColoredMesh, "ColorSources"]:
+    """mesh_from_gaussians, and the colour sources (k-d tree, bake renders) its colours came from, for the
+    texture of the same mesh to reuse."""
     verts, faces = extract_surface(gaussians, options)
     raw_faces = len(faces)
     verts, faces = drop_small_components(verts, faces, options.min_component)
     verts, faces = decimate(verts, faces, options.faces)
-    colors = colors_at(gaussians, verts, vertex_normals(verts, faces), verts, faces, options)
+    sources = color_sources(gaussians, verts, faces, options)
+    colors = colors_at(gaussians, verts, vertex_normals(verts, faces), verts, faces, options, sources)
     log.info("mesh: %d faces from marching cubes -> %d faces, %d vertices", raw_faces, len(faces), len(verts))
-    return ColoredMesh(vertices=verts, faces=faces, colors=colors)
+    return ColoredMesh(vertices=verts, faces=faces, colors=colors), sources
 
 
 # ---------------------------------------------------------------------- files
@@ -224,12 +232,12 @@ def export_mesh(gaussians: GaussianTensors, folder: Path, options: MeshOptions =
     Returns {"glb": ..., "obj": ...}."""
     from export.mesh_texture import bake_texture
 
-    mesh = mesh_from_gaussians(gaussians, options)
+    mesh, sources = _mesh_and_sources(gaussians, options)  # one k-d tree and bake for vertices and texture
     if options.texture:
-        mesh = textured = bake_texture(gaussians, mesh.vertices, mesh.faces, options)
+        mesh = textured = bake_texture(gaussians, mesh.vertices, mesh.faces, options, sources)
     else:  # the GLB keeps the vertex colours (glTF's COLOR_0 is shown by every viewer); the OBJ needs a texture
         size = obj_texture_size(len(mesh.faces))
-        textured = bake_texture(gaussians, mesh.vertices, mesh.faces, replace(options, texture=size))
+        textured = bake_texture(gaussians, mesh.vertices, mesh.faces, replace(options, texture=size), sources)
     info = {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "options": asdict(options),
             **(extras or {})}
     return {"glb": write_glb(mesh, folder / "mesh.glb", info), "obj": write_obj(textured, folder / "mesh.obj")}

@@ -10,13 +10,14 @@ Points no view sees keep their fallback colour.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from export.mesh_render import rasterize
+from export.mesh_render import depth_buffer
 from gaussian_renderer import render_in_chunks
 from scene.camera_sampler import look_at_cameras
 from scene.cameras import Cameras
@@ -42,16 +43,40 @@ def bake_views(vertices: np.ndarray, per_ring: int, size: int) -> Cameras:
                            azimuth, polar, torch.full((n,), distance))
 
 
+@dataclass
+class BakeRenders:
+    """What the bake views see, computed once per mesh and shared by every set of surface points coloured
+    from it (the vertices, then the texels of the UV texture: the same triangles, so the same z-buffer)."""
+
+    cameras: Cameras
+    rgb: Tensor  # [B, 3, H, W] float32 CPU: the Gaussians rendered on black
+    alpha: Tensor  # [B, 1, H, W] float32 CPU: their alpha
+    depth: Tensor  # [B, H, W] float32 CPU: the mesh's z-buffer (camera-space z, inf where empty)
+
+
+def render_bake(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, cameras: Cameras,
+                backend: str = "auto") -> BakeRenders:
+    """Render the Gaussians (on their device) and the mesh's z-buffer (vertices [V, 3], faces [F, 3]) from
+    the bake cameras."""
+    device = gaussians.means.device
+    with torch.no_grad():
+        splat = render_in_chunks(gaussians, cameras, torch.zeros(3, device=device), chunk=4, backend=backend)
+    zbuf = depth_buffer(torch.from_numpy(vertices), torch.from_numpy(faces), cameras)  # [B, H, W]
+    return BakeRenders(cameras=cameras, rgb=splat.rgb.float().cpu(), alpha=splat.alpha.float().cpu(), depth=zbuf)
+
+
 def rendered_colors(gaussians: GaussianTensors, points: np.ndarray, normals: np.ndarray, vertices: np.ndarray,
                     faces: np.ndarray, cameras: Cameras, depth_tolerance: float,
                     backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Colours [P, 3] of surface points [P, 3] (unit normals [P, 3]) from renders of the Gaussians,
     and a [P] mask of the points some view saw. The mesh (vertices, faces) provides visibility."""
-    device = gaussians.means.device
-    with torch.no_grad():
-        splat = render_in_chunks(gaussians, cameras, torch.zeros(3, device=device), chunk=4, backend=backend)
-    zbuf = rasterize(torch.from_numpy(vertices), torch.from_numpy(faces), cameras).depth  # [B, H, W]
-    rgb, alpha = splat.rgb.float().cpu(), splat.alpha.float().cpu()  # [B, 3, H, W], [B, 1, H, W]
+    return baked_colors(render_bake(gaussians, vertices, faces, cameras, backend), points, normals, depth_tolerance)
+
+
+def baked_colors(bake: BakeRenders, points: np.ndarray, normals: np.ndarray,
+                 depth_tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """rendered_colors from renders already made: colours [P, 3] and the [P] mask of the points seen."""
+    cameras, rgb, alpha, zbuf = bake.cameras, bake.rgb, bake.alpha, bake.depth
     p, n = torch.from_numpy(points).float(), torch.from_numpy(normals).float()
     total = torch.zeros(len(p), 3)
     weight = torch.zeros(len(p))
@@ -66,9 +91,12 @@ def rendered_colors(gaussians: GaussianTensors, points: np.ndarray, normals: np.
         a = _sample(alpha[b], grid)[:, 0]
         cosine = (F.normalize(centres[b] - p, dim=-1) * n).sum(-1)
         visible = (grid.abs() < 1).all(-1) & (z <= depth + depth_tolerance) & (cosine > MIN_COSINE) & (a > 0.5)
-        w = torch.where(visible, cosine * a, torch.zeros(()))
-        total += w[:, None] * (_sample(rgb[b], grid) / a.clamp_min(1e-3)[:, None]).clamp(0, 1)
-        weight += w
+        # only the visible points are sampled and added: the others' weight is 0 (adding 0 changes nothing)
+        seen_here = torch.nonzero(visible).squeeze(1)  # [S]
+        w, a_seen = cosine[seen_here] * a[seen_here], a[seen_here]
+        color = (_sample(rgb[b], grid[seen_here]) / a_seen.clamp_min(1e-3)[:, None]).clamp(0, 1)  # [S, 3]
+        total.index_add_(0, seen_here, w[:, None] * color)
+        weight.index_add_(0, seen_here, w)
     seen = weight > 0
     colors = torch.where(seen[:, None], total / weight.clamp_min(1e-12)[:, None], torch.zeros(()))
     return colors.numpy().astype(np.float32), seen.numpy()

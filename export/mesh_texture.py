@@ -8,6 +8,7 @@ filtering at chart borders does not bleed background into the surface.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from scipy.ndimage import distance_transform_edt
 from export.mesh_colors import colors_at, vertex_normals
 from export.mesh_render import rasterize_flat
 from scene.gaussian_tensors import GaussianTensors
+
+if TYPE_CHECKING:
+    from export.mesh_colors import ColorSources
 
 
 @dataclass
@@ -31,9 +35,11 @@ class TexturedMesh:
         return self.vertices @ world_to_export(MESH_UP_AXIS).numpy().T
 
 
-def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options) -> TexturedMesh:
+def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.ndarray, options,
+                 sources: "ColorSources | None" = None) -> TexturedMesh:
     """Unwrap (vertices [V, 3], faces [F, 3]) with xatlas and bake an options.texture-sized colour
-    texture (options: export.mesh.MeshOptions)."""
+    texture (options: export.mesh.MeshOptions). sources: the mesh's colour sources
+    (export.mesh_colors.color_sources) when already made for its vertex colours."""
     import xatlas
 
     size = options.texture
@@ -53,7 +59,7 @@ def bake_texture(gaussians: GaussianTensors, vertices: np.ndarray, faces: np.nda
     normals = (weights * vertex_normals(verts, new_faces)[corners]).sum(1)
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     image = np.zeros((size, size, 3), np.float32)
-    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options)
+    image[covered] = colors_at(gaussians, points, normals, verts, new_faces, options, sources)
     _, (rows, cols) = distance_transform_edt(~covered, return_indices=True)
     image = image[rows, cols]  # empty texels: colour of the nearest covered texel
     rgb8 = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)

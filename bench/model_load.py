@@ -288,10 +288,9 @@ def main(argv=None) -> int:
 
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     table = format_table(results, device_name, args)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    print(table)
+    from bench.report import publish_table
+
+    publish_table(table, args.out)
     return 0
 
 

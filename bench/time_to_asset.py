@@ -238,10 +238,9 @@ def main(argv=None) -> int:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     table = format_table(runs, device, args)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    print(table)
+    from bench.report import publish_table
+
+    publish_table(table, args.out)
     return 0
 
 

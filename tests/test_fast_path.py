@@ -34,21 +34,30 @@ def _config(model_dir, mode, device, loss="sctd", perpneg=False):
     ] + mode, warn_no_effect=False)
 
 
-def _gradients(cfg, device, warm_up=False):
+def _trainer(cfg, device):
     torch.manual_seed(0)
     prior = StableDiffusionPrior.from_config(cfg.guidance, device)
     apply_pipeline_options(prior, cfg.pipeline)
-    trainer = Trainer(cfg, prior=prior, device=torch.device(device))
+    return prior, Trainer(cfg, prior=prior, device=torch.device(device))
+
+
+def _step_gradients(trainer, step):
+    """The Gaussians' gradients of `step` (adopting a finished background compilation first, as train_step)."""
+    torch.manual_seed(step)
+    trainer.adopt_compiled_prior(step)
+    trainer.compute_gradients(step)
+    grads = {name: p.grad.detach().clone() for name, p in trainer.gaussians.params().items()
+             if p.grad is not None and p.numel()}
+    trainer.gaussians.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def _gradients(cfg, device, warm_up=False):
+    _, trainer = _trainer(cfg, device)
     if warm_up:  # as train.py does: compile and capture before the first step, on private random inputs
         trainer.warm_up_prior()
-    grads = []
-    for step in (1, 2):  # the CUDA graphs are captured on the first call and replayed on the second
-        torch.manual_seed(step)
-        trainer.compute_gradients(step)
-        grads = {name: p.grad.detach().clone() for name, p in trainer.gaussians.params().items()
-                 if p.grad is not None and p.numel()}
-        trainer.gaussians.optimizer.zero_grad(set_to_none=True)
-    return grads
+    _step_gradients(trainer, 1)  # the CUDA graphs are captured on the first call and replayed on the second
+    return _step_gradients(trainer, 2)
 
 
 def _compare(fast, straight, rel_tol, min_cos):
@@ -97,27 +106,11 @@ def test_background_compilation_switches_to_the_same_gradients_gpu(tiny_sd_dir, 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
-    def trainer_for(mode):
-        cfg = _config(tiny_sd_dir, mode, "cuda", perpneg=True)
-        torch.manual_seed(0)
-        prior = StableDiffusionPrior.from_config(cfg.guidance, "cuda")
-        apply_pipeline_options(prior, cfg.pipeline)
-        return prior, Trainer(cfg, prior=prior, device=torch.device("cuda"))
-
-    def gradients(trainer, step):
-        torch.manual_seed(step)
-        trainer.adopt_compiled_prior(step)
-        trainer.compute_gradients(step)
-        grads = {name: p.grad.detach().clone() for name, p in trainer.gaussians.params().items()
-                 if p.grad is not None and p.numel()}
-        trainer.gaussians.optimizer.zero_grad(set_to_none=True)
-        return grads
-
-    prior, background = trainer_for([])
-    _, straight = trainer_for(STRAIGHT)
+    prior, background = _trainer(_config(tiny_sd_dir, [], "cuda", perpneg=True), "cuda")
+    _, straight = _trainer(_config(tiny_sd_dir, STRAIGHT, "cuda", perpneg=True), "cuda")
     background.warm_up_prior(background=True)
-    _compare(gradients(background, 1), gradients(straight, 1), rel_tol=1e-3, min_cos=0.9999)
+    _compare(_step_gradients(background, 1), _step_gradients(straight, 1), rel_tol=1e-3, min_cos=0.9999)
     assert background.compiled_prior_step is None
     prior.wait_for_background_warm_up()
-    _compare(gradients(background, 2), gradients(straight, 2), rel_tol=1e-3, min_cos=0.9999)
+    _compare(_step_gradients(background, 2), _step_gradients(straight, 2), rel_tol=1e-3, min_cos=0.9999)
     assert background.compiled_prior_step == 2

@@ -15,6 +15,9 @@
 #                                  the background compilation, gsplat parity and out-of-memory, time to asset on fresh
 #                                  caches (800 iterations), then a warm one (300 iterations) on the caches it left
 #   bash bench/gpu_session.sh 9    the background compilation's GPU test, then its time to asset (LIMIT=400 for the switch)
+#   bash bench/gpu_session.sh 10   time to asset with the background compilation, fresh then warm caches (ITERS=1000),
+#                                  then the background compilation's GPU test on the caches those runs left
+#   bash bench/gpu_session.sh 11   part 6, then the background compilation's time to asset on fresh caches (ITERS=400)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -85,5 +88,22 @@ case "$PART" in
       --work /tmp/tta --out "$OUT/time_to_asset_user.md" > /dev/null 2>&1
     grep -E "timeline|background|compiled|switching|capturing|loop:" /tmp/tta/train_0.log | cut -c1-200 \
       | tee "$OUT/train_0_lines.txt" ;;
-  *) echo "part must be 1 to 9" >&2; exit 2 ;;
+  10)
+    timeout 440 python3 bench/time_to_asset.py --iters ${ITERS:-1000} --set save_video=false --work /tmp/tta \
+      --set PipelineParams.compile_in_background=true --out "$OUT/time_to_asset.md" 2>&1 | quiet | tail -14
+    for f in /tmp/tta/*.log; do grep -E "timeline|background|compiled|switching|loop:|Error|error" "$f" | cut -c1-220; done \
+      > "$OUT/train_lines.txt"
+    c=/tmp/tta/caches_0  # what the fresh run compiled: the test's compilation starts warm
+    export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
+    timeout 120 python3 -m pytest tests/test_fast_path.py -m gpu -k "background" -s -q -p no:cacheprovider 2>&1 \
+      | quiet > "$OUT/gpu_tests_background.txt"
+    grep -E "passed|failed|Error" "$OUT/gpu_tests_background.txt" | tail -8 ;;
+  11)
+    timeout 330 python3 bench/official_rules.py --prior sd-random --steps 500 --out "$OUT/official_rules_gpu.md" 2>&1 \
+      | quiet | tail -12
+    timeout ${LIMIT:-230} python3 bench/time_to_asset.py --iters ${ITERS:-400} --caches fresh --set save_video=false \
+      --set PipelineParams.compile_in_background=true --work /tmp/tta --out "$OUT/time_to_asset.md" 2>&1 | quiet | tail -8
+    grep -E "timeline|background|compiled|switching|loop:|Error" /tmp/tta/train_0.log | cut -c1-220 > "$OUT/train_lines.txt"
+    tr '\r' '\n' < /tmp/tta/train_0.log | grep -E "^ *[0-9]+%" | awk 'NR % 25 == 0' | cut -c1-90 >> "$OUT/train_lines.txt" ;;
+  *) echo "part must be 1 to 11" >&2; exit 2 ;;
 esac

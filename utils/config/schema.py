@@ -131,7 +131,8 @@ class PipelineParams:
     compile_in_background: bool = param(False, "compile in a background thread while the first iterations run "
                                                 "uncompiled (same maths), switching over when ready, instead of "
                                                 "the first iteration waiting for compilation (compile=true, CUDA "
-                                                "only; not yet the default: see docs/speed.md)",
+                                                "only; on an H100 the first iteration comes sooner but the asset "
+                                                "later: docs/speed.md)",
                                          prior_free=True, resumable="a speed lever")
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)",
                                   prior_free=True, resumable="a speed lever")

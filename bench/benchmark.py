@@ -4,9 +4,10 @@ Full-size SD 2.1-base architecture with random weights (the real model's cost), 
 4 cameras at 512x512, CFG 7.5, densification on. Modes (MODES below) run in this process side by
 side: "default" (the schema defaults: torch.compile + CUDA graphs, channels-last UNet, matmul VAE
 attention, channels-last VAE encoder with Triton NHWC GroupNorm kernels, one batched rasterizer call),
-"no-compile", "contiguous-vae", the low-VRAM and large-GPU overlays, and a
-"straightforward" one (fp16 eager, one rasterizer call per camera, no CUDA graphs, no channels-last,
-diffusers' default VAE attention, cuDNN autotuning off) so that speed-ups are ratios measured together.
+"no-compile", "regional" (only the UNet's transformer blocks compiled), "contiguous-vae", the low-VRAM
+and large-GPU overlays, and a "straightforward" one (fp16 eager, one rasterizer call per camera, no CUDA
+graphs, no channels-last, diffusers' default VAE attention, cuDNN autotuning off) so that speed-ups are
+ratios measured together.
 
     python bench/benchmark.py --out bench/results.md            # on an H100/H200
     python bench/benchmark.py --tiny --steps 3 --warmup 1       # CPU smoke test of the script itself
@@ -62,6 +63,7 @@ LOSSES = {  # label -> GuidanceParams overrides
 MODES = {  # label -> overrides of the schema defaults ("key" is PipelineParams.key, "Section.key" another)
     "default": {},  # compile + CUDA graphs + channels-last UNet + matmul VAE attention + batched rendering
     "no-compile": {"compile": False},
+    "regional": {"compile_regions": True},  # only the UNet's repeated transformer blocks compiled
     "straightforward": {"compile": False, "cuda_graphs": False, "channels_last": False, "cudnn_benchmark": False,
                         "render_per_camera": True, "vae_attention": "sdpa", "vae_channels_last": False},
     "contiguous-vae": {"vae_channels_last": False},  # the default before the Triton NHWC GroupNorm kernels

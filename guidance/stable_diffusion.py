@@ -35,6 +35,7 @@ from guidance.diffusion import eps_from_v
 from guidance.group_norm_nhwc import fuse_encoder_norms, triton_installed
 from guidance.model_folder import SINGLE_FILE_SUFFIXES, check_model_folder
 from guidance.prior import Conditioning, DiffusionPrior, ModelNotFoundError
+from guidance.regional_compile import compile_repeated_blocks
 from guidance.timesteps import TimestepGrid
 from guidance.view_prompts import perp_neg_weights, view_embeddings
 from scene.cameras import Cameras
@@ -309,6 +310,7 @@ class CompiledPrograms(NamedTuple):
     unet: Callable[..., Tensor]
     encoder: Callable[[Tensor], Tensor]
     dynamic_batch: bool  # one UNet program for every batch size
+    regional: bool  # only the UNet's repeated blocks compiled, in place (guidance/regional_compile.py)
 
 
 def _dynamic_batch(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -452,10 +454,11 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def enable_fast_path(self, cuda_graphs: bool, channels_last: bool = False, attention_slicing: bool = False,
                          compile: bool = False, vae_attention: str = "sdpa", vae_channels_last: bool = False,
-                         compile_dynamic_batch: bool = False) -> None:
+                         compile_dynamic_batch: bool = False, compile_regions: bool = False) -> None:
         """Speed levers that keep the maths (measured in bench/results/components_*.md): torch.compile of the
         UNet (one program for every batch size with compile_dynamic_batch, else one per batch size; every
-        other dimension static) and the VAE encoder (static shapes), CUDA-graph replay
+        other dimension static), or with compile_regions only its repeated transformer blocks
+        (guidance/regional_compile.py), and the VAE encoder (static shapes), CUDA-graph replay
         of the fixed-shape UNet calls (of the compiled program when both are on), channels-last
         UNet convolutions, explicit matmul+softmax VAE attention, a channels-last VAE encoder whose
         GroupNorm+SiLU pairs run as Triton NHWC kernels (guidance/group_norm_nhwc.py; without them
@@ -480,17 +483,23 @@ class StableDiffusionPrior(DiffusionPrior):
             compile = False
         self._cuda_graphs = cuda_graphs
         if compile:
-            logger.info("torch.compile: the UNet (%s) and the VAE encoder; minutes on a first run and less once "
+            logger.info("torch.compile: the UNet%s (%s) and the VAE encoder; minutes on a first run and less once "
                         "Inductor's disk cache is warm; PipelineParams.compile=false skips it",
+                        "'s repeated blocks" if compile_regions else "",
                         "one program for every batch size" if compile_dynamic_batch else "one program per batch size")
-            if compile_dynamic_batch:
+            if compile_regions:
+                blocks = compile_repeated_blocks(self.unet, dynamic_batch=compile_dynamic_batch)
+                logger.info("regional compilation: %d UNet blocks run compiled programs, the rest of the UNet eager",
+                            blocks)
+                unet_fn = self._unet_eps  # its blocks compile at their first call of each shape
+            elif compile_dynamic_batch:
                 # SCTD's step runs the UNet on batches B and 2B (the CFG pair): a symbolic batch dimension
                 # compiles one program instead of two (issue 20); the CUDA graphs of each batch replay it
                 unet_fn = _dynamic_batch(torch.compile(self._unet_eps, dynamic=None))
             else:
                 unet_fn = torch.compile(self._unet_eps, dynamic=False)
             self._compiled = CompiledPrograms(unet_fn, torch.compile(self._moments, dynamic=False),
-                                              compile_dynamic_batch)
+                                              compile_dynamic_batch, compile_regions)
         self._install_runners(compiled=compile)
 
     def _install_runners(self, compiled: bool) -> None:
@@ -540,6 +549,9 @@ class StableDiffusionPrior(DiffusionPrior):
         if self.device.type != "cuda" or self._compiled is None or self._background is not None:
             return False
         programs = self._compiled
+        if programs.regional:
+            raise ValueError("PipelineParams.compile_regions compiles the UNet's blocks in place, so no uncompiled "
+                             "UNet is left to train with while they compile: set compile_in_background=false")
         # the static-shape UNet needs one program per batch size: the step's B and the CFG pair's 2B
         sizes = (batch,) if programs.dynamic_batch else (batch, 2 * batch)
 

@@ -84,12 +84,15 @@ def test_fast_path_gradient_equals_straightforward_cpu(tiny_sd_dir, loss, perpne
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode,warm_up", [(FAST, False), ([], False), ([], True),
                                           (["PipelineParams.compile_dynamic_batch=false"], False),
-                                          (["PipelineParams.vae_channels_last=false"], False)],
-                         ids=["no-compile", "defaults", "defaults-warmed-up", "static-batch", "contiguous-vae"])
+                                          (["PipelineParams.vae_channels_last=false"], False),
+                                          (["PipelineParams.compile_regions=true"], True)],
+                         ids=["no-compile", "defaults", "defaults-warmed-up", "static-batch", "contiguous-vae",
+                              "regional-warmed-up"])
 def test_fast_path_gradient_equals_straightforward_gpu(tiny_sd_dir, monkeypatch, mode, warm_up):
     """defaults = the schema's: torch.compile (one UNet program for every batch size) + CUDA graphs,
     channels-last UNet, matmul VAE attention, channels-last VAE encoder with the Triton NHWC GroupNorm
-    kernels; warmed-up: compiled and captured ahead of the first step (train.py's order)."""
+    kernels; warmed-up: compiled and captured ahead of the first step (train.py's order); regional: only the
+    UNet's transformer blocks compiled (guidance/regional_compile.py)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fast = _gradients(_config(tiny_sd_dir, mode, "cuda", perpneg=True), "cuda", warm_up)

@@ -68,7 +68,7 @@ def apply_pipeline_options(prior, pipe) -> None:
     """The PipelineParams speed/memory levers of a Stable Diffusion prior (CUDA-only ones are no-ops on a CPU)."""
     prior.enable_fast_path(cuda_graphs=pipe.cuda_graphs, channels_last=pipe.channels_last,
                            attention_slicing=pipe.attention_slicing, compile=pipe.compile,
-                           compile_dynamic_batch=pipe.compile_dynamic_batch,
+                           compile_dynamic_batch=pipe.compile_dynamic_batch, compile_regions=pipe.compile_regions,
                            vae_attention=pipe.vae_attention, vae_channels_last=pipe.vae_channels_last)
     if pipe.encode_chunk:
         prior.set_posterior_sampling(False)  # the chunked encoder recomputes its forward: keep it deterministic

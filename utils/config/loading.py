@@ -359,6 +359,10 @@ def _check_cross(cfg: Config) -> None:
     _require(c.init_shape == "ply" or c.init_num_pts >= 2,
              "GenerateCamParams.init_num_pts must be >= 2 (initial scales come from each point's nearest "
              f"neighbours), got {c.init_num_pts}")
+    _require(not (cfg.pipeline.compile_regions and cfg.pipeline.compile_in_background),
+             "PipelineParams.compile_regions and PipelineParams.compile_in_background cannot both be true: regional "
+             "compilation compiles the UNet's blocks in place, so no uncompiled UNet is left to train with while "
+             "they compile")
     _check_sctd_segments(g)
     _require(g.prior != "stable_diffusion" or (c.image_w % 8 == 0 and c.image_h % 8 == 0),
              "GenerateCamParams.image_w and image_h must be multiples of 8 with the Stable Diffusion prior (its "

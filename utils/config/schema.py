@@ -128,6 +128,10 @@ class PipelineParams:
     compile_dynamic_batch: bool = param(True, "one compiled UNet program for every batch size a loss uses (the "
                                               "batch dimension symbolic), not one per batch size",
                                         resumable="a speed lever")
+    compile_regions: bool = param(False, "compile only the UNet's repeated transformer blocks (one program per "
+                                          "block shape, the rest of the UNet eager) instead of the whole UNet: "
+                                          "a shorter first compilation (opt-in until measured on a GPU: "
+                                          "docs/speed.md)", resumable="a speed lever")
     compile_in_background: bool = param(False, "compile in a background thread while the first iterations run "
                                                 "uncompiled (same maths), switching over when ready, instead of "
                                                 "the first iteration waiting for compilation (compile=true, CUDA "

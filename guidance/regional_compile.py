@@ -11,7 +11,10 @@ PyTorch's regional-compilation recipe and diffusers' `ModelMixin.compile_repeate
 - the batch dimension is marked symbolic on each block's inputs, so that SCTD's batches B and 2B (the CFG
   pair) share a program; a forward pre-hook could not do this, since Dynamo traces hooks;
 - Dynamo's automatic dynamic shapes are off for these calls: the blocks' token counts and widths differ,
-  and without this the second width would recompile with them symbolic (slower kernels).
+  and without this the second width would recompile with them symbolic (slower kernels);
+- the blocks' parameters are traced as inputs (inline_inbuilt_nn_modules, the default since torch 2.5,
+  set here for older versions), so every instance shares its shape's program instead of guarding on
+  its own weights, and the recompile limit leaves room for every (shape, batch size) pair.
 """
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo import config as dynamo_config
+
+_DYNAMO_SETTINGS = {"automatic_dynamic_shapes": False}
+if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):  # later: always on, deprecated
+    _DYNAMO_SETTINGS["inline_inbuilt_nn_modules"] = True
+_DYNAMO_SETTINGS["recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"] = 64
 
 
 def compile_repeated_blocks(model: nn.Module, dynamic_batch: bool, backend: str | Callable = "inductor") -> int:
@@ -58,5 +67,5 @@ def _call_compiled_block(program: Callable, module: nn.Module, dynamic_batch: bo
         for value in (*args, *kwargs.values()):
             if isinstance(value, Tensor) and value.dim() > 0:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+    with dynamo_config.patch(**_DYNAMO_SETTINGS):
         return program(module, *args, **kwargs)

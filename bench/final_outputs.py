@@ -34,6 +34,7 @@ import export.mesh  # noqa: E402
 import export.mesh_bake  # noqa: E402
 import export.mesh_colors  # noqa: E402
 import export.mesh_texture  # noqa: E402
+from bench.report import publish_table  # noqa: E402
 from export.mesh import export_mesh, options_from_config  # noqa: E402
 from gaussian_renderer import render_in_chunks  # noqa: E402
 from scene.camera_sampler import evaluation_ring  # noqa: E402
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--gaussians", default="100000,330000,800000", help="comma-separated Gaussian counts")
     parser.add_argument("--device", default="cpu", help="where the Gaussians live (cpu, cuda)")
     parser.add_argument("--config", type=Path, default=REPO / "config" / "bagel.yaml")
+    parser.add_argument("--out", type=Path, help="write the table (markdown) here")
     args = parser.parse_args()
     cfg = load_config(args.config, warn_no_effect=False)
     counts = [int(c) for c in args.gaussians.split(",")]
@@ -179,14 +181,13 @@ def main() -> None:
     parts.remove("mesh total")
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU ({torch.get_num_threads()} threads)")
-    print(f"Final outputs on {device}, {args.config.name} defaults (seconds):\n")
-    print("| part | " + " | ".join(f"{n:,}" for n in counts) + " |")
-    print("|---|" + "---|" * len(counts))
-    for part in parts + ["mesh total"]:
-        print(f"| {part} | " + " | ".join(f"{rows[n].get(part, 0.0):.2f}" for n in counts) + " |")
+    lines = [f"Final outputs on {device}, {args.config.name} defaults (seconds):", "",
+             "| part | " + " | ".join(f"{n:,}" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+    lines += [f"| {part} | " + " | ".join(f"{rows[n].get(part, 0.0):.2f}" for n in counts) + " |"
+              for part in parts + ["mesh total"]]
     total = {n: sum(v for k, v in rows[n].items() if k != "mesh total") for n in counts}
-    print("| **all** | " + " | ".join(f"**{total[n]:.2f}**" for n in counts) + " |")
-
+    lines.append("| **all** | " + " | ".join(f"**{total[n]:.2f}**" for n in counts) + " |")
+    publish_table("\n".join(lines) + "\n", args.out)
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,8 @@
 #   bash bench/gpu_session.sh 11   part 6, then the background compilation's time to asset on fresh caches (ITERS=400)
 #   bash bench/gpu_session.sh 12   regional compilation: benchmark regional vs default (ms/it, warm-up s, cold compile
 #                                  first), time to asset on fresh caches with it, then its GPU parity test
+#   bash bench/gpu_session.sh 13   where the GPU's model load and final outputs go: bench/model_load.py and
+#                                  bench/final_outputs.py on the GPU (the warm model load took 15.8 s on an H100)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -115,5 +117,9 @@ case "$PART" in
     timeout 90 python3 -m pytest tests/test_fast_path.py -m gpu -k "regional or defaults-warmed" -s -q \
       -p no:cacheprovider 2>&1 | quiet > "$OUT/gpu_tests_regional.txt"
     grep -E "diff|cosine|passed|failed|Error" "$OUT/gpu_tests_regional.txt" | tail -12 ;;
-  *) echo "part must be 1 to 12" >&2; exit 2 ;;
+  13)
+    timeout 300 python3 bench/model_load.py --device cuda --repeats 3 --work /tmp/ml --out "$OUT/model_load_gpu.md" 2>&1 \
+      | quiet | tail -24
+    timeout 250 python3 bench/final_outputs.py --device cuda --out "$OUT/final_outputs_gpu.md" 2>&1 | quiet | tail -12 ;;
+  *) echo "part must be 1 to 13" >&2; exit 2 ;;
 esac

@@ -195,6 +195,13 @@ def format_table(runs: list[RunTimes], device: str, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def device_name() -> str:
+    """The GPU's name (this process touches CUDA only once a run has finished), else "CPU"."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=200, help="OptimizationParams.iterations of each run")
@@ -220,6 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from bench.report import publish_table
     extra = (TINY_OVERRIDES if args.tiny else []) + list(args.set or [])
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -234,13 +242,8 @@ def main(argv=None) -> int:
             print(f"{caches:6s} first iteration {run.at('first_iteration'):7.1f} s after launch, "
                   f"{run.timings['ms_per_iteration']:.1f} ms/it, process {run.process_s:.1f} s", flush=True)
             runs.append(run)
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    table = format_table(runs, device, args)
-    from bench.report import publish_table
-
-    publish_table(table, args.out)
+            # the table so far after every run: a call cut short by its time limit keeps the finished rows
+            publish_table(format_table(runs, device_name(), args), args.out, quiet=k + 1 < len(args.caches.split(",")))
     return 0
 
 

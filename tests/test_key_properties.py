@@ -267,3 +267,28 @@ def test_help_config_from_the_shell():
     done = subprocess.run([sys.executable, "train.py", "--help-config", "nope"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "no section 'nope'" in done.stderr
+
+
+def test_cuda_only_keys_set_away_from_their_defaults_are_listed():
+    from utils.config import cuda_only_changes
+
+    assert cuda_only_changes(load_config(None, [], warn_no_effect=False).pipeline) == []
+    cfg = load_config(None, ["PipelineParams.compile_regions=true", "PipelineParams.cuda_graphs=false",
+                             "PipelineParams.encode_chunk=2"], warn_no_effect=False)
+    assert cuda_only_changes(cfg.pipeline) == ["PipelineParams.cuda_graphs=False",
+                                               "PipelineParams.compile_regions=True"]  # encode_chunk acts on a CPU
+
+
+def test_a_cpu_run_warns_about_each_cuda_only_key_it_was_given(tmp_path):
+    from tests.test_train import TINY
+
+    def cuda_only_warnings(name, *extra):  # from the run's train.log (train.py replaces the log handlers)
+        out = tmp_path / name
+        assert train.main(["--quiet", f"output_dir={out}", *TINY, "OptimizationParams.iterations=1",
+                           "PipelineParams.device=cpu", "save_video=false", "export_mesh=false", *extra]) == 0
+        log_text = next(out.glob("*/*/train.log")).read_text()
+        return [line.split("training.run: ", 1)[1] for line in log_text.splitlines() if "CUDA only" in line]
+
+    assert cuda_only_warnings("defaults") == []
+    assert cuda_only_warnings("regions", "PipelineParams.compile_regions=true") == [
+        "PipelineParams.compile_regions=True has no effect on a CPU run: the key acts on CUDA only"]

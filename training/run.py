@@ -28,7 +28,7 @@ from training.stop import RunInterrupted, StopRequest, TrainingInterrupted, on_d
 from training.trainer import CHECKPOINT_VERSION, Trainer
 from training.viewer import ViewerSettings, open_viewer
 from utils.checkpoint_file import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from utils.config import Config, ConfigError, save_config
+from utils.config import Config, ConfigError, cuda_only_changes, save_config
 from utils.files import atomic_write_text, free_bytes, is_disk_full, remove_stale_temp_files
 from utils.media import save_images, to_uint8, write_video
 from utils.metrics import psnr
@@ -474,6 +474,10 @@ def _build_trainer(cfg: Config, checkpoint: dict | None, prior, group: ProcessGr
     seed_everything(cfg.seed)
     trainer = Trainer(cfg if checkpoint is None else resumed_trainer_config(cfg), prior=prior, device=device,
                       group=group)
+    if trainer.device.type != "cuda":
+        for setting in cuda_only_changes(cfg.pipeline):
+            log.warning("%s has no effect on a %s run: the key acts on CUDA only", setting,
+                        trainer.device.type.upper())
     group.broadcast_tensors(list(trainer.gaussians.params().values()))  # rank 0's start on every process
     return trainer
 

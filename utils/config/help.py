@@ -64,6 +64,8 @@ def _properties(section: Optional[str], spec: FieldSpec) -> list[str]:
         props.append("a sweep rebuilds the prior when it changes")
     if meta["no_effect"]:
         props.append(f"NO EFFECT: {meta['no_effect']}")
+    if meta["cuda_only"]:
+        props.append("CUDA only: no effect on a CPU run")
     return props
 
 

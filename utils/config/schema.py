@@ -42,7 +42,7 @@ def param(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None,
           gt: Optional[float] = None, length: Optional[int] = None,
           pair: bool = False, no_effect: Optional[str] = None,
           resumable: Optional[str] = None, prior_free: bool = False,
-          flag: Optional[str] = None) -> Any:
+          flag: Optional[str] = None, cuda_only: bool = False) -> Any:
     """Declare a config field with its one-line meaning, validation rules and properties.
 
     ``min``/``max``/``gt`` apply to every element of a list field. ``choices_from`` names a
@@ -51,10 +51,12 @@ def param(default: Any, help: str, *, choices: Optional[Sequence[Any]] = None,
     ``resumable`` says what the key changes when it may change on resume (None: refused).
     ``prior_free=True`` declares that no built prior depends on the key (default: one does).
     ``flag`` is the command-line flag (without ``--``) that sets the key.
+    ``cuda_only=True``: the key acts only on a CUDA run (a CPU run warns when it is set away from its default).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "choices_from": choices_from,
             "min": min, "max": max, "gt": gt, "length": length, "pair": pair,
-            "no_effect": no_effect, "resumable": resumable, "prior_free": prior_free, "flag": flag}
+            "no_effect": no_effect, "resumable": resumable, "prior_free": prior_free, "flag": flag,
+            "cuda_only": cuda_only}
     if isinstance(default, list):
         return field(default_factory=functools.partial(list, default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -119,27 +121,28 @@ class PipelineParams:
     device: str = param("auto", "compute device: auto (cuda if available), cpu or cuda",
                         choices=("auto", "cpu", "cuda"))
     cuda_graphs: bool = param(True, "replay a CUDA graph of each fixed-shape UNet call (CUDA only)",
-                              resumable="a speed lever")
+                              resumable="a speed lever", cuda_only=True)
     channels_last: bool = param(True, "channels-last UNet convolutions", resumable="a speed lever")
     vae_channels_last: bool = param(True, "channels-last VAE encoder with Triton NHWC GroupNorm+SiLU kernels "
-                                          "(CUDA with Triton only)", resumable="a speed lever")
+                                          "(CUDA with Triton only)", resumable="a speed lever", cuda_only=True)
     compile: bool = param(True, "torch.compile the UNet and the VAE encoder (CUDA with Triton only; minutes of "
-                                "compilation on the first run, cached for later runs)", resumable="a speed lever")
+                                "compilation on the first run, cached for later runs)", resumable="a speed lever",
+                         cuda_only=True)
     compile_dynamic_batch: bool = param(True, "one compiled UNet program for every batch size a loss uses (the "
                                               "batch dimension symbolic), not one per batch size",
-                                        resumable="a speed lever")
+                                        resumable="a speed lever", cuda_only=True)
     compile_regions: bool = param(False, "compile only the UNet's repeated transformer blocks (one program per "
                                           "block shape, the rest of the UNet eager) instead of the whole UNet: "
                                           "a shorter first compilation (opt-in until measured on a GPU: "
-                                          "docs/speed.md)", resumable="a speed lever")
+                                          "docs/speed.md)", resumable="a speed lever", cuda_only=True)
     compile_in_background: bool = param(False, "compile in a background thread while the first iterations run "
                                                 "uncompiled (same maths), switching over when ready, instead of "
                                                 "the first iteration waiting for compilation (compile=true, CUDA "
                                                 "only; on an H100 the first iteration comes sooner but the asset "
                                                 "later: docs/speed.md)",
-                                         prior_free=True, resumable="a speed lever")
+                                         prior_free=True, resumable="a speed lever", cuda_only=True)
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)",
-                                  prior_free=True, resumable="a speed lever")
+                                  prior_free=True, resumable="a speed lever", cuda_only=True)
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code",
                                     prior_free=True)
     depth_grad_to_z: bool = param(False, "also pass the depth image's gradient to the Gaussians' view depth z "
@@ -527,6 +530,12 @@ def all_keys() -> tuple[str, ...]:
     for section in section_attributes():
         keys += [full_key(section, k) for k in field_specs(section_class(section))]
     return tuple(keys)
+
+
+def cuda_only_changes(pipe: "PipelineParams") -> list[str]:
+    """'PipelineParams.key=value' for every CUDA-only key set away from its default (no effect on a CPU)."""
+    return [f"PipelineParams.{f.name}={getattr(pipe, f.name)!r}" for f in dataclasses.fields(pipe)
+            if f.metadata.get("cuda_only") and getattr(pipe, f.name) != f.default]
 
 
 def no_effect_keys() -> dict[str, str]:

@@ -234,7 +234,8 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         model = args.model or make_model_folder(work / "model", args.tiny)
         runs, cache_root = [], work / "caches_0"
-        for k, caches in enumerate(args.caches.split(",")):
+        order = args.caches.split(",")
+        for k, caches in enumerate(order):
             if caches == "fresh":
                 cache_root = work / f"caches_{k}"  # new and empty
             command = train_command(model, args.iters, work / f"outputs_{k}", extra)
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
                   f"{run.timings['ms_per_iteration']:.1f} ms/it, process {run.process_s:.1f} s", flush=True)
             runs.append(run)
             # the table so far after every run: a call cut short by its time limit keeps the finished rows
-            publish_table(format_table(runs, device_name(), args), args.out, quiet=k + 1 < len(args.caches.split(",")))
+            publish_table(format_table(runs, device_name(), args), args.out, quiet=k + 1 < len(order))
     return 0
 
 

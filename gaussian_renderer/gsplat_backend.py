@@ -28,9 +28,12 @@ Notes on gsplat 1.5 (checked in its source, ``gsplat/rendering.py`` and
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
+from typing import Iterator
 
 import torch
 
@@ -84,12 +87,16 @@ def build_gsplat_in_background() -> threading.Thread:
     machine; the gsplat wheel ships no binaries, `gsplat/cuda/_backend.py` compiles at import) overlaps the
     model load and torch.compile instead of stalling the first render. The build runs in nvcc/ninja
     subprocesses, so the thread holds no GIL meanwhile; a render that comes first waits on Python's
-    import lock of the module. Errors are left to that render's own import, which reports them."""
+    import lock of the module. Errors are left to that render's own import, which reports them.
+
+    Without MAX_JOBS in the environment, gsplat builds with 10 parallel jobs; the build here uses one job
+    per CPU core instead (a user's MAX_JOBS is kept) and leaves the environment as it found it."""
 
     def build() -> None:
         t0 = time.perf_counter()
         try:
-            import gsplat.cuda._backend  # noqa: F401
+            with build_jobs(os.cpu_count() or 1):
+                import gsplat.cuda._backend  # noqa: F401
         except Exception as exc:  # the render's import raises it again, where the user sees it
             logger.debug("gsplat's background build failed: %s", exc)
             return
@@ -98,6 +105,20 @@ def build_gsplat_in_background() -> threading.Thread:
     thread = threading.Thread(target=build, name="gsplat-build", daemon=True)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def build_jobs(default: int) -> Iterator[None]:
+    """MAX_JOBS (parallel nvcc/c++ jobs of torch's JIT build) set to `default` inside the block unless the
+    user set it; removed again afterwards."""
+    if os.environ.get("MAX_JOBS"):
+        yield
+        return
+    os.environ["MAX_JOBS"] = str(default)
+    try:
+        yield
+    finally:
+        os.environ.pop("MAX_JOBS", None)
 
 
 def rasterize_gsplat(inputs: RasterizeInputs) -> RasterizeOutputs:

@@ -18,10 +18,11 @@
 #   bash bench/gpu_session.sh 10   time to asset with the background compilation, fresh then warm caches (ITERS=1000),
 #                                  then the background compilation's GPU test on the caches those runs left
 #   bash bench/gpu_session.sh 11   part 6, then the background compilation's time to asset on fresh caches (ITERS=400)
-#   bash bench/gpu_session.sh 12   regional compilation: time to asset with it on fresh then warm caches, the benchmark
-#                                  regional beside default (ms/it), then its GPU parity test
-#   bash bench/gpu_session.sh 13   where the GPU's model load and final outputs go: bench/model_load.py and
-#                                  bench/final_outputs.py on the GPU (the warm model load took 15.8 s on an H100)
+#   bash bench/gpu_session.sh 12   regional compilation: time to asset with it on fresh, warm and portable caches (a new
+#                                  machine sharing the home folder), the benchmark regional beside default (ms/it)
+#   bash bench/gpu_session.sh 13   regional compilation's GPU parity test; where the GPU's model load and final outputs
+#                                  go: bench/model_load.py and bench/final_outputs.py on the GPU (the warm model load
+#                                  took 15.8 s on an H100)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -110,19 +111,22 @@ case "$PART" in
     grep -E "timeline|background|compiled|switching|loop:|Error" /tmp/tta/train_0.log | cut -c1-220 > "$OUT/train_lines.txt"
     tr '\r' '\n' < /tmp/tta/train_0.log | grep -E "^ *[0-9]+%" | awk 'NR % 25 == 0' | cut -c1-90 >> "$OUT/train_lines.txt" ;;
   12)
-    timeout 230 python3 bench/time_to_asset.py --iters ${ITERS:-100} --caches fresh,warm --set save_video=false \
+    timeout 300 python3 bench/time_to_asset.py --iters ${ITERS:-100} --caches fresh,warm,portable --set save_video=false \
       --set PipelineParams.compile_regions=true --work /tmp/tta --out "$OUT/time_to_asset_regional.md" 2>&1 \
       | quiet | tail -6
     c=/tmp/tta/caches_0  # gsplat's build and the regional programs from the fresh run: only "default" compiles cold
     find $c/torch_extensions -name .ninja_log -exec cp {} "$OUT/gsplat_ninja_log.txt" \;  # per-unit build times
+    grep -h "compile cache\|timeline\|gsplat\|regional" /tmp/tta/train_*.log | cut -c1-200 > "$OUT/train_lines.txt"
     export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
-    STEPS=30 bench 250 --modes regional,default --losses sctd --out "$OUT/benchmark_regional.md"
-    timeout 80 python3 -m pytest tests/test_fast_path.py -m gpu -k "regional or defaults-warmed" -s -q \
-      -p no:cacheprovider 2>&1 | quiet > "$OUT/gpu_tests_regional.txt"
-    grep -E "diff|cosine|passed|failed|Error" "$OUT/gpu_tests_regional.txt" | tail -12 ;;
+    STEPS=30 bench 240 --modes regional,default --losses sctd --out "$OUT/benchmark_regional.md" ;;
   13)
-    timeout 300 python3 bench/model_load.py --device cuda --repeats 3 --work /tmp/ml --out "$OUT/model_load_gpu.md" 2>&1 \
+    c=/tmp/tta/caches_0  # a warm machine after part 12: the parity test's compilation starts warm
+    [ -d $c ] && export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
+    timeout 100 python3 -m pytest tests/test_fast_path.py -m gpu -k "regional or defaults-warmed" -s -q \
+      -p no:cacheprovider 2>&1 | quiet > "$OUT/gpu_tests_regional.txt"
+    grep -E "diff|cosine|passed|failed|Error" "$OUT/gpu_tests_regional.txt" | tail -12
+    timeout 220 python3 bench/model_load.py --device cuda --repeats 3 --work /tmp/ml --out "$OUT/model_load_gpu.md" 2>&1 \
       | quiet | tail -24
-    timeout 250 python3 bench/final_outputs.py --device cuda --out "$OUT/final_outputs_gpu.md" 2>&1 | quiet | tail -12 ;;
+    timeout 220 python3 bench/final_outputs.py --device cuda --out "$OUT/final_outputs_gpu.md" 2>&1 | quiet | tail -12 ;;
   *) echo "part must be 1 to 13" >&2; exit 2 ;;
 esac

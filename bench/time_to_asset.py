@@ -8,11 +8,15 @@ folder (the real model's cost; no weights are downloaded) and a sphere start (Po
         OptimizationParams.iterations=<--iters>
 
 each in a fresh process, first on fresh caches (empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR,
-TORCH_EXTENSIONS_DIR and CUDA_CACHE_PATH in a temporary folder: a new machine, or a new version of torch)
-and then on the caches that run left (warm: every later run on that machine).
+CUDA_CACHE_PATH, TORCH_EXTENSIONS_DIR and XDG_CACHE_HOME, where train.py keeps its portable compile cache,
+in a temporary folder: a new machine, or a new version of torch) and then on the caches that run left
+(warm: every later run on that machine). "portable" is a new machine whose home folder is shared with the
+runs before (a cluster node): the machine's own caches (Inductor, Triton, CUDA) empty, gsplat's build and
+the portable compile cache (PipelineParams.compile_cache) kept.
 
     python bench/time_to_asset.py --set save_video=false --out bench/results/time_to_asset_h100.md  # ~5 min
     python bench/time_to_asset.py --iters 200 --set save_video=false --caches user  # your own caches
+    python bench/time_to_asset.py --caches fresh,warm,portable --set save_video=false  # a cluster's next node
     python bench/time_to_asset.py --tiny --iters 3 --caches fresh                  # CPU smoke test
 
 The table splits the launch-to-first-iteration time with the milestones train.py logs (metrics.json
@@ -43,8 +47,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAPER_COMMAND = ["--opt", "config/bagel.yaml", "--guidance_type", "sctd", "--phase_num", "5",
                  "--num_ddim_timesteps", "50", "--guid_scale", "7.5"]
-CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
-                   "TORCH_EXTENSIONS_DIR": "torch_extensions", "CUDA_CACHE_PATH": "cuda"}
+# the machine's own compile caches, and those a home folder keeps (gsplat's build; XDG_CACHE_HOME holds
+# train.py's portable compile cache)
+MACHINE_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton", "CUDA_CACHE_PATH": "cuda"}
+HOME_CACHES = {"TORCH_EXTENSIONS_DIR": "torch_extensions", "XDG_CACHE_HOME": "home_cache"}
+CACHE_MODES = ("fresh", "warm", "portable", "user")
 TINY_OVERRIDES = ["GenerateCamParams.image_w=64", "GenerateCamParams.image_h=64",
                   "GenerateCamParams.init_num_pts=500", "PipelineParams.compile=false", "video_frames=4",
                   "export_mesh=false", "save_video=false"]
@@ -55,7 +62,7 @@ ASSET_ITERATIONS = 5000
 class RunTimes:
     """One train.py process: its milestones (seconds since launch) and loop split, from metrics.json."""
 
-    caches: str  # "fresh", "warm" or "user"
+    caches: str  # one of CACHE_MODES
     process_s: float  # wall time of the whole process, measured from outside
     timings: dict  # metrics.json "timings"
 
@@ -135,11 +142,13 @@ def make_model_folder(folder: Path, tiny: bool) -> Path:
     return folder
 
 
-def cache_environment(caches: str, cache_root: Path) -> dict[str, str]:
-    """The process environment: the user's caches ("user"), or every compile cache under cache_root."""
+def cache_environment(caches: str, machine_root: Path, home_root: Path) -> dict[str, str]:
+    """The process environment: the user's caches ("user"), or the machine's compile caches under machine_root
+    and the home folder's under home_root."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if caches != "user":
-        env.update({name: str(cache_root / sub) for name, sub in CACHE_VARIABLES.items()})
+        env.update({name: str(machine_root / sub) for name, sub in MACHINE_CACHES.items()})
+        env.update({name: str(home_root / sub) for name, sub in HOME_CACHES.items()})
     return env
 
 
@@ -207,7 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=200, help="OptimizationParams.iterations of each run")
     p.add_argument("--caches", default="fresh,warm",
                    help="runs in order, comma-separated: fresh (empty compile caches), warm (the caches the "
-                        "runs before left), user (your own caches, untouched)")
+                        "runs before left), portable (the machine's caches empty, the home folder's kept: "
+                        "gsplat's build and the portable compile cache), user (your own caches, untouched)")
     p.add_argument("--model", type=Path, help="a Stable Diffusion folder (default: random weights, saved once)")
     p.add_argument("--set", action="append", metavar="Section.key=value",
                    help="extra config override for every run (repeatable), e.g. save_video=false")
@@ -217,10 +227,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     order = args.caches.split(",")
-    if args.iters < 2 or not order or any(c not in ("fresh", "warm", "user") for c in order):
-        p.error("--iters must be >= 2; --caches a comma-separated list of fresh, warm, user")
-    if order[0] == "warm":
-        p.error("--caches: 'warm' reuses the caches of the runs before it; start with 'fresh' (or use 'user')")
+    if args.iters < 2 or not order or any(c not in CACHE_MODES for c in order):
+        p.error(f"--iters must be >= 2; --caches a comma-separated list of {', '.join(CACHE_MODES)}")
+    if order[0] in ("warm", "portable"):
+        p.error(f"--caches: '{order[0]}' reuses caches of the runs before it; start with 'fresh' (or use 'user')")
     return args
 
 
@@ -233,13 +243,16 @@ def main(argv=None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         model = args.model or make_model_folder(work / "model", args.tiny)
-        runs, cache_root = [], work / "caches_0"
+        runs, machine_root, home_root = [], work / "caches_0", work / "caches_0"
         order = args.caches.split(",")
         for k, caches in enumerate(order):
+            if caches in ("fresh", "portable"):
+                machine_root = work / f"caches_{k}"  # new and empty
             if caches == "fresh":
-                cache_root = work / f"caches_{k}"  # new and empty
+                home_root = machine_root
             command = train_command(model, args.iters, work / f"outputs_{k}", extra)
-            run = run_train(command, cache_environment(caches, cache_root), caches, work / f"train_{k}.log")
+            env = cache_environment(caches, machine_root, home_root)
+            run = run_train(command, env, caches, work / f"train_{k}.log")
             print(f"{caches:6s} first iteration {run.at('first_iteration'):7.1f} s after launch, "
                   f"{run.timings['ms_per_iteration']:.1f} ms/it, process {run.process_s:.1f} s", flush=True)
             runs.append(run)

@@ -540,6 +540,17 @@ class StableDiffusionPrior(DiffusionPrior):
         self._warm_unet(self._unet_runner, batch, (height // 8, width // 8))
         torch.cuda.synchronize(self.device)
 
+    def compile_signature(self) -> dict | None:
+        """What decides the compiled programs besides the step shapes (the portable compile cache's file name,
+        guidance/compile_cache.py): the networks' configs, dtype, memory layouts, attention processors and
+        compile options. None when nothing is compiled (CPU, PipelineParams.compile=false)."""
+        if self.device.type != "cuda" or self._compiled is None:
+            return None
+        return {"unet": dict(self.unet.config), "vae": dict(self.vae.config), "dtype": str(self.dtype),
+                "unet_channels_last": self._unet_channels_last, "encoder_layout": str(self._encoder_layout),
+                "vae_attention": type(next(iter(self.vae.attn_processors.values()), None)).__name__,
+                "dynamic_batch": self._compiled.dynamic_batch, "regional": self._compiled.regional}
+
     def start_background_warm_up(self, batch: int, height: int, width: int) -> bool:
         """Compile the UNet and the VAE encoder in a background thread (guidance/background_compile.py)
         while predict_noise / encode run the eager modules (the UNet CUDA-graphed when graphs are on);

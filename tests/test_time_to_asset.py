@@ -1,5 +1,6 @@
 """The start-up timeline train.py writes (metrics.json "timings") and bench/time_to_asset.py's arithmetic."""
 import json
+import os
 import time
 
 import pytest
@@ -85,8 +86,21 @@ def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):
     assert "GPU X" in text and "save_video=false" in text and "OptimizationParams.iterations=150" in text
 
 
-@pytest.mark.parametrize("argv", [["--caches", "warm"], ["--caches", "fresh,cold"], ["--iters", "1"]])
+@pytest.mark.parametrize("argv", [["--caches", "warm"], ["--caches", "portable"], ["--caches", "fresh,cold"],
+                                  ["--iters", "1"]])
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit) as exc:
         time_to_asset.parse_args(argv)
     assert exc.value.code == 2
+
+
+def test_cache_environments_split_the_machine_from_the_home_folder(tmp_path):
+    fresh = time_to_asset.cache_environment("fresh", tmp_path / "c0", tmp_path / "c0")
+    portable = time_to_asset.cache_environment("portable", tmp_path / "c2", tmp_path / "c0")
+    assert fresh["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c0" / "inductor")
+    assert portable["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c2" / "inductor")  # a new machine
+    assert portable["TRITON_CACHE_DIR"].startswith(str(tmp_path / "c2"))
+    for name in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME"):  # the shared home: gsplat's build, compile cache
+        assert portable[name] == fresh[name] and fresh[name].startswith(str(tmp_path / "c0"))
+    user = time_to_asset.cache_environment("user", tmp_path / "c3", tmp_path / "c3")
+    assert user.get("TORCHINDUCTOR_CACHE_DIR") == os.environ.get("TORCHINDUCTOR_CACHE_DIR")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from gaussian_renderer import render, render_in_chunks
 from gaussian_renderer.types import RenderOutput
+from guidance.compile_cache import PortableCompileCache, default_cache_folder, setup_key
 from guidance.losses import BatchShard, StepInfo, build_loss
 from guidance.prior import Conditioning, DiffusionPrior
 from guidance.timesteps import warm_up_rate
@@ -112,6 +113,7 @@ class Trainer:
         self.densification = DensificationStrategy.from_config(cfg.optim, self.extent, self.device,
                                                                generator=self.noise_rng)
         self.step = 0
+        self.compile_cache: PortableCompileCache | None = None  # set by warm_up_prior
         self.compiled_prior_step: int | None = None  # first step on the compiled programs of a background compile
         self.batch_size = cfg.guidance.C_batch_size
         self.timer = NullTimer()
@@ -130,11 +132,29 @@ class Trainer:
         shard = self.group.shard(self.batch_size)
         shape = (self.batch_size if shard is None else shard.size, int(self.cfg.camera.image_h),
                  int(self.cfg.camera.image_w))
+        self.compile_cache = self._portable_compile_cache(shape)
+        if self.compile_cache is not None:
+            self.compile_cache.load()
         start = getattr(self.prior, "start_background_warm_up", None)
         if background and start is not None:
-            start(*shape)
+            start(*shape)  # the programs are saved when adopted
         else:
             warm_up(*shape)
+            self._save_compile_cache()
+
+    def _portable_compile_cache(self, shape: tuple[int, int, int]) -> PortableCompileCache | None:
+        """PipelineParams.compile_cache's file for this prior's compiled programs at the step shapes; None when
+        it is off or the prior compiles nothing."""
+        folder = self.cfg.pipeline.compile_cache
+        signature = getattr(self.prior, "compile_signature", lambda: None)()
+        if folder == "none" or signature is None:
+            return None
+        folder = default_cache_folder() if folder == "auto" else folder
+        return PortableCompileCache(folder, setup_key(self.device, {"prior": signature, "step_shape": shape}))
+
+    def _save_compile_cache(self) -> None:
+        if self.compile_cache is not None and self.group.is_writer:  # one writer for every process of a run
+            self.compile_cache.save()
 
     def adopt_compiled_prior(self, step: int) -> None:
         """Between iterations: switch to the prior's compiled programs once its background compilation is
@@ -142,6 +162,7 @@ class Trainer:
         adopt = getattr(self.prior, "adopt_compiled_programs", None)
         if adopt is not None and adopt():
             self.compiled_prior_step = step
+            self._save_compile_cache()
 
     # ------------------------------------------------------------------ one iteration
 

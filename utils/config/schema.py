@@ -141,6 +141,10 @@ class PipelineParams:
                                                 "only; on an H100 the first iteration comes sooner but the asset "
                                                 "later: docs/speed.md)",
                                          prior_free=True, resumable="a speed lever", cuda_only=True)
+    compile_cache: str = param("auto", "folder of the portable compile cache: the compiled programs saved after "
+                                       "compiling and loaded before, so that another machine sharing the folder "
+                                       "starts warm (auto = $XDG_CACHE_HOME/segmentdreamer/compile, none = off)",
+                               prior_free=True, resumable="a speed lever", cuda_only=True)
     cudnn_benchmark: bool = param(True, "let cuDNN pick the fastest convolution algorithms (CUDA only)",
                                   prior_free=True, resumable="a speed lever", cuda_only=True)
     render_per_camera: bool = param(False, "straightforward mode: one rasterizer call per camera, as the official code",

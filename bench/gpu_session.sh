@@ -23,6 +23,8 @@
 #   bash bench/gpu_session.sh 13   regional compilation's GPU parity test; where the GPU's model load and final outputs
 #                                  go: bench/model_load.py and bench/final_outputs.py on the GPU (the warm model load
 #                                  took 15.8 s on an H100)
+#   bash bench/gpu_session.sh 14   right after part 12 on its machine: a 5000-iteration asset, launch to mesh, on the
+#                                  caches part 12 left (SETS="--set PipelineParams.compile_regions=true" for regional)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -128,5 +130,11 @@ case "$PART" in
     timeout 220 python3 bench/model_load.py --device cuda --repeats 3 --work /tmp/ml --out "$OUT/model_load_gpu.md" 2>&1 \
       | quiet | tail -24
     timeout 220 python3 bench/final_outputs.py --device cuda --out "$OUT/final_outputs_gpu.md" 2>&1 | quiet | tail -12 ;;
-  *) echo "part must be 1 to 13" >&2; exit 2 ;;
+  14)  # right after part 12 on the same (warm) machine: a whole asset, launch to mesh, on the caches it left
+    c=/tmp/tta/caches_0
+    export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions \
+      CUDA_CACHE_PATH=$c/cuda XDG_CACHE_HOME=$c/home_cache
+    timeout 590 python3 bench/time_to_asset.py --iters 5000 --caches user --model /tmp/tta/model --set save_video=false ${SETS:-} \
+      --work /tmp/tta --out "$OUT/time_to_asset_5000.md" 2>&1 | quiet | tail -6 ;;
+  *) echo "part must be 1 to 14" >&2; exit 2 ;;
 esac

@@ -120,7 +120,7 @@ case "$PART" in
     find $c/torch_extensions -name .ninja_log -exec cp {} "$OUT/gsplat_ninja_log.txt" \;  # per-unit build times
     grep -h "compile cache\|timeline\|gsplat\|regional" /tmp/tta/train_*.log | cut -c1-200 > "$OUT/train_lines.txt"
     export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
-    STEPS=30 bench 240 --modes regional,default --losses sctd --out "$OUT/benchmark_regional.md" ;;
+    [ "${BENCH:-1}" = 1 ] && STEPS=30 bench 240 --modes regional,default --losses sctd --out "$OUT/benchmark_regional.md" ;;
   13)
     c=/tmp/tta/caches_0  # a warm machine after part 12: the parity test's compilation starts warm
     [ -d $c ] && export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions

@@ -14,7 +14,8 @@ from tests.test_train import TINY
 from training.run_dir import git_commit
 from training.trainer import Trainer
 from utils.config import load_config
-from utils.monitor import image_grid, progress_fields
+from utils.media import frame_grid, to_uint8
+from utils.monitor import progress_fields
 
 
 def _run(out: Path, *extra):
@@ -35,11 +36,35 @@ def test_tensorboard_tags_grid_and_evaluation_size(tmp_path):
     assert frame.shape == (48, 48, 3)
 
 
-def test_image_grid_and_progress_fields():
-    images = torch.arange(3 * 1 * 2 * 2, dtype=torch.float32).reshape(3, 1, 2, 2) / 12
-    grid = image_grid(images, per_row=2)
-    assert grid.shape == (3, 4, 4)
-    assert torch.equal(grid[0, 2:, :2], images[2, 0]) and torch.equal(grid[:, 2:, 2:], torch.zeros(3, 2, 2))
+def test_logged_and_saved_images_keep_every_pixel(tmp_path):
+    """TensorBoard images and test-view PNGs are encoded at a fast zlib level: lossless all the same, and
+    TensorBoard reads the grid back as add_image would have written it."""
+    from utils.media import save_images
+    from utils.monitor import Monitor
+
+    images = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+    monitor = Monitor(tmp_path / "run", total_steps=10, start_step=0, log_interval=1, quiet=True)
+    monitor.log_images("test/rgb", images, 7)
+    monitor.log_images("test/depth", images[:, :1], 7)
+    monitor.close()
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    for tag, batch in (("test/rgb", images), ("test/depth", images[:, :1])):
+        (event,) = acc.Images(tag)
+        assert event.step == 7 and (event.width, event.height) == (72, 20)
+        decoded = imageio.imread(event.encoded_image_string, format="png")
+        assert (decoded == frame_grid(to_uint8(batch))).all()
+    paths = save_images(images, tmp_path / "views", "rgb")
+    assert [p.name for p in paths] == ["rgb_000.png", "rgb_001.png", "rgb_002.png"]
+    assert all((imageio.imread(p) == frame).all() for p, frame in zip(paths, to_uint8(images)))
+
+
+def test_frame_grid_and_progress_fields():
+    frames = torch.arange(3 * 2 * 2 * 3, dtype=torch.uint8).reshape(3, 2, 2, 3).numpy()
+    grid = frame_grid(frames, per_row=2)
+    assert grid.shape == (4, 4, 3)
+    assert (grid[:2, 2:] == frames[1]).all() and (grid[2:, :2] == frames[2]).all() and (grid[2:, 2:] == 0).all()
+    assert frame_grid(frames[:1], per_row=8).shape == (2, 2, 3)  # one view: no padding columns
     fields = progress_fields({"grad_norm": 0.01234, "t": 412.0, "scene/gaussians": 900.0,
                               "health/skipped_steps": 2.0, "loss/total": 5.0})
     assert fields == {"|g|": "0.0123", "t": "412", "N": "900", "skipped": "2"}

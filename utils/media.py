@@ -1,6 +1,7 @@
 """Writing images and videos that play everywhere."""
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import imageio.v2 as imageio
 import imageio.v3 as iio
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from utils.files import DiskFullError, atomic_write, atomic_write_bytes
@@ -23,13 +25,36 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return (x.permute(0, 2, 3, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
 
 
+def frame_grid(frames: np.ndarray, per_row: int = 8) -> np.ndarray:
+    """[B, H, W, 3] uint8 -> [rows * H, min(B, per_row) * W, 3], black where a row is short."""
+    b, h, w, c = frames.shape
+    rows, cols = -(-b // per_row), min(b, per_row)
+    padded = np.zeros((rows * cols, h, w, c), dtype=frames.dtype)
+    padded[:b] = frames
+    return padded.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+# zlib level 1 instead of PNG's default 6: about 7x faster for about 20% more bytes on renders (smooth images).
+# Test views and TensorBoard images are encoded on the training thread; at level 6 a preview of 4 views stalled
+# the loop about 1 s on a 2-core CPU (python bench/image_logging.py).
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 -> PNG bytes (lossless, fast compression)."""
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
 def save_images(images: Tensor, folder: Path, prefix: str) -> list[Path]:
+    """[B, C, H, W] in [0, 1] -> folder/<prefix>_000.png ...; each encoded in memory, then written atomically
+    (a kill or a full disk never leaves half a PNG)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, frame in enumerate(to_uint8(images)):
         path = folder / f"{prefix}_{i:03d}.png"
-        # encoded in memory, then written atomically: a kill or a full disk never leaves half a PNG
-        atomic_write_bytes(path, iio.imwrite("<bytes>", frame, extension=".png"))
+        atomic_write_bytes(path, encode_png(frame))
         paths.append(path)
     return paths
 

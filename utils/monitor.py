@@ -11,6 +11,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from utils.files import is_disk_full
+from utils.media import encode_png, frame_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +71,6 @@ def progress_fields(values: dict[str, float]) -> dict[str, str]:
     return fields
 
 
-def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
-    """[B, C, H, W] (C = 1 or 3) in [0, 1] -> [3, rows * H, per_row * W] grid, black where a row is short."""
-    x = images.detach().float().clamp(0, 1).cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    b, c, h, w = x.shape
-    rows = -(-b // per_row)
-    cols = min(b, per_row)
-    padded = torch.cat([x, x.new_zeros(rows * cols - b, c, h, w)])
-    return padded.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
-
-
 class Monitor:
     """TensorBoard + progress bar. Scalars are written every `log_interval` iterations.
 
@@ -117,8 +106,18 @@ class Monitor:
         self.bar.set_postfix(progress_fields(values), refresh=False)
 
     def log_images(self, tag: str, images: Tensor, step: int) -> None:
-        """[B, C, H, W] in [0, 1] as one grid image, 8 per row (every view, e.g. both test rings)."""
-        self.writer.add_image(tag, image_grid(images), step)
+        """[B, C, H, W] in [0, 1] as one grid image, 8 per row (every view, e.g. both test rings).
+
+        The summary SummaryWriter.add_image writes (torch.utils.tensorboard.summary.image: an RGB PNG), built
+        here because this runs on the training thread at every preview: the images are turned into bytes
+        where they are (on the GPU in a GPU run) and the PNG is encoded at utils.media's fast level instead
+        of PIL's default."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        grid = frame_grid(to_uint8(images))  # [rows * H, per_row * W, 3]
+        image = Summary.Image(height=grid.shape[0], width=grid.shape[1], colorspace=3,
+                              encoded_image_string=encode_png(grid))
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def close(self) -> None:
         self.bar.close()

@@ -25,6 +25,7 @@
 #                                  took 15.8 s on an H100)
 #   bash bench/gpu_session.sh 14   right after part 12 on its machine: a 5000-iteration asset, launch to mesh, on the
 #                                  caches part 12 left (SETS="--set PipelineParams.compile_regions=true" for regional)
+#   bash bench/gpu_session.sh 15   part 12's benchmark alone (after BENCH=0 bash bench/gpu_session.sh 12 on that machine)
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -136,5 +137,9 @@ case "$PART" in
       CUDA_CACHE_PATH=$c/cuda XDG_CACHE_HOME=$c/home_cache
     timeout 590 python3 bench/time_to_asset.py --iters 5000 --caches user --model /tmp/tta/model --set save_video=false ${SETS:-} \
       --work /tmp/tta --out "$OUT/time_to_asset_5000.md" 2>&1 | quiet | tail -6 ;;
-  *) echo "part must be 1 to 14" >&2; exit 2 ;;
+  15)  # part 12's benchmark alone, right after BENCH=0 part 12 on its machine
+    c=/tmp/tta/caches_0
+    export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
+    STEPS=30 bench 280 --modes regional,default --losses sctd --out "$OUT/benchmark_regional.md" ;;
+  *) echo "part must be 1 to 15" >&2; exit 2 ;;
 esac

@@ -194,6 +194,11 @@ def format_table(runs: list[RunTimes], device: str, args) -> str:
             f"| {t.get('ms_per_iteration_uncompiled', '-')} | {r.switch_cell()} | **{r.loop_ms:.1f}** "
             f"| {t['in_loop_work_seconds']:.1f} ({t['in_loop_work_count']}) | {r.outputs_s:.1f} "
             f"| {r.process_s:.1f} | {r.projected_s() / 60:.1f} min |")
+    split = [f"{r.caches}: " + ", ".join(f"{v['count']} {k} {v['seconds']:.1f} s"
+                                         for k, v in r.timings["in_loop_work"].items())
+             for r in runs if r.timings.get("in_loop_work")]
+    if split:
+        lines += ["", "In-loop work by kind (taken out of ms/it): " + "; ".join(split) + "."]
     lines += ["", "With PipelineParams.compile_in_background=true (opt-in) the UNet and the VAE encoder compile in "
               "a background thread while the first iterations run uncompiled (\"ms/it uncompiled\", compilation "
               "beside them); \"compiled from\" is the iteration that switched and when; \"ms/it after\" is the "

@@ -28,7 +28,8 @@ def test_process_start_is_before_now_and_a_milestone_is_kept_once():
 def test_train_writes_its_milestones_in_order_and_splits_the_loop(tmp_path):
     argv = ["--opt", "config/demo.yaml", "--quiet", f"output_dir={tmp_path}", "OptimizationParams.iterations=4",
             "GenerateCamParams.image_w=32", "GenerateCamParams.image_h=32", "GenerateCamParams.init_num_pts=300",
-            "eval_resolution=32", "save_video=false", "export_mesh=false", "test_ratio=2", "save_ratio=2"]
+            "eval_resolution=32", "save_video=false", "export_mesh=false", "test_ratio=2", "save_ratio=2",
+            "preview_interval=2"]
     assert train.main(argv) == 0
     (run,) = [p for p in tmp_path.glob("*/*") if p.is_dir()]
     timings = json.loads((run / "metrics.json").read_text())["timings"]
@@ -36,8 +37,12 @@ def test_train_writes_its_milestones_in_order_and_splits_the_loop(tmp_path):
     assert "compiled_from_step" not in timings  # no background compilation (the default)
     values = [timings[name] for name in MILESTONES]
     assert values == sorted(values) and values[0] > 0
-    # evaluations at steps 1, 2 and 4, snapshots at 2 and 4, the final checkpoint: 6 pieces of in-loop work
-    assert timings["in_loop_work_count"] == 6 and timings["in_loop_work_seconds"] > 0
+    # evaluations at steps 1, 2 and 4, snapshots and previews at 2 and 4, the final checkpoint: 8 pieces of work
+    assert timings["in_loop_work_count"] == 8 and timings["in_loop_work_seconds"] > 0
+    by_kind = timings["in_loop_work"]
+    assert {k: v["count"] for k, v in by_kind.items()} == {"evaluation": 3, "snapshot": 2, "preview": 2,
+                                                           "checkpoint": 1}
+    assert sum(v["seconds"] for v in by_kind.values()) == pytest.approx(timings["in_loop_work_seconds"], abs=0.01)
     loop = timings["loop_end"] - timings["first_iteration"]
     assert 0 < timings["ms_per_iteration"] * 3 / 1000 <= loop
 
@@ -84,6 +89,10 @@ def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):
     assert rows[0][:2] == ["caches", "launch to 1st iteration"] and [r[0] for r in rows[1:]] == ["fresh", "warm"]
     assert rows[1][1] == "**131.0**" and "**100.0**" in rows[1] and "12.0 (9)" in rows[1]
     assert "GPU X" in text and "save_video=false" in text and "OptimizationParams.iterations=150" in text
+    assert "In-loop work" not in text  # older metrics.json files have no split
+    split = {"evaluation": {"seconds": 7.5, "count": 6}, "preview": {"seconds": 4.5, "count": 3}}
+    text = time_to_asset.format_table([_times(in_loop_work=split)], "GPU X", args)
+    assert "In-loop work by kind (taken out of ms/it): fresh: 6 evaluation 7.5 s, 3 preview 4.5 s." in text
 
 
 @pytest.mark.parametrize("argv", [["--caches", "warm"], ["--caches", "portable"], ["--caches", "fresh,cold"],

@@ -97,8 +97,9 @@ class TrainingRun:
         self.cfg, self.run_dir, self.trainer, self.quiet = cfg, run_dir, trainer, quiet
         self.viewer = viewer or ViewerSettings.from_config(cfg)
         self.timeline = timeline or Timeline(time.time(), "the run's start")
-        self.work_seconds = 0.0  # in-loop evaluations, point-cloud snapshots and checkpoints of this session
+        self.work_seconds = 0.0  # in-loop evaluations, snapshots, checkpoints and previews of this session
         self.work_count = 0
+        self.work_by_kind: dict[str, list] = {}  # kind -> [seconds, count]
         self.work_seconds_at_first = 0.0  # ... done before the first iteration of this session ended
         self.compiled_from: tuple[int, float] | None = None  # (steps_done, work_seconds) when the compiled
         # programs of a background compilation were adopted (that iteration included)
@@ -233,17 +234,21 @@ class TrainingRun:
             torch.cuda.synchronize(self.trainer.device)
 
     @contextlib.contextmanager
-    def in_loop_work(self):
-        """Times in-loop evaluations, snapshots and checkpoints apart from the iterations (metrics.json
-        "timings"): these steps sync the device anyway, so the two syncs here cost nothing."""
+    def in_loop_work(self, kind: str):
+        """Times in-loop work (kind: evaluation, snapshot, checkpoint, preview) apart from the iterations
+        (metrics.json "timings"): these steps read the device anyway, so the two syncs here cost nothing."""
         self.synchronize()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.synchronize()
-            self.work_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.work_seconds += seconds
             self.work_count += 1
+            totals = self.work_by_kind.setdefault(kind, [0.0, 0])
+            totals[0] += seconds
+            totals[1] += 1
 
     def after_step(self, step: int, result, monitor: Monitor) -> None:
         """Logging and checkpoints due at this step (after its update)."""
@@ -255,10 +260,11 @@ class TrainingRun:
         if step % monitor.log_interval == 0:
             self.check_health(step, monitor)
         if cfg.preview_interval and step % cfg.preview_interval == 0:
-            monitor.log_images("train/rgb", result.render.rgb, step)
-            monitor.log_images("train/depth", result.render.depth, step)
+            with self.in_loop_work("preview"):
+                monitor.log_images("train/rgb", result.render.rgb, step)
+                monitor.log_images("train/depth", result.render.depth, step)
         if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-            with self.in_loop_work():
+            with self.in_loop_work("checkpoint"):
                 self.save_checkpoint()
 
     def before_update(self, step: int, monitor: Monitor) -> None:
@@ -267,11 +273,11 @@ class TrainingRun:
         (`training_report` and `scene.save` come before the densification block): the test views of
         iteration k show the Gaussians that iteration k rendered."""
         if step in self.test_steps:
-            with self.in_loop_work():
+            with self.in_loop_work("evaluation"):
                 self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
                 self.write_metrics()
         if step in self.save_steps:
-            with self.in_loop_work():
+            with self.in_loop_work("snapshot"):
                 self.save_snapshot(step)
 
     def loop(self, monitor: Monitor, stop: StopRequest, viewer) -> None:
@@ -298,18 +304,23 @@ class TrainingRun:
 
     def record_timings(self) -> None:
         """metrics.json "timings": this session's milestones (seconds since launch) and its loop split into
-        the first iteration, the others (ms each) and the in-loop work (evaluations, snapshots, checkpoints)."""
+        the first iteration, the others (ms each) and the in-loop work (evaluations, snapshots, checkpoints,
+        previews; in total and by kind)."""
         events = self.timeline.state_dict()
+        by_kind = {kind: {"seconds": round(seconds, 3), "count": count}
+                   for kind, (seconds, count) in sorted(self.work_by_kind.items())}
         timings: dict = {"since": self.timeline.origin_name, **events, "iterations": self.steps_done,
-                         "in_loop_work_seconds": round(self.work_seconds, 3), "in_loop_work_count": self.work_count}
+                         "in_loop_work_seconds": round(self.work_seconds, 3), "in_loop_work_count": self.work_count,
+                         "in_loop_work": by_kind}
         if self.steps_done > 1 and {"first_iteration", "loop_end"} <= events.keys():
             timings["ms_per_iteration"] = self._ms_per_iteration(events, "first_iteration", "loop_end", 1,
                                                                  self.steps_done, self.work_seconds_at_first,
                                                                  self.work_seconds)
             log.info("loop: %d iterations; the first ended %.1f s after the loop started, the other %d took "
-                     "%.1f ms each, plus %.1f s in %d in-loop evaluations, snapshots and checkpoints",
+                     "%.1f ms each, plus %.1f s of in-loop work (%s)",
                      self.steps_done, events["first_iteration"] - events.get("loop_start", 0.0),
-                     self.steps_done - 1, timings["ms_per_iteration"], self.work_seconds, self.work_count)
+                     self.steps_done - 1, timings["ms_per_iteration"], self.work_seconds,
+                     ", ".join(f"{v['count']} {k}: {v['seconds']:.1f} s" for k, v in by_kind.items()) or "none")
         if self.compiled_from is not None and {"first_iteration", "compiled_iteration", "loop_end"} <= events.keys():
             steps, work = self.compiled_from
             timings["compiled_from_step"] = self.trainer.compiled_prior_step

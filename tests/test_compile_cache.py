@@ -194,3 +194,11 @@ def test_a_background_compilation_saves_when_its_programs_are_adopted(tmp_path, 
 def test_compile_cache_none_turns_it_off(tmp_path, monkeypatch):
     order, _ = _train_recording(tmp_path, monkeypatch, "PipelineParams.compile_cache=none")
     assert order == ["compile"]
+
+
+def test_an_empty_compile_cache_folder_is_refused_by_name():
+    from utils.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="PipelineParams.compile_cache must be auto, none or a folder"):
+        load_config("config/demo.yaml", ["PipelineParams.compile_cache="])
+    assert load_config("config/demo.yaml", []).pipeline.compile_cache == "auto"

@@ -363,6 +363,8 @@ def _check_cross(cfg: Config) -> None:
              "PipelineParams.compile_regions and PipelineParams.compile_in_background cannot both be true: regional "
              "compilation compiles the UNet's blocks in place, so no uncompiled UNet is left to train with while "
              "they compile")
+    _require(bool(cfg.pipeline.compile_cache.strip()),
+             "PipelineParams.compile_cache must be auto, none or a folder, got an empty string")
     _check_sctd_segments(g)
     _require(g.prior != "stable_diffusion" or (c.image_w % 8 == 0 and c.image_h % 8 == 0),
              "GenerateCamParams.image_w and image_h must be multiples of 8 with the Stable Diffusion prior (its "

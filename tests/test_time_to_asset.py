@@ -50,7 +50,7 @@ def test_train_writes_its_milestones_in_order_and_splits_the_loop(tmp_path):
 def _times(**over) -> RunTimes:
     t = {"imports": 6.0, "model_loaded": 28.0, "prior_compiled": 128.0, "renderer_ready": 130.0, "loop_start": 130.0,
          "first_iteration": 131.0, "loop_end": 160.0, "outputs_written": 170.0, "ms_per_iteration": 100.0,
-         "in_loop_work_seconds": 12.0, "in_loop_work_count": 9}
+         "in_loop_work_seconds": 12.0, "in_loop_work_count": 9, "iterations": 150}
     return RunTimes("fresh", 175.0, {**t, **over})
 
 
@@ -88,6 +88,7 @@ def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
     assert rows[0][:2] == ["caches", "launch to 1st iteration"] and [r[0] for r in rows[1:]] == ["fresh", "warm"]
     assert rows[1][1] == "**131.0**" and "**100.0**" in rows[1] and "12.0 (9)" in rows[1]
+    assert "194.6" in rows[1]  # (160 - 131) s over the 149 iterations after the first, in-loop work included
     assert "GPU X" in text and "save_video=false" in text and "OptimizationParams.iterations=150" in text
     assert "In-loop work" not in text  # older metrics.json files have no split
     split = {"evaluation": {"seconds": 7.5, "count": 6}, "preview": {"seconds": 4.5, "count": 3}}

@@ -114,7 +114,7 @@ case "$PART" in
     grep -E "timeline|background|compiled|switching|loop:|Error" /tmp/tta/train_0.log | cut -c1-220 > "$OUT/train_lines.txt"
     tr '\r' '\n' < /tmp/tta/train_0.log | grep -E "^ *[0-9]+%" | awk 'NR % 25 == 0' | cut -c1-90 >> "$OUT/train_lines.txt" ;;
   12)
-    timeout 300 python3 bench/time_to_asset.py --iters ${ITERS:-100} --caches fresh,warm,portable --set save_video=false \
+    timeout 300 python3 bench/time_to_asset.py --iters ${ITERS:-100} --caches ${CACHES:-fresh,warm,portable} --set save_video=false \
       --set PipelineParams.compile_regions=true --work /tmp/tta --out "$OUT/time_to_asset_regional.md" 2>&1 \
       | quiet | tail -6
     c=/tmp/tta/caches_0  # gsplat's build and the regional programs from the fresh run: only "default" compiles cold

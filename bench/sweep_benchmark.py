@@ -15,10 +15,11 @@ the fixed cost outside the loop (folder, initial points, evaluations, PLY and tu
 compile warm-up (the first iteration beyond the warm ms/it) and the model load; then minutes per
 5000-iteration asset in a sweep (fixed costs per asset, model load and warm-up shared by the assets)
 and as a single run (everything paid again). The ms/it is the loop's iterations after the first with
-the run's in-loop work (test evaluations, point-cloud snapshots, checkpoints) taken out, from the
-run's metrics.json "timings" (training/run.py); that work, whose count does not grow with the
-iterations, is counted in the fixed cost. The ms/it at short iteration counts covers the first
-iterations only: densification grows the Gaussians later in a 5000-iteration run.
+the run's in-loop work (test evaluations, point-cloud snapshots, checkpoints, TensorBoard previews)
+taken out, from the run's metrics.json "timings" (training/run.py); the previews' time is then spread over
+the iterations (one per preview_interval) and the rest of that work is counted in the fixed cost. The
+ms/it at short iteration counts covers the first iterations only: densification grows the Gaussians
+later in a 5000-iteration run.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from bench.report import loop_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET_ITERATIONS = 5000
@@ -119,9 +122,10 @@ def sweep(args, prompts_file: Path, out: Path, mode: str) -> list[RunTiming]:
             raise RuntimeError(f"{run.name} failed: see {plan.folder(run) / 'failed.json'}")
         split = json.loads((plan.folder(run) / "metrics.json").read_text())["timings"]
         first = split["first_iteration"] - split["loop_start"]
+        ms_per_iteration, in_loop_fixed = loop_split(split)  # bench/report.py
         timings.append(RunTiming(mode, i, run.prompt.text, done["iterations"], done["wall_seconds"],
                                  done["train_seconds"], worker.model_load_seconds - loaded,
-                                 split["ms_per_iteration"], first, split["in_loop_work_seconds"],
+                                 ms_per_iteration, first, in_loop_fixed,
                                  peak_gib=done["peak_gpu_memory_gib"]))
         loaded = worker.model_load_seconds
     return timings

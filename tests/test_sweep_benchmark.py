@@ -38,3 +38,13 @@ def test_tiny_sweep_benchmark_prints_a_row_per_run(tmp_path, capsys):
     assert float(body[2][load]) > 0 and body[2][header.index("process s")] != "-"
     text = out.read_text()
     assert "in a sweep of 200 assets" in text and "as a single run" in text
+
+
+def test_previews_go_with_the_iterations_and_the_rest_of_the_in_loop_work_is_fixed():
+    from bench.report import loop_split
+
+    timings = {"iterations": 201, "ms_per_iteration": 80.0, "in_loop_work_seconds": 5.0,
+               "in_loop_work": {"preview": {"seconds": 1.0, "count": 2}, "evaluation": {"seconds": 4.0, "count": 3}}}
+    assert loop_split(timings) == (85.0, 4.0)  # 1 s of previews over 200 iterations: +5 ms each
+    del timings["in_loop_work"]  # a metrics.json written before the split
+    assert loop_split(timings) == (80.0, 5.0)

@@ -82,6 +82,14 @@ def test_a_run_that_switched_to_the_compiled_programs_projects_at_their_speed():
     assert "150.0" in cells and "it 50 at 140.0 s" in cells and "**80.0**" in cells
 
 
+def test_the_projection_spreads_the_previews_over_the_iterations():
+    plain = _times().projected_s(5000)
+    assert plain == pytest.approx(131.0 + 4999 * 0.1 + 12.0 + 10.0)
+    split = {"preview": {"seconds": 1.49, "count": 1}, "evaluation": {"seconds": 10.51, "count": 8}}
+    # 1.49 s of previews over 149 iterations: +10 ms for each of the 4999; the other 10.51 s stay fixed
+    assert _times(in_loop_work=split).projected_s(5000) == pytest.approx(131.0 + 4999 * 0.11 + 10.51 + 10.0)
+
+
 def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):
     args = time_to_asset.parse_args(["--iters", "150", "--set", "save_video=false"])
     text = time_to_asset.format_table([_times(), RunTimes("warm", 60.0, _times().timings)], "GPU X", args)

@@ -13,17 +13,17 @@ Inductor's own keys decide every hit, the file name only keeps setups apart.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from utils.files import atomic_write_bytes
 
 __all__ = ["PortableCompileCache", "default_cache_folder", "setup_key"]
 
@@ -97,7 +97,7 @@ class PortableCompileCache:
 
     def save(self) -> int:
         """Write what this process compiled or found, when the file lacks some of it; the number of artifacts
-        written (0: nothing new). The write is atomic (a temporary file renamed), so a crash or a second
+        written (0: nothing new). The write is atomic (utils.files.atomic_write_bytes), so a crash or a second
         process writing at the same moment never leaves a partial file."""
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
@@ -107,20 +107,12 @@ class PortableCompileCache:
         if not names or names <= _IN_PROCESS.get(self.path, set()):
             return 0
         t0 = time.perf_counter()
-        tmp_name = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=self.path.stem, suffix=".tmp",
-                                             delete=False) as tmp:
-                tmp_name = tmp.name
-                tmp.write(data)
-            os.replace(tmp_name, self.path)
+            atomic_write_bytes(self.path, data)
         except OSError as exc:  # a read-only or full cache folder costs the next run time, not this run
             logger.warning("compile cache: could not write %s (%s); the next fresh machine compiles again",
                            self.path, exc)
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
             return 0
         _IN_PROCESS[self.path] = names
         logger.info("compile cache: %d programs (%.1f MB) saved to %s in %.1f s", len(names), len(data) / 1e6,

@@ -78,11 +78,22 @@ def save_gaussian_ply(model: GaussianModel, path: str | os.PathLike, pad_sh_degr
         (SuperSplat, GaussianSplats3D), "y", or "z" (the training world). It is recorded in a
         header comment, which load_gaussian_ply reads to rotate back.
     """
-    degree = model.max_sh_degree if pad_sh_degree is None else pad_sh_degree
-    if not model.max_sh_degree <= degree <= 3:
-        raise ValueError(f"pad_sh_degree must be in [{model.max_sh_degree}, 3], got {pad_sh_degree}")
+    write_ply(gaussian_ply(model, pad_sh_degree, up_axis), Path(path))
+
+
+def gaussian_ply(model: GaussianModel, pad_sh_degree: int | None = None, up_axis: str = "z") -> PlyData:
+    """The PLY save_gaussian_ply writes, built in host memory (a copy: the model may change afterwards)."""
     params = {name: tensor.detach().cpu() for name, tensor in model.params().items()}
-    n = model.num_points
+    return params_ply(params, model.max_sh_degree, pad_sh_degree, up_axis)
+
+
+def params_ply(params: dict[str, torch.Tensor], max_sh_degree: int, pad_sh_degree: int | None = None,
+               up_axis: str = "z") -> PlyData:
+    """gaussian_ply of a model's `params()` on the CPU (e.g. a host copy written by a background thread)."""
+    degree = max_sh_degree if pad_sh_degree is None else pad_sh_degree
+    if not max_sh_degree <= degree <= 3:
+        raise ValueError(f"pad_sh_degree must be in [{max_sh_degree}, 3], got {pad_sh_degree}")
+    n = params["xyz"].shape[0]
     means, quats, features = params["xyz"], params["rotation"], torch.cat([params["f_dc"], params["f_rest"]], dim=1)
     if up_axis != "z":
         means, quats, features = rotate_gaussians(means, quats, features, world_to_export(up_axis))
@@ -97,14 +108,18 @@ def save_gaussian_ply(model: GaussianModel, path: str | os.PathLike, pad_sh_degr
         "scaling": params["scaling"],
         "rotation": quats,
     }
-    values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")
+    values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")  # a new array, whatever the device
     names = ply_attribute_names(degree)
     vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
     for i, name in enumerate(names):
         vertices[name] = values[:, i]
     comments = [f"{UP_AXIS_COMMENT} {up_axis}"]
-    _atomic_write_ply(PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<", comments=comments),
-                      Path(path))
+    return PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<", comments=comments)
+
+
+def write_ply(ply: PlyData, path: Path) -> None:
+    """Write `ply` to `path` atomically (mode 0644): a crash leaves the previous file or none."""
+    atomic_write(Path(path), lambda tmp: ply.write(str(tmp)))
 
 
 def load_gaussian_ply(
@@ -196,7 +211,3 @@ def _columns(vertex, names: list[str]) -> np.ndarray:
     if not names:
         return np.zeros((vertex.count, 0), dtype=np.float32)
     return np.stack([np.asarray(vertex[name], dtype=np.float32) for name in names], axis=1)
-
-
-def _atomic_write_ply(ply: PlyData, path: Path) -> None:
-    atomic_write(path, lambda tmp: ply.write(str(tmp)))

@@ -296,8 +296,8 @@ def test_a_really_full_disk_stops_cleanly_and_resumes_once_space_is_freed(small_
     filler = small_disk / "filler"
     original = TrainingRun.save_checkpoint
 
-    def fill_after_first(self):
-        original(self)
+    def fill_after_first(self, wait=False):
+        original(self, wait=True)  # the step-2 checkpoint is on disk before the disk fills
         if self.trainer.step == 2:
             with open(filler, "wb") as f:
                 try:

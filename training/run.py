@@ -16,21 +16,22 @@ from gaussian_renderer.gsplat_backend import build_gsplat_in_background
 from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
-from scene.ply_format import save_gaussian_ply
+from scene.ply_format import gaussian_ply, params_ply, write_ply
 from training.distributed import ProcessGroup
 from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
 from training.health import HealthReport, NonFiniteTrainingError, TrainingStopped, stop_message
 from training.lock import RunLock
 from training.memory import OutOfMemoryStop, out_of_memory_message
 from training.preflight import preflight
-from training.run_dir import append_command, atomic_torch_save, new_run_dir, write_run_metadata
+from training.run_dir import append_command, atomic_torch_save, host_copy, new_run_dir, write_run_metadata
 from training.stop import RunInterrupted, StopRequest, TrainingInterrupted, on_disk_after_stop
 from training.trainer import CHECKPOINT_VERSION, Trainer
 from training.viewer import ViewerSettings, open_viewer
+from utils.background_writer import BackgroundWriter
 from utils.checkpoint_file import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from utils.config import Config, ConfigError, cuda_only_changes, save_config
 from utils.files import atomic_write_text, free_bytes, is_disk_full, remove_stale_temp_files
-from utils.media import save_images, to_uint8, write_video
+from utils.media import save_frames, to_uint8, write_video
 from utils.metrics import psnr
 from utils.monitor import Monitor, setup_logging
 from utils.seeding import seed_everything
@@ -51,6 +52,12 @@ class RunOutputs:
 def schedule_points(iterations: int, ratio: int) -> set[int]:
     """Official test/save iterations: [k * iters / ratio for k = 1..ratio-1] + [iters]."""
     return {int(k * iterations / ratio) for k in range(1, ratio)} | {iterations}
+
+
+def write_test_views(folder: Path, rgb, depth) -> None:
+    """folder/rgb_000.png ... and depth_000.png ... from [B, H, W, 3] uint8 frames."""
+    save_frames(rgb, folder, "rgb")
+    save_frames(depth, folder, "depth")
 
 
 def run_name(cfg: Config, opt_path: str | None) -> str:
@@ -113,9 +120,12 @@ class TrainingRun:
         self.steps_done = 0  # iterations completed in this session
         self.checkpoint_step = trainer.step if trainer.step > 0 else None  # step of checkpoints/last.pt
         self.lrs: dict[str, float] = {}
+        # the loop's files (checkpoints, snapshots, test views, TensorBoard images, metrics.json) are written
+        # beside it, in order, until train() closes this; the final outputs are written on this thread
+        self.writes = BackgroundWriter(enabled=cfg.background_writes)
 
     def write_metrics(self) -> None:
-        atomic_write_text(self.metrics_path, json.dumps(self.metrics, indent=2) + "\n")
+        self.writes.submit("metrics", atomic_write_text, self.metrics_path, json.dumps(self.metrics, indent=2) + "\n")
 
     def test_cameras(self) -> Cameras:
         return evaluation_ring(self.cfg.camera, 8, self.cfg.camera.render_45, self.width, self.height)
@@ -123,16 +133,16 @@ class TrainingRun:
     def evaluate(self, step: int, monitor: Monitor | None) -> dict:
         """Test views to disk and TensorBoard; PSNR against the hidden scene if known."""
         out = self.trainer.render_views(self.test_cameras(), self.background)
-        folder = self.run_dir / "test_views" / f"iter_{step:05d}"
-        save_images(out.rgb, folder, "rgb")
-        save_images(out.depth, folder, "depth")
+        rgb, depth = to_uint8(out.rgb), to_uint8(out.depth)  # host copies: the PNGs are encoded beside the loop
+        self.writes.submit("test views", write_test_views, self.run_dir / "test_views" / f"iter_{step:05d}", rgb,
+                           depth)
         metrics = {"gaussians": self.trainer.gaussians.num_points}
         heldout_psnr = self.heldout_psnr()
         if heldout_psnr is not None:
             metrics["psnr_heldout"] = heldout_psnr
         if monitor is not None:
-            monitor.log_images("test/rgb", out.rgb, step)
-            monitor.log_images("test/depth", out.depth, step)
+            monitor.log_frames("test/rgb", rgb, step)
+            monitor.log_frames("test/depth", depth, step)
             for name, value in metrics.items():
                 monitor.writer.add_scalar(f"test/{name}", value, step)
         return metrics
@@ -165,20 +175,32 @@ class TrainingRun:
                     self.trainer.step, what, report.streak)
         return False
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """checkpoints/last.pt from a host copy of the state, written beside the loop (wait: until it is on
+        disk). checkpoint_step moves once the file is complete."""
         if self.healthy_state("checkpoint"):
-            atomic_torch_save(self.trainer.state_dict(), self.run_dir / CHECKPOINT_NAME)
-            self.checkpoint_step = self.trainer.step
+            self.writes.submit("checkpoint", self._write_checkpoint, host_copy(self.trainer.state_dict()),
+                               self.trainer.step)
+        if wait:
+            self.writes.wait()
+
+    def _write_checkpoint(self, state: dict, step: int) -> None:
+        atomic_torch_save(state, self.run_dir / CHECKPOINT_NAME)
+        self.checkpoint_step = step
 
     def save_point_cloud(self, path: Path) -> None:
-        save_gaussian_ply(self.trainer.gaussians, path, pad_sh_degree=self.cfg.ply_sh_degree,
-                          up_axis=self.cfg.ply_up_axis)
+        write_ply(gaussian_ply(self.trainer.gaussians, pad_sh_degree=self.cfg.ply_sh_degree,
+                               up_axis=self.cfg.ply_up_axis), path)
 
     def save_snapshot(self, step: int) -> None:
         """point_cloud/iteration_<step>/point_cloud.ply, taken before this step's densification and opacity
-        reset (as 3DGS's train.py saves), so a snapshot is never the nearly transparent post-reset state."""
+        reset (as 3DGS's train.py saves), so a snapshot is never the nearly transparent post-reset state.
+        The Gaussians are copied to the host here; the PLY is built and written beside the loop."""
         if self.healthy_state("point cloud"):
-            self.save_point_cloud(self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply")
+            params, degree = host_copy(self.trainer.gaussians.params()), self.trainer.gaussians.max_sh_degree
+            path, pad, up_axis = (self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
+                                  self.cfg.ply_sh_degree, self.cfg.ply_up_axis)
+            self.writes.submit("snapshot", lambda: write_ply(params_ply(params, degree, pad, up_axis), path))
 
     def write_splat_formats(self, ply: Path) -> list[Path]:
         """The compressed splat files of `export_formats` next to the final PLY, in its up axis."""
@@ -261,8 +283,8 @@ class TrainingRun:
             self.check_health(step, monitor)
         if cfg.preview_interval and step % cfg.preview_interval == 0:
             with self.in_loop_work("preview"):
-                monitor.log_images("train/rgb", result.render.rgb, step)
-                monitor.log_images("train/depth", result.render.depth, step)
+                monitor.log_frames("train/rgb", to_uint8(result.render.rgb), step)
+                monitor.log_frames("train/depth", to_uint8(result.render.depth), step)
         if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
             with self.in_loop_work("checkpoint"):
                 self.save_checkpoint()
@@ -299,7 +321,7 @@ class TrainingRun:
             viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused
             self.after_step(step, result, monitor)
             if stop.requested:
-                self.save_checkpoint()
+                self.save_checkpoint(wait=True)
                 raise TrainingInterrupted(step, stop.requested, self.run_dir, self.checkpoint_step)
 
     def record_timings(self) -> None:
@@ -309,9 +331,11 @@ class TrainingRun:
         events = self.timeline.state_dict()
         by_kind = {kind: {"seconds": round(seconds, 3), "count": count}
                    for kind, (seconds, count) in sorted(self.work_by_kind.items())}
+        background = {kind: {"seconds": round(seconds, 3), "count": count}
+                      for kind, (seconds, count) in sorted(self.writes.seconds_by_kind.items())}
         timings: dict = {"since": self.timeline.origin_name, **events, "iterations": self.steps_done,
                          "in_loop_work_seconds": round(self.work_seconds, 3), "in_loop_work_count": self.work_count,
-                         "in_loop_work": by_kind}
+                         "in_loop_work": by_kind, "background_writes": background}
         if self.steps_done > 1 and {"first_iteration", "loop_end"} <= events.keys():
             timings["ms_per_iteration"] = self._ms_per_iteration(events, "first_iteration", "loop_end", 1,
                                                                  self.steps_done, self.work_seconds_at_first,
@@ -365,10 +389,10 @@ class TrainingRun:
     def train(self, stop: StopRequest) -> None:
         trainer, cfg = self.trainer, self.cfg
         iters, start = cfg.optim.iterations, trainer.step
-        monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet)
+        monitor = Monitor(self.run_dir, iters, start, cfg.log_interval, self.quiet, writes=self.writes)
         viewer = open_viewer(self.viewer, cfg, trainer.device, iters)
         t0 = time.perf_counter()
-        failed = False
+        failed: BaseException | None = None
         try:
             if start == 0:
                 record_initial_cloud(trainer.gaussians, cfg.camera, self.run_dir, monitor)
@@ -379,19 +403,35 @@ class TrainingRun:
             self.loop(monitor, stop, viewer)
             self.synchronize()
             self.timeline.mark("loop_end")
-        except BaseException:
-            failed = True
+        except BaseException as exc:
+            failed = exc
             raise
         finally:
+            write_error = self.finish_writes(failed)
+            failed = failed or write_error
             # after a full disk, what still cannot be written (TensorBoard, metrics) must not hide which file failed
-            with _disk_full_ignored(failed):
+            with _disk_full_ignored(failed is not None):
                 viewer.close()
-            with _disk_full_ignored(failed):
+            with _disk_full_ignored(failed is not None):
                 monitor.close()
             if self.steps_done:
-                with _disk_full_ignored(failed):
+                with _disk_full_ignored(failed is not None):
                     self.record_timings()
                     self.record_session(start, time.perf_counter() - t0)
+            if write_error is not None:
+                raise write_error
+
+    def finish_writes(self, failed: BaseException | None) -> BaseException | None:
+        """Wait for the loop's background writes and stop their thread: whatever the loop handed over before
+        a crash or a second Ctrl-C (a checkpoint) still lands. A failed write is returned to be raised, or
+        only logged when the run already failed (`failed`: that first error, which it must not hide)."""
+        try:
+            self.writes.close()
+        except Exception as exc:
+            if failed is None:
+                return exc
+            log.warning("a file written beside the loop failed as well: %s", exc)
+        return None
 
     def finish(self, start: int) -> RunOutputs:
         """The final outputs, each recorded in final_outputs.json once written: a run stopped between its last

@@ -71,3 +71,18 @@ def append_command(run_dir: Path, argv: list[str]) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def host_copy(obj):
+    """obj (dicts, lists, tuples of tensors and plain values) with every tensor copied to host memory, a new
+    tensor even when it is there already: a snapshot the training loop cannot change while a background
+    thread writes it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: host_copy(value) for key, value in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(host_copy(value) for value in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(value) for value in obj)
+    return obj

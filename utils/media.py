@@ -50,9 +50,14 @@ def encode_png(frame: np.ndarray) -> bytes:
 def save_images(images: Tensor, folder: Path, prefix: str) -> list[Path]:
     """[B, C, H, W] in [0, 1] -> folder/<prefix>_000.png ...; each encoded in memory, then written atomically
     (a kill or a full disk never leaves half a PNG)."""
+    return save_frames(to_uint8(images), folder, prefix)
+
+
+def save_frames(frames: np.ndarray, folder: Path, prefix: str) -> list[Path]:
+    """[B, H, W, 3] uint8 -> folder/<prefix>_000.png ..., as save_images."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, frame in enumerate(to_uint8(images)):
+    for i, frame in enumerate(frames):
         path = folder / f"{prefix}_{i:03d}.png"
         atomic_write_bytes(path, encode_png(frame))
         paths.append(path)

@@ -6,10 +6,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from utils.background_writer import BackgroundWriter
 from utils.files import is_disk_full
 from utils.media import encode_png, frame_grid, to_uint8
 
@@ -81,9 +83,11 @@ class Monitor:
     number of Gaussians, and skipped NaN/Inf steps when there are any.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_interval: int, quiet: bool = False):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, log_interval: int, quiet: bool = False,
+                 writes: BackgroundWriter | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.writes = writes or BackgroundWriter(enabled=False)  # images are written by it (the caller closes it)
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self.log_interval = max(1, log_interval)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=quiet, dynamic_ncols=True, unit="it")
@@ -106,19 +110,25 @@ class Monitor:
         self.bar.set_postfix(progress_fields(values), refresh=False)
 
     def log_images(self, tag: str, images: Tensor, step: int) -> None:
-        """[B, C, H, W] in [0, 1] as one grid image, 8 per row (every view, e.g. both test rings).
+        """[B, C, H, W] in [0, 1] as one grid image, 8 per row (every view, e.g. both test rings)."""
+        self.log_frames(tag, to_uint8(images), step)
 
-        The summary SummaryWriter.add_image writes (torch.utils.tensorboard.summary.image: an RGB PNG), built
-        here because this runs on the training thread at every preview: the images are turned into bytes
-        where they are (on the GPU in a GPU run) and the PNG is encoded at utils.media's fast level instead
-        of PIL's default."""
+    def log_frames(self, tag: str, frames: np.ndarray, step: int) -> None:
+        """[B, H, W, 3] uint8 frames as one grid image, 8 per row, encoded and written by `writes` (beside
+        the training loop when it runs in the background: the frames must not change afterwards)."""
+        self.writes.submit("tensorboard images", self._write_grid, tag, frames, step)
+
+    def _write_grid(self, tag: str, frames: np.ndarray, step: int) -> None:
+        """The summary SummaryWriter.add_image writes (torch.utils.tensorboard.summary.image: an RGB PNG),
+        built here to encode the PNG at utils.media's fast level instead of PIL's default."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        grid = frame_grid(to_uint8(images))  # [rows * H, per_row * W, 3]
+        grid = frame_grid(frames)  # [rows * H, per_row * W, 3]
         image = Summary.Image(height=grid.shape[0], width=grid.shape[1], colorspace=3,
                               encoded_image_string=encode_png(grid))
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
     def close(self) -> None:
+        """Close the progress bar and TensorBoard (after `writes` has written the images handed to it)."""
         self.bar.close()
         self.writer.close()

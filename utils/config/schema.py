@@ -435,6 +435,9 @@ class Config:
                             resumable="how often point clouds are saved", flag="save_ratio")
     checkpoint_interval: int = param(500, "iterations between full checkpoints (0 = only at the end)", min=0,
                                      resumable="how often checkpoints are written")
+    background_writes: bool = param(True, "write checkpoints, snapshots, test views and TensorBoard images on a "
+                                          "worker thread while training goes on (false: each iteration that writes "
+                                          "waits for its files)", resumable="where the loop's files are written")
     video_frames: int = param(120, "turntable frames per ring", min=1, resumable="frames of the turntable video")
     log_interval: int = param(10, "iterations between scalar log entries", min=1,
                               resumable="how often scalars are logged")

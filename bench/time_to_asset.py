@@ -212,6 +212,12 @@ def format_table(runs: list[RunTimes], device: str, args) -> str:
              for r in runs if r.timings.get("in_loop_work")]
     if split:
         lines += ["", "In-loop work by kind (taken out of ms/it): " + "; ".join(split) + "."]
+    beside = [f"{r.caches}: " + ", ".join(f"{v['count']} {k} {v['seconds']:.1f} s"
+                                          for k, v in r.timings["background_writes"].items())
+              for r in runs if r.timings.get("background_writes")]
+    if beside:
+        lines += ["", "Written beside the loop (background_writes; the worker thread's seconds, not the loop's): "
+                  + "; ".join(beside) + "."]
     lines += ["", "With PipelineParams.compile_in_background=true (opt-in) the UNet and the VAE encoder compile in "
               "a background thread while the first iterations run uncompiled (\"ms/it uncompiled\", compilation "
               "beside them); \"compiled from\" is the iteration that switched and when; \"ms/it after\" is the "

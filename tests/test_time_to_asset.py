@@ -43,6 +43,9 @@ def test_train_writes_its_milestones_in_order_and_splits_the_loop(tmp_path):
     assert {k: v["count"] for k, v in by_kind.items()} == {"evaluation": 3, "snapshot": 2, "preview": 2,
                                                            "checkpoint": 1}
     assert sum(v["seconds"] for v in by_kind.values()) == pytest.approx(timings["in_loop_work_seconds"], abs=0.01)
+    # the files written beside the loop: the initial evaluation's test views and those of steps 1, 2 and 4
+    beside = {k: v["count"] for k, v in timings["background_writes"].items()}
+    assert beside["test views"] == 4 and beside["checkpoint"] == 1 and beside["snapshot"] == 2
     loop = timings["loop_end"] - timings["first_iteration"]
     assert 0 < timings["ms_per_iteration"] * 3 / 1000 <= loop
 
@@ -102,6 +105,10 @@ def test_table_has_one_row_per_run_with_the_bold_figures(tmp_path):
     split = {"evaluation": {"seconds": 7.5, "count": 6}, "preview": {"seconds": 4.5, "count": 3}}
     text = time_to_asset.format_table([_times(in_loop_work=split)], "GPU X", args)
     assert "In-loop work by kind (taken out of ms/it): fresh: 6 evaluation 7.5 s, 3 preview 4.5 s." in text
+    assert "Written beside the loop" not in text
+    beside = {"checkpoint": {"seconds": 2.25, "count": 3}}
+    text = time_to_asset.format_table([_times(background_writes=beside)], "GPU X", args)
+    assert "worker thread's seconds, not the loop's): fresh: 3 checkpoint 2.2 s." in text
 
 
 @pytest.mark.parametrize("argv", [["--caches", "warm"], ["--caches", "portable"], ["--caches", "fresh,cold"],

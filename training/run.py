@@ -21,6 +21,7 @@ from training.distributed import ProcessGroup
 from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
 from training.health import HealthReport, NonFiniteTrainingError, TrainingStopped, stop_message
 from training.lock import RunLock
+from training.loop_timing import LoopTiming
 from training.memory import OutOfMemoryStop, out_of_memory_message
 from training.preflight import preflight
 from training.run_dir import append_command, atomic_torch_save, host_copy, new_run_dir, write_run_metadata
@@ -104,12 +105,7 @@ class TrainingRun:
         self.cfg, self.run_dir, self.trainer, self.quiet = cfg, run_dir, trainer, quiet
         self.viewer = viewer or ViewerSettings.from_config(cfg)
         self.timeline = timeline or Timeline(time.time(), "the run's start")
-        self.work_seconds = 0.0  # in-loop evaluations, snapshots, checkpoints and previews of this session
-        self.work_count = 0
-        self.work_by_kind: dict[str, list] = {}  # kind -> [seconds, count]
-        self.work_seconds_at_first = 0.0  # ... done before the first iteration of this session ended
-        self.compiled_from: tuple[int, float] | None = None  # (steps_done, work_seconds) when the compiled
-        # programs of a background compilation were adopted (that iteration included)
+        self.timing = LoopTiming(self.timeline, self.synchronize)
         iters = cfg.optim.iterations
         self.test_steps = {1} | schedule_points(iters, cfg.test_ratio)
         self.save_steps = schedule_points(iters, cfg.save_ratio)
@@ -255,23 +251,6 @@ class TrainingRun:
         if self.trainer.device.type == "cuda":
             torch.cuda.synchronize(self.trainer.device)
 
-    @contextlib.contextmanager
-    def in_loop_work(self, kind: str):
-        """Times in-loop work (kind: evaluation, snapshot, checkpoint, preview) apart from the iterations
-        (metrics.json "timings"): these steps read the device anyway, so the two syncs here cost nothing."""
-        self.synchronize()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.synchronize()
-            seconds = time.perf_counter() - t0
-            self.work_seconds += seconds
-            self.work_count += 1
-            totals = self.work_by_kind.setdefault(kind, [0.0, 0])
-            totals[0] += seconds
-            totals[1] += 1
-
     def after_step(self, step: int, result, monitor: Monitor) -> None:
         """Logging and checkpoints due at this step (after its update)."""
         cfg = self.cfg
@@ -282,11 +261,11 @@ class TrainingRun:
         if step % monitor.log_interval == 0:
             self.check_health(step, monitor)
         if cfg.preview_interval and step % cfg.preview_interval == 0:
-            with self.in_loop_work("preview"):
+            with self.timing.work("preview"):
                 monitor.log_frames("train/rgb", to_uint8(result.render.rgb), step)
                 monitor.log_frames("train/depth", to_uint8(result.render.depth), step)
         if step == cfg.optim.iterations or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0):
-            with self.in_loop_work("checkpoint"):
+            with self.timing.work("checkpoint"):
                 self.save_checkpoint()
 
     def before_update(self, step: int, monitor: Monitor) -> None:
@@ -295,11 +274,11 @@ class TrainingRun:
         (`training_report` and `scene.save` come before the densification block): the test views of
         iteration k show the Gaussians that iteration k rendered."""
         if step in self.test_steps:
-            with self.in_loop_work("evaluation"):
+            with self.timing.work("evaluation"):
                 self.metrics[f"iter_{step}"] = self.evaluate(step, monitor)
                 self.write_metrics()
         if step in self.save_steps:
-            with self.in_loop_work("snapshot"):
+            with self.timing.work("snapshot"):
                 self.save_snapshot(step)
 
     def loop(self, monitor: Monitor, stop: StopRequest, viewer) -> None:
@@ -310,14 +289,10 @@ class TrainingRun:
             result = trainer.train_step(step, before_update=hook)
             trainer.step = step
             self.steps_done += 1
-            if self.steps_done == 1:  # compilation and CUDA-graph capture happen in this one
-                self.synchronize()
-                self.timeline.log("first_iteration", "first iteration done")
-                self.work_seconds_at_first = self.work_seconds
+            if self.steps_done == 1:
+                self.timing.first_iteration_done()
             if trainer.compiled_prior_step == step:  # this step adopted the background compilation's programs
-                self.synchronize()
-                self.timeline.log("compiled_iteration", f"iteration {step} ran the compiled programs")
-                self.compiled_from = (self.steps_done, self.work_seconds)
+                self.timing.compiled_iteration_done(step, self.steps_done)
             viewer.after_step(step, trainer.gaussians)  # publishes a copy when asked; waits while paused
             self.after_step(step, result, monitor)
             if stop.requested:
@@ -325,47 +300,9 @@ class TrainingRun:
                 raise TrainingInterrupted(step, stop.requested, self.run_dir, self.checkpoint_step)
 
     def record_timings(self) -> None:
-        """metrics.json "timings": this session's milestones (seconds since launch) and its loop split into
-        the first iteration, the others (ms each) and the in-loop work (evaluations, snapshots, checkpoints,
-        previews; in total and by kind)."""
-        events = self.timeline.state_dict()
-        by_kind = {kind: {"seconds": round(seconds, 3), "count": count}
-                   for kind, (seconds, count) in sorted(self.work_by_kind.items())}
-        background = {kind: {"seconds": round(seconds, 3), "count": count}
-                      for kind, (seconds, count) in sorted(self.writes.seconds_by_kind.items())}
-        timings: dict = {"since": self.timeline.origin_name, **events, "iterations": self.steps_done,
-                         "in_loop_work_seconds": round(self.work_seconds, 3), "in_loop_work_count": self.work_count,
-                         "in_loop_work": by_kind, "background_writes": background}
-        if self.steps_done > 1 and {"first_iteration", "loop_end"} <= events.keys():
-            timings["ms_per_iteration"] = self._ms_per_iteration(events, "first_iteration", "loop_end", 1,
-                                                                 self.steps_done, self.work_seconds_at_first,
-                                                                 self.work_seconds)
-            log.info("loop: %d iterations; the first ended %.1f s after the loop started, the other %d took "
-                     "%.1f ms each, plus %.1f s of in-loop work (%s)",
-                     self.steps_done, events["first_iteration"] - events.get("loop_start", 0.0),
-                     self.steps_done - 1, timings["ms_per_iteration"], self.work_seconds,
-                     ", ".join(f"{v['count']} {k}: {v['seconds']:.1f} s" for k, v in by_kind.items()) or "none")
-        if self.compiled_from is not None and {"first_iteration", "compiled_iteration", "loop_end"} <= events.keys():
-            steps, work = self.compiled_from
-            timings["compiled_from_step"] = self.trainer.compiled_prior_step
-            if steps > 1:  # iterations 2 .. the switch (uncompiled, compilation beside them; then the graph capture)
-                timings["ms_per_iteration_uncompiled"] = self._ms_per_iteration(
-                    events, "first_iteration", "compiled_iteration", 1, steps, self.work_seconds_at_first, work)
-            if self.steps_done > steps:
-                timings["ms_per_iteration_compiled"] = self._ms_per_iteration(
-                    events, "compiled_iteration", "loop_end", steps, self.steps_done, work, self.work_seconds)
-            log.info("compiled programs in use from iteration %d (%.1f s after launch): %s ms/iteration before, "
-                     "%s after", self.trainer.compiled_prior_step, events["compiled_iteration"],
-                     timings.get("ms_per_iteration_uncompiled", "-"), timings.get("ms_per_iteration_compiled", "-"))
-        self.metrics["timings"] = timings
-
-    @staticmethod
-    def _ms_per_iteration(events: dict, begin: str, end: str, first: int, last: int, work_begin: float,
-                          work_end: float) -> float:
-        """ms per iteration over iterations first+1 .. last of the session (the milestones `begin` and `end`
-        were logged after iterations `first` and `last`), the in-loop work done between them taken out."""
-        seconds = events[end] - events[begin] - (work_end - work_begin)
-        return round(1000.0 * seconds / max(last - first, 1), 2)
+        """metrics.json "timings": this session's milestones and its loop split (training/loop_timing.py)."""
+        self.metrics["timings"] = self.timing.timings(self.steps_done, self.trainer.compiled_prior_step,
+                                                      self.writes.seconds_by_kind)
 
     def record_session(self, start: int, seconds: float) -> None:
         sessions = self.metrics.setdefault("sessions", [])

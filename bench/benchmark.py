@@ -64,6 +64,7 @@ MODES = {  # label -> overrides of the schema defaults ("key" is PipelineParams.
     "default": {},  # compile + CUDA graphs + channels-last UNet + matmul VAE attention + batched rendering
     "no-compile": {"compile": False},
     "regional": {"compile_regions": True},  # only the UNet's repeated transformer blocks compiled
+    "no-cudnn-benchmark": {"cudnn_benchmark": False},  # cuDNN's heuristics: no autotuning in every new process
     "straightforward": {"compile": False, "cuda_graphs": False, "channels_last": False, "cudnn_benchmark": False,
                         "render_per_camera": True, "vae_attention": "sdpa", "vae_channels_last": False},
     "contiguous-vae": {"vae_channels_last": False},  # the default before the Triton NHWC GroupNorm kernels

@@ -26,6 +26,9 @@
 #   bash bench/gpu_session.sh 14   right after part 12 on its machine: a 5000-iteration asset, launch to mesh, on the
 #                                  caches part 12 left (SETS="--set PipelineParams.compile_regions=true" for regional)
 #   bash bench/gpu_session.sh 15   part 12's benchmark alone (after BENCH=0 bash bench/gpu_session.sh 12 on that machine)
+#   bash bench/gpu_session.sh 16   after part 4 or 12 on its machine: what cuDNN's autotuning (cudnn_benchmark, on by
+#                                  default) costs a warm start and buys per iteration: time to asset on the warm
+#                                  caches with it on and off, then the benchmark's default beside no-cudnn-benchmark
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -141,5 +144,15 @@ case "$PART" in
     c=/tmp/tta/caches_0
     export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
     STEPS=30 bench 280 --modes regional,default --losses sctd --out "$OUT/benchmark_regional.md" ;;
-  *) echo "part must be 1 to 15" >&2; exit 2 ;;
+  16)
+    c=/tmp/tta/caches_0
+    export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions \
+      CUDA_CACHE_PATH=$c/cuda XDG_CACHE_HOME=$c/home_cache
+    for on in true false; do
+      timeout 150 python3 bench/time_to_asset.py --iters 100 --caches user --model /tmp/tta/model --set save_video=false \
+        --set PipelineParams.cudnn_benchmark=$on --work /tmp/tta_cudnn_$on --out "$OUT/time_to_asset_cudnn_$on.md" 2>&1 \
+        | quiet | tail -4
+    done
+    STEPS=30 bench 240 --modes default,no-cudnn-benchmark --losses sctd --out "$OUT/benchmark_cudnn.md" ;;
+  *) echo "part must be 1 to 16" >&2; exit 2 ;;
 esac

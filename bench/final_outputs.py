@@ -13,7 +13,9 @@ renders (the Gaussian renderer), mesh z-buffer (export/mesh_render.py), bake sam
 export/mesh_bake.py), UV unwrap (xatlas), texel rasterisation, GLB and OBJ writes.
 
 The grid and the bake renders follow the Gaussians' device (`--device cuda` on a GPU: gsplat renders);
-the rest runs on the CPU wherever the run trains. Prints one markdown table (seconds).
+the rest runs on the CPU wherever the run trains. With --device cuda one more row, outside the totals,
+times the mesh z-buffer of the bake views on the GPU for the same mesh: whether moving it there pays.
+Prints one markdown table (seconds).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -160,7 +163,34 @@ def measure(n: int, device: str, cfg, folder: Path) -> dict[str, float]:
                 mesh_total = time.perf_counter() - start
     finally:
         timer.restore()
-    return {**timer.seconds, "mesh total": mesh_total}
+    seconds = {**timer.seconds, "mesh total": mesh_total}
+    if device.startswith("cuda"):  # a candidate, not part of the run: the z-buffer on the GPU instead of the CPU
+        seconds[ZBUFFER_ON_DEVICE] = zbuffer_seconds(folder / "mesh" / "mesh.glb", options_from_config(cfg), device)
+    return seconds
+
+
+ZBUFFER_ON_DEVICE = "mesh z-buffer on the GPU (candidate, not in the totals)"
+
+
+def zbuffer_seconds(glb: Path, options, device: str) -> float:
+    """What export/mesh_bake.py's z-buffer of the bake views would take on `device` for the exported mesh
+    (seconds, after one warm-up call; the run computes it on the CPU)."""
+    import trimesh
+
+    from export.mesh_bake import bake_views
+    from export.mesh_render import depth_buffer
+
+    mesh = trimesh.load(glb, force="mesh")
+    vertices, faces = np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64)
+    cameras = bake_views(vertices, options.bake_views, options.bake_size).to(device)
+    v, f = torch.from_numpy(vertices).to(device), torch.from_numpy(faces).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    depth_buffer(v, f, cameras)
+    sync()
+    start = time.perf_counter()
+    depth_buffer(v, f, cameras)
+    sync()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -179,14 +209,17 @@ def main() -> None:
         print(f"{n} Gaussians: {rows[n]['mesh total']:.2f} s mesh", file=sys.stderr, flush=True)
     parts = list(dict.fromkeys(p for row in rows.values() for p in row))
     parts.remove("mesh total")
+    candidate = [p for p in parts if p == ZBUFFER_ON_DEVICE]
+    parts = [p for p in parts if p != ZBUFFER_ON_DEVICE]
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"CPU ({torch.get_num_threads()} threads)")
     lines = [f"Final outputs on {device}, {args.config.name} defaults (seconds):", "",
              "| part | " + " | ".join(f"{n:,}" for n in counts) + " |", "|---|" + "---|" * len(counts)]
     lines += [f"| {part} | " + " | ".join(f"{rows[n].get(part, 0.0):.2f}" for n in counts) + " |"
               for part in parts + ["mesh total"]]
-    total = {n: sum(v for k, v in rows[n].items() if k != "mesh total") for n in counts}
+    total = {n: sum(v for k, v in rows[n].items() if k not in ("mesh total", ZBUFFER_ON_DEVICE)) for n in counts}
     lines.append("| **all** | " + " | ".join(f"**{total[n]:.2f}**" for n in counts) + " |")
+    lines += [f"| {part} | " + " | ".join(f"{rows[n].get(part, 0.0):.2f}" for n in counts) + " |" for part in candidate]
     publish_table("\n".join(lines) + "\n", args.out)
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@
 #   bash bench/gpu_session.sh 16   after part 4 or 12 on its machine: what cuDNN's autotuning (cudnn_benchmark, on by
 #                                  default) costs a warm start and buys per iteration: time to asset on the warm
 #                                  caches with it on and off, then the benchmark's default beside no-cudnn-benchmark
+#   bash bench/gpu_session.sh 17   where a training step makes the CPU wait for the GPU: bench/step_syncs.py, uncompiled
+#                                  and (on part 4's or 12's caches) in the default mode
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -154,5 +156,11 @@ case "$PART" in
         | quiet | tail -4
     done
     STEPS=30 bench 240 --modes default,no-cudnn-benchmark --losses sctd --out "$OUT/benchmark_cudnn.md" ;;
-  *) echo "part must be 1 to 16" >&2; exit 2 ;;
+  17)
+    c=/tmp/tta/caches_0
+    [ -d $c ] && export TORCHINDUCTOR_CACHE_DIR=$c/inductor TRITON_CACHE_DIR=$c/triton TORCH_EXTENSIONS_DIR=$c/torch_extensions
+    for mode in no-compile default; do
+      timeout 270 python3 bench/step_syncs.py --mode $mode --out "$OUT/step_syncs_$mode.md" 2>&1 | quiet | tail -16
+    done ;;
+  *) echo "part must be 1 to 17" >&2; exit 2 ;;
 esac

@@ -31,6 +31,8 @@
 #                                  caches with it on and off, then the benchmark's default beside no-cudnn-benchmark
 #   bash bench/gpu_session.sh 17   where a training step makes the CPU wait for the GPU: bench/step_syncs.py, uncompiled
 #                                  and (on part 4's or 12's caches) in the default mode
+#   bash bench/gpu_session.sh 18   on a multi-GPU kind (nvidia-h200-x2, -x4): one asset's step on 1, 2 (and 4) GPUs, the
+#                                  benchmark's torchrun line (docs/multi_gpu.md); 1 GPU first, so the others start warm
 set -uo pipefail
 PART=${1:-1}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -162,5 +164,13 @@ case "$PART" in
     for mode in no-compile default; do
       timeout 270 python3 bench/step_syncs.py --mode $mode --out "$OUT/step_syncs_$mode.md" 2>&1 | quiet | tail -16
     done ;;
-  *) echo "part must be 1 to 17" >&2; exit 2 ;;
+  18)
+    gpus=$(nvidia-smi -L | wc -l)
+    for n in 1 2 4; do
+      [ "$n" -gt "$gpus" ] && break
+      limit=$([ "$n" = 1 ] && echo 300 || echo 140)
+      timeout $limit torchrun --standalone --nproc_per_node=$n bench/benchmark.py --steps 30 --warmup 5 \
+        --modes default --losses sctd --out "$OUT/benchmark_${n}gpu.md" 2>&1 | quiet | grep -v "^| \|^- " | tail -3
+    done ;;
+  *) echo "part must be 1 to 18" >&2; exit 2 ;;
 esac

@@ -105,6 +105,26 @@ def test_submit_blocks_once_max_pending_writes_wait():
     assert writer.seconds_by_kind["item"][1] == 3
 
 
+def test_a_submit_that_waits_long_for_room_says_so_once(caplog):
+    writer = BackgroundWriter(max_pending=1, slow_seconds=0.05)
+    gate, started = threading.Event(), threading.Event()
+
+    def blocked():
+        started.set()
+        gate.wait(10)
+
+    writer.submit("checkpoint", blocked)
+    assert started.wait(10)
+    writer.submit("preview", lambda: None)  # fills the queue
+    threading.Timer(0.3, gate.set).start()
+    with caplog.at_level("WARNING", logger="utils.background_writer"):
+        writer.submit("preview", lambda: None)  # waits ~0.3 s for room
+        writer.submit("preview", lambda: None)
+    writer.close()
+    slow = [r for r in caplog.records if "waited" in r.getMessage()]
+    assert len(slow) == 1 and "for room among the files written beside it (preview)" in slow[0].getMessage()
+
+
 def test_max_pending_below_one_is_refused():
     with pytest.raises(ValueError, match="max_pending must be >= 1, got 0"):
         BackgroundWriter(max_pending=0)

@@ -40,10 +40,13 @@ class BackgroundWriter:
     the queue holds more than one only when the disk falls minutes behind.
     """
 
-    def __init__(self, enabled: bool = True, max_pending: int = 16, name: str = "background-writes"):
+    def __init__(self, enabled: bool = True, max_pending: int = 16, name: str = "background-writes",
+                 slow_seconds: float = 1.0):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.enabled = enabled
+        self.slow_seconds = slow_seconds  # a submit that waits longer for room says so (once)
+        self._said_slow = False
         self._name = name
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
@@ -68,7 +71,14 @@ class BackgroundWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
             self._thread.start()
+        t0 = time.perf_counter()
         self._queue.put((kind, write, args))
+        waited = time.perf_counter() - t0
+        if waited > self.slow_seconds and not self._said_slow:
+            self._said_slow = True
+            log.warning("the loop waited %.1f s for room among the files written beside it (%s): the disk is "
+                        "slower than the run writes; fewer previews (preview_interval) or checkpoints "
+                        "(checkpoint_interval) would spare it", waited, kind)
 
     def wait(self) -> None:
         """Block until every write handed over has ended; raise the first failure."""

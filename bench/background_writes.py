@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.final_outputs import torus_asset  # noqa: E402
 from bench.image_logging import render_like  # noqa: E402
 from bench.report import publish_table  # noqa: E402
-from scene.ply_format import params_ply, write_ply  # noqa: E402
+from scene.ply_format import save_params_ply  # noqa: E402
 from training.run import write_test_views  # noqa: E402
 from training.run_dir import atomic_torch_save, host_copy  # noqa: E402
 from utils.background_writer import BackgroundWriter  # noqa: E402
@@ -87,9 +87,8 @@ class Events:
             state = host_copy({"step": k, "gaussians": self.model.state_dict()})
             self.writes.submit("checkpoint", atomic_torch_save, state, self.folder / "last.pt")
         elif kind == "snapshot":
-            params, degree = host_copy(self.model.params()), self.model.max_sh_degree
-            path = self.folder / f"snap_{k}.ply"
-            self.writes.submit("snapshot", lambda: write_ply(params_ply(params, degree), path))
+            self.writes.submit("snapshot", save_params_ply, host_copy(self.model.params()), self.model.max_sh_degree,
+                               self.folder / f"snap_{k}.ply")
         else:
             raise ValueError(f"unknown event kind {kind!r}")
 

@@ -2,7 +2,8 @@
 
     python bench/image_logging.py [--size 512] [--repeats 3] [--out bench/results/image_logging_cpu.md]
 
-A train.py run encodes PNGs on its training thread: every preview_interval iterations (100) the 4 training
+A train.py run encodes these PNGs (on a worker thread since background_writes; on its training thread with
+background_writes=false, as before): every preview_interval iterations (100) the 4 training
 views' RGB and depth as two TensorBoard grids, and at every evaluation (iterations/test_ratio: 6 in a
 5000-iteration run, plus the final one) the 16 test views' RGB and depth PNGs and two grids. The PNGs are
 encoded at zlib level 1 (utils/media.py PNG_COMPRESS_LEVEL); before, at PIL's default level 6, through

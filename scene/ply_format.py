@@ -78,18 +78,13 @@ def save_gaussian_ply(model: GaussianModel, path: str | os.PathLike, pad_sh_degr
         (SuperSplat, GaussianSplats3D), "y", or "z" (the training world). It is recorded in a
         header comment, which load_gaussian_ply reads to rotate back.
     """
-    write_ply(gaussian_ply(model, pad_sh_degree, up_axis), Path(path))
-
-
-def gaussian_ply(model: GaussianModel, pad_sh_degree: int | None = None, up_axis: str = "z") -> PlyData:
-    """The PLY save_gaussian_ply writes, built in host memory (a copy: the model may change afterwards)."""
     params = {name: tensor.detach().cpu() for name, tensor in model.params().items()}
-    return params_ply(params, model.max_sh_degree, pad_sh_degree, up_axis)
+    save_params_ply(params, model.max_sh_degree, path, pad_sh_degree, up_axis)
 
 
-def params_ply(params: dict[str, torch.Tensor], max_sh_degree: int, pad_sh_degree: int | None = None,
-               up_axis: str = "z") -> PlyData:
-    """gaussian_ply of a model's `params()` on the CPU (e.g. a host copy written by a background thread)."""
+def save_params_ply(params: dict[str, torch.Tensor], max_sh_degree: int, path: str | os.PathLike,
+                    pad_sh_degree: int | None = None, up_axis: str = "z") -> None:
+    """save_gaussian_ply of a model's `params()` on the CPU (e.g. a host copy a background thread writes)."""
     degree = max_sh_degree if pad_sh_degree is None else pad_sh_degree
     if not max_sh_degree <= degree <= 3:
         raise ValueError(f"pad_sh_degree must be in [{max_sh_degree}, 3], got {pad_sh_degree}")
@@ -108,17 +103,13 @@ def params_ply(params: dict[str, torch.Tensor], max_sh_degree: int, pad_sh_degre
         "scaling": params["scaling"],
         "rotation": quats,
     }
-    values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")  # a new array, whatever the device
+    values = torch.cat(list(columns.values()), dim=1).numpy().astype("<f4")
     names = ply_attribute_names(degree)
     vertices = np.empty(n, dtype=[(name, "<f4") for name in names])
     for i, name in enumerate(names):
         vertices[name] = values[:, i]
     comments = [f"{UP_AXIS_COMMENT} {up_axis}"]
-    return PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<", comments=comments)
-
-
-def write_ply(ply: PlyData, path: Path) -> None:
-    """Write `ply` to `path` atomically (mode 0644): a crash leaves the previous file or none."""
+    ply = PlyData([PlyElement.describe(vertices, "vertex")], byte_order="<", comments=comments)
     atomic_write(Path(path), lambda tmp: ply.write(str(tmp)))
 
 

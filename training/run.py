@@ -16,7 +16,7 @@ from gaussian_renderer.gsplat_backend import build_gsplat_in_background
 from scene.camera_sampler import evaluation_ring, orbit_cameras
 from scene.cameras import Cameras
 from scene.init_preview import record_initial_cloud
-from scene.ply_format import gaussian_ply, params_ply, write_ply
+from scene.ply_format import save_gaussian_ply, save_params_ply
 from training.distributed import ProcessGroup
 from training.final_outputs import EVALUATION, MESH, POINT_CLOUD, VIDEO, FinalOutputs, wanted_outputs
 from training.health import HealthReport, NonFiniteTrainingError, TrainingStopped, stop_message
@@ -185,18 +185,18 @@ class TrainingRun:
         self.checkpoint_step = step
 
     def save_point_cloud(self, path: Path) -> None:
-        write_ply(gaussian_ply(self.trainer.gaussians, pad_sh_degree=self.cfg.ply_sh_degree,
-                               up_axis=self.cfg.ply_up_axis), path)
+        save_gaussian_ply(self.trainer.gaussians, path, pad_sh_degree=self.cfg.ply_sh_degree,
+                          up_axis=self.cfg.ply_up_axis)
 
     def save_snapshot(self, step: int) -> None:
         """point_cloud/iteration_<step>/point_cloud.ply, taken before this step's densification and opacity
         reset (as 3DGS's train.py saves), so a snapshot is never the nearly transparent post-reset state.
         The Gaussians are copied to the host here; the PLY is built and written beside the loop."""
         if self.healthy_state("point cloud"):
-            params, degree = host_copy(self.trainer.gaussians.params()), self.trainer.gaussians.max_sh_degree
-            path, pad, up_axis = (self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
-                                  self.cfg.ply_sh_degree, self.cfg.ply_up_axis)
-            self.writes.submit("snapshot", lambda: write_ply(params_ply(params, degree, pad, up_axis), path))
+            gaussians = self.trainer.gaussians
+            self.writes.submit("snapshot", save_params_ply, host_copy(gaussians.params()), gaussians.max_sh_degree,
+                               self.run_dir / "point_cloud" / f"iteration_{step}" / "point_cloud.ply",
+                               self.cfg.ply_sh_degree, self.cfg.ply_up_axis)
 
     def write_splat_formats(self, ply: Path) -> list[Path]:
         """The compressed splat files of `export_formats` next to the final PLY, in its up axis."""

@@ -35,8 +35,8 @@ def frame_grid(frames: np.ndarray, per_row: int = 8) -> np.ndarray:
 
 
 # zlib level 1 instead of PNG's default 6: about 7x faster for about 20% more bytes on renders (smooth images).
-# Test views and TensorBoard images are encoded on the training thread; at level 6 a preview of 4 views stalled
-# the loop about 1 s on a 2-core CPU (python bench/image_logging.py).
+# At level 6 a preview of 4 views took about 1 s on a 2-core CPU (python bench/image_logging.py), time the
+# training thread waited before the loop's files moved to a worker thread (utils/background_writer.py).
 PNG_COMPRESS_LEVEL = 1
 
 
